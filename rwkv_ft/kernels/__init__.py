@@ -1,0 +1,5 @@
+"""Kernels shipped with rwkv_ft. The sources live in the repository's top-level `kernels/` folder."""
+
+from rwkv_ft.kernels.rwkv4 import EMPTY_MAX, empty_wkv_state, wkv4, wkv4_reference
+
+__all__ = ["EMPTY_MAX", "empty_wkv_state", "wkv4", "wkv4_reference"]
