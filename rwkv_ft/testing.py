@@ -55,3 +55,38 @@ def assert_close(
         raise AssertionError(
             f"{name}: element {idx} is {a.flatten()[idx].item():.6g}, expected {e.flatten()[idx].item():.6g}"
         )
+
+
+def tiny_config(**overrides):
+    """A small RWKV-4 config for tests: L=2, C=32, V=97 (C and V deliberately not powers of two)."""
+    from rwkv_ft.models.rwkv4 import Rwkv4Config
+
+    kwargs = dict(vocab_size=97, hidden_size=40, num_hidden_layers=2, intermediate_size=72, wkv_backend="torch")
+    kwargs.update(overrides)
+    return Rwkv4Config(**kwargs)
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter a random value in its realistic range, so tests exercise all of them.
+
+    Default initialisations leave structure (ones, zeros, ramps) that can hide a swapped or unused
+    parameter; this draws each tensor fresh.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        shape = p.shape
+        if name.endswith("time_decay"):
+            value = torch.rand(shape, generator=gen) * 6 - 4  # exp(-exp(.)) spans fast and slow decay
+        elif name.endswith("time_first"):
+            value = torch.randn(shape, generator=gen)
+        elif ".time_mix" in name:
+            value = torch.rand(shape, generator=gen)
+        elif ".ln" in name and name.endswith("weight"):
+            value = 1 + 0.2 * torch.randn(shape, generator=gen)
+        elif ".ln" in name and name.endswith("bias"):
+            value = 0.1 * torch.randn(shape, generator=gen)
+        else:
+            value = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+        p.copy_(value.to(p.dtype))
+    return model
