@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -106,16 +106,22 @@ def expected_shapes(config: Rwkv4Config) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: Rwkv4Config, source: str) -> dict:
+def check_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    config: Rwkv4Config,
+    source: str,
+    source_name: Callable[[str], str] = lambda key: key,
+) -> dict:
     """Return `state_dict` with BlinkDL's squeezable shapes fixed, or raise listing every bad key.
 
-    Missing, unexpected and misshaped keys are all reported at once, named in our key scheme.
+    Missing, unexpected and misshaped keys are all reported at once, named as the source file
+    names them (`source_name` maps our key back).
     A tensor whose shape differs only by size-1 axes (e.g. time_mix stored as (C,) instead of
     (1, 1, C)) is reshaped.
     """
     shapes = expected_shapes(config)
-    missing = sorted(set(shapes) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(shapes))
+    missing = sorted(source_name(k) for k in set(shapes) - set(state_dict))
+    unexpected = sorted(source_name(k) for k in set(state_dict) - set(shapes))
     misshaped, fixed = [], {}
     for key, tensor in state_dict.items():
         if key not in shapes:
@@ -125,7 +131,7 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: Rwkv4Config
             if [s for s in tensor.shape if s != 1] == [s for s in want if s != 1]:
                 tensor = tensor.reshape(want)
             else:
-                misshaped.append(f"{key}: {tuple(tensor.shape)}, expected {tuple(want)}")
+                misshaped.append(f"{source_name(key)}: {tuple(tensor.shape)}, expected {tuple(want)}")
                 continue
         fixed[key] = tensor
     if missing or unexpected or misshaped:
@@ -190,7 +196,7 @@ def load_blinkdl(path: str | os.PathLike) -> tuple[Rwkv4Config, dict[str, torch.
     if version != "4":
         raise CheckpointError(f"{path}: this is an RWKV-{version} checkpoint; rwkv_ft loads RWKV-4 only for now")
     config = config_from_blinkdl(raw, str(path))
-    state_dict = check_state_dict({blinkdl_to_ours(k): v for k, v in raw.items()}, config, str(path))
+    state_dict = check_state_dict({blinkdl_to_ours(k): v for k, v in raw.items()}, config, str(path), ours_to_blinkdl)
     return config, _with_fp32_time_params(state_dict)
 
 
@@ -242,7 +248,9 @@ def load_transformers_rwkv(directory: str | os.PathLike) -> tuple[Rwkv4Config, d
     raw = read_hf_weights(directory)
     if "head.weight" not in raw and hf.get("tie_word_embeddings"):
         raw["head.weight"] = raw["rwkv.embeddings.weight"]
-    state_dict = check_state_dict({transformers_to_ours(k): v for k, v in raw.items()}, config, str(directory))
+    state_dict = check_state_dict(
+        {transformers_to_ours(k): v for k, v in raw.items()}, config, str(directory), ours_to_transformers
+    )
     return config, _with_fp32_time_params(state_dict)
 
 
@@ -345,10 +353,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def _resolve_tokenizer(spec: str, src: Path, config: Rwkv4Config):
     """The tokenizer to save beside a converted model, resolved before anything is written."""
-    from rwkv_ft.tokenizers import load_tokenizer
-
     if spec == "none":
         return None
+    from rwkv_ft.tokenizers import load_tokenizer
+
     if spec == "auto":
         if src.is_dir() and any((src / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
             spec = str(src)
