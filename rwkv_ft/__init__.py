@@ -5,9 +5,10 @@ Importing the package registers our models with transformers' Auto classes, so t
 directories we write, without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from rwkv_ft.models.rwkv4 import Rwkv4Config, Rwkv4ForCausalLM, Rwkv4Model
+from rwkv_ft.tokenizers import RwkvWorldTokenizer
 
 __version__ = "0.1.0"
 
@@ -16,8 +17,12 @@ def _register_auto_classes() -> None:
     AutoConfig.register(Rwkv4Config.model_type, Rwkv4Config, exist_ok=True)
     AutoModel.register(Rwkv4Config, Rwkv4Model, exist_ok=True)
     AutoModelForCausalLM.register(Rwkv4Config, Rwkv4ForCausalLM, exist_ok=True)
+    # A directory's tokenizer_config.json names its class; World-vocabulary models name ours.
+    AutoTokenizer.register(Rwkv4Config, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
 
 
 _register_auto_classes()
 
-__all__ = ["Rwkv4Config", "Rwkv4ForCausalLM", "Rwkv4Model", "__version__"]
+import rwkv_ft.adapters  # noqa: E402,F401  (registers the RWKV-4 default LoRA targets with peft)
+
+__all__ = ["Rwkv4Config", "Rwkv4ForCausalLM", "Rwkv4Model", "RwkvWorldTokenizer", "__version__"]

@@ -1,0 +1,231 @@
+"""Training recipes: YAML files with a fixed schema, overridable from the command line.
+
+A recipe has the sections below; every key has a default, unknown keys are errors that name the
+key and the file. Overrides are `section.key=value` (the value is parsed as YAML), e.g.
+`training.lr=3e-4 data.max_length=2048 adapter.type=state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used, with the file and key at fault."""
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None  # our directory, a BlinkDL .pth, a transformers RWKV dir, or a Hub id
+    config: dict[str, Any] | None = None  # Rwkv4Config kwargs for a from-scratch model when path is null
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the (frozen) base weights
+    quantization: str | None = None  # null | int8 | nf4 | fp4 (bitsandbytes; QLoRA)
+    wkv_backend: str = "auto"  # auto | triton | torch
+
+
+@dataclass
+class DataSection:
+    path: str = "data/alpaca_sample.jsonl"  # local .json/.jsonl/.parquet or a Hub dataset name
+    format: str = "auto"  # auto | alpaca | sharegpt | openai
+    split: str = "train"
+    template: str = "world"
+    max_length: int = 1024
+    pack: bool = False
+    eval_fraction: float | None = 0.1
+    eval_size: int | None = None
+    strict: bool = True
+    append_eos: bool = False
+
+
+@dataclass
+class AdapterSection:
+    type: str = "lora"  # lora | state | none (full fine-tuning)
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # null: RWKV defaults (att/ffn key, value, receptance; att output)
+    modules_to_save: list[str] | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+    train_shift_states: bool = False  # state tuning: also learn the token-shift states
+
+
+@dataclass
+class TrainingSection:
+    output_dir: str = "outputs/run"
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 4
+    eval_batch_size: int | None = None
+    grad_accum: int = 1
+    lr: float = 2e-4
+    schedule: str = "cosine"  # cosine | linear | constant_with_warmup | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    eval_steps: int | None = None  # null: evaluate at the end of each epoch
+    save_steps: int | None = None  # null: save at the end of each epoch
+    save_total_limit: int | None = 2
+    group_by_length: bool = False
+    seed: int = 42
+    dataloader_workers: int = 0
+
+
+@dataclass
+class MergeSection:
+    enabled: bool = False
+    dtype: str = "fp32"
+    format: str = "hf"  # hf | pth | transformers
+
+
+@dataclass
+class GenerateSection:
+    prompt: str | None = None  # a user message; rendered with the data template
+    max_new_tokens: int = 48
+
+
+@dataclass
+class Recipe:
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: str | None = None  # world | neox | PATH; null: the model directory's own
+    data: DataSection = field(default_factory=DataSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+    merge: MergeSection = field(default_factory=MergeSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.quantization": (None, "int8", "nf4", "fp4"),
+    "model.wkv_backend": ("auto", "triton", "torch"),
+    "data.format": ("auto", "alpaca", "sharegpt", "openai"),
+    "adapter.type": ("lora", "state", "none"),
+    "training.schedule": ("cosine", "linear", "constant_with_warmup", "constant"),
+    "training.precision": ("fp32", "bf16", "fp16"),
+    "merge.dtype": ("fp32", "bf16", "fp16"),
+    "merge.format": ("hf", "pth", "transformers"),
+}
+
+
+def _build(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> Any:
+    """Instantiate dataclass `cls` from `values`, type-checking each key and recursing into sections."""
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RecipeError(f"{where}: unknown key '{prefix}{unknown[0]}' (known keys: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        key, hint = prefix + name, hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, where, key + ".")
+        else:
+            kwargs[name] = _check_type(value, hint, key, where)
+    recipe_part = cls(**kwargs)
+    for f in fields(recipe_part):
+        allowed = CHOICES.get(prefix + f.name)
+        if allowed is not None and getattr(recipe_part, f.name) not in allowed:
+            raise RecipeError(
+                f"{where}: {prefix}{f.name} must be one of {', '.join(map(str, allowed))}, "
+                f"got {getattr(recipe_part, f.name)!r}"
+            )
+    return recipe_part
+
+
+def _check_type(value: Any, hint: Any, key: str, where: str) -> Any:
+    """`value` if it fits the annotation `hint` (ints widen to float), else a RecipeError naming `key`."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise RecipeError(f"{where}: {key} cannot be null")
+    for option in options:
+        kind = typing.get_origin(option) or option
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind in (int, bool, str, dict) and isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+            return value
+        if kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    expected = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise RecipeError(f"{where}: {key} should be {expected}, got {value!r}")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["training.lr=3e-4", "data.pack=true"]` -> nested dict, values parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)  # YAML 1.1 reads "3e-4" as a string
+        node = nested
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML (None: defaults only) and apply command-line overrides."""
+    values: dict[str, Any] = {}
+    where = "recipe defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        where = str(path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+        values = _numeric_strings_to_floats(values)
+    if overrides:
+        values = _merge(values, parse_overrides(overrides))
+        where += " + command-line overrides"
+    return _build(Recipe, values, where)
+
+
+def _numeric_strings_to_floats(values: Any) -> Any:
+    """YAML 1.1 reads `2e-4` as a string; recipes mean a number."""
+    if isinstance(values, dict):
+        return {k: _numeric_strings_to_floats(v) for k, v in values.items()}
+    if isinstance(values, str) and _looks_numeric(values) and any(c in values for c in "eE"):
+        return float(values)
+    return values

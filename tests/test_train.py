@@ -1,0 +1,184 @@
+"""Recipes and the training entry point: validation, a real (tiny) run, resume, NaN stop, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from rwkv_ft.recipe import RecipeError, load_recipe
+from rwkv_ft.train import complete_checkpoints, run
+from rwkv_ft.testing import assert_close
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+
+TINY = [
+    "model.config={vocab_size: 65536, hidden_size: 32, num_hidden_layers: 2}",
+    "data.max_length=64",
+    "data.eval_fraction=0.2",
+    "adapter.dropout=0.0",
+    "training.batch_size=4",
+    "training.lr=0.01",
+    "training.logging_steps=1",
+    "training.warmup_steps=0",
+    "training.schedule=constant",
+    "merge.enabled=false",
+    "generate.prompt=null",
+]
+
+
+def tiny_recipe(tmp_path: Path, *extra: str):
+    return load_recipe(ROOT / "recipes" / "quickstart.yaml", [*TINY, f"training.output_dir={tmp_path}", *extra])
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipes
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_recipe_loads_and_names_its_command(path):
+    recipe = load_recipe(path)
+    header = path.read_text().splitlines()[:8]
+    assert any("rwkv_ft.train" in line or "rwkv-ft train" in line for line in header), "header must give the command"
+    assert recipe.training.output_dir.startswith("outputs/")
+    if recipe.model.path is None:
+        assert recipe.model.config, "a recipe without model.path must build a model from model.config"
+
+
+def test_recipe_set_covers_lora_qlora_and_state_tuning():
+    kinds = {(r.adapter.type, r.model.quantization) for r in map(load_recipe, RECIPES)}
+    assert {("lora", None), ("lora", "nf4"), ("lora", "int8"), ("state", None)} <= kinds
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.name for p in ACCELERATE_CONFIGS])
+def test_accelerate_configs_parse(path):
+    config = yaml.safe_load(path.read_text())
+    assert config["distributed_type"] in {"NO", "MULTI_GPU", "FSDP"}
+    assert config["num_processes"] >= 1
+
+
+def test_unknown_keys_and_bad_values_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  learning_rate: 0.1\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml: unknown key 'training\.learning_rate'"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="training.batch_size should be int"):
+        load_recipe(None, ["training.batch_size=four"])
+    with pytest.raises(RecipeError, match="model.quantization must be one of"):
+        load_recipe(None, ["model.quantization=int3"])
+
+
+def test_overrides_parse_yaml_values():
+    recipe = load_recipe(None, ["training.lr=3e-4", "data.pack=true", "adapter.target_modules=[key, value]"])
+    assert recipe.training.lr == pytest.approx(3e-4) and recipe.data.pack is True
+    assert recipe.adapter.target_modules == ["key", "value"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training runs
+
+
+def adapter_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+def test_lora_run_lowers_the_loss_and_leaves_its_outputs(tmp_path):
+    summary = run(tiny_recipe(tmp_path, "training.max_steps=8", "training.eval_steps=4", "training.save_steps=4"))
+    history = json.loads((complete_checkpoints(tmp_path)[-1] / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert summary["steps"] == 8 and summary["eval_loss"] is not None
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert list((tmp_path / "runs").rglob("events.out.tfevents.*")), "tensorboard logs"
+    assert json.loads((tmp_path / "training_summary.json").read_text())["steps"] == 8
+    assert not (tmp_path / ".staging").exists()
+
+
+class CrashAt(TrainerCallback):
+    """Simulates a crash (e.g. a killed process) when `step` is reached."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"simulated crash at step {self.step}")
+
+
+def test_resume_continues_bit_for_bit(tmp_path):
+    args = ["training.max_steps=6", "training.save_steps=3", "training.eval_steps=100"]
+    run(tiny_recipe(tmp_path / "straight", *args))
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_recipe(tmp_path / "crashed", *args), callbacks=[CrashAt(5)])
+    assert [p.name for p in complete_checkpoints(tmp_path / "crashed")] == ["checkpoint-3"]
+    with pytest.raises(RecipeError, match="--resume"):
+        run(tiny_recipe(tmp_path / "crashed", *args))  # refuses to start over existing checkpoints
+    run(tiny_recipe(tmp_path / "crashed", *args), resume=True)
+    straight, resumed = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "crashed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+class PoisonAfter(TrainerCallback):
+    """Makes the loss NaN from the step after `step` by poisoning a trainable weight."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path):
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        run(tiny_recipe(tmp_path, "training.max_steps=6", "training.save_steps=2"), callbacks=[PoisonAfter(2)])
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+def test_bad_data_row_names_file_and_line(tmp_path):
+    data = tmp_path / "data.jsonl"
+    good = json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi!"})
+    data.write_text("\n".join([good] * 6 + ['{"instruction": "oops"'] + [good] * 3) + "\n")
+    with pytest.raises(ValueError, match=r"data\.jsonl.*line 7"):
+        run(tiny_recipe(tmp_path / "out", f"data.path={data}", "training.max_steps=1"))
+    summary = run(tiny_recipe(tmp_path / "out2", f"data.path={data}", "training.max_steps=1", "data.strict=false"))
+    assert sum(summary["skipped_rows"].values()) == 1
+
+
+def test_cli_entry_point_reports_errors_cleanly(tmp_path):
+    from rwkv_ft.cli import main
+
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    """`accelerate launch --num_processes 2` (CPU, gloo) gives the adapter a single process gives."""
+    args = [*TINY, "training.max_steps=3", "training.save_steps=100", "training.eval_steps=100"]
+    run(load_recipe(ROOT / "recipes" / "quickstart.yaml", [*args, f"training.output_dir={tmp_path / 'one'}"]))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+        "-m", "rwkv_ft.train", str(ROOT / "recipes" / "quickstart.yaml"),
+        *args, "training.batch_size=2", f"training.output_dir={tmp_path / 'two'}",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
+    for key in one:
+        assert_close(two[key], one[key], rel=1e-4, name=key)
