@@ -35,7 +35,8 @@ def _merge(args: argparse.Namespace) -> None:
         args.base, args.adapter, args.out, dtype=args.dtype, format=args.format, overwrite=args.overwrite
     )
     merged = " + ".join(report.merged) or "nothing"
-    print(f"merged {merged} into {args.base} ({str(report.dtype).removeprefix('torch.')}, {report.format} format)")
+    dtype = str(report.dtype).removeprefix("torch.")
+    print(f"merged {merged} into {args.base} ({dtype}, {report.format} format)")
     for note in report.notes:
         print(f"note: {note}")
     print(f"wrote {report.out}")
@@ -79,11 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("merge", help="fold a LoRA/DoRA (and state-tuning) adapter into its base model")
-    p.add_argument("base", help="the full-precision base: rwkv_ft directory, BlinkDL .pth or transformers RWKV directory")
+    p.add_argument("base", help="full-precision base: rwkv_ft dir, BlinkDL .pth or transformers RWKV dir")
     p.add_argument("adapter", help="the adapter directory (peft adapter and/or state_tuning.safetensors)")
     p.add_argument("out", help="output directory (a .pth file for --format pth)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="dtype of the written weights (default: BASE's)")
-    p.add_argument("--format", choices=["hf", "pth", "transformers"], default="hf", help="default: hf (rwkv_ft directory)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="written dtype (default: BASE's)")
+    p.add_argument("--format", choices=["hf", "pth", "transformers"], default="hf", help="hf: rwkv_ft dir")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_merge)
 

@@ -293,6 +293,10 @@ def run(
     set_seed(recipe.training.seed)
     base = prepare_base_model(recipe, output_dir)
     tokenizer = load_tokenizer_for(recipe, base)
+    if base == output_dir / "base" and not (base / "tokenizer_config.json").exists():
+        if _is_main_process():
+            tokenizer.save_pretrained(base)  # so the merged model, built from base, carries it too
+        _wait_for_everyone()
     data = prepare_sft_data(
         recipe.data.path,
         tokenizer,

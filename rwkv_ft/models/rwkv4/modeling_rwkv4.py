@@ -220,6 +220,9 @@ class Rwkv4Model(Rwkv4PreTrainedModel):
         self.blocks = nn.ModuleList([Rwkv4Block(config, i) for i in range(config.num_hidden_layers)])
         self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
+        # State tuning (rwkv_ft.adapters.state_tuning) attaches a module here; called with a batch
+        # size it returns the learned (B, L, 5, C) fp32 initial state, used wherever no `state` is given.
+        self.initial_state: nn.Module | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -271,6 +274,8 @@ class Rwkv4Model(Rwkv4PreTrainedModel):
             use_cache = False
 
         segments = _packed_segments(position_ids, mask, T)
+        if segments is None and state is None:
+            state = self._learned_initial_state(B)
         if segments is not None:
             if state is not None:
                 raise ValueError("Rwkv4Model: packed sequences (position_ids restarting at 0) cannot take a state")
@@ -347,7 +352,8 @@ class Rwkv4Model(Rwkv4PreTrainedModel):
         index = [torch.tensor(ix, device=hidden.device) for ix in (rows, cols, seg_rows, seg_cols)]
         unpacked = hidden.new_zeros(len(segments), longest, C)  # right-padded: padding follows each example
         unpacked[index[2], index[3]] = hidden[index[0], index[1]]
-        out, _, seg_hidden = self._run_blocks(unpacked, None, None, output_hidden_states)
+        initial = self._learned_initial_state(len(segments))
+        out, _, seg_hidden = self._run_blocks(unpacked, initial, None, output_hidden_states)
 
         def repack(x: torch.Tensor) -> torch.Tensor:
             packed = x.new_zeros(B, T, C)
@@ -355,6 +361,10 @@ class Rwkv4Model(Rwkv4PreTrainedModel):
             return packed
 
         return repack(out), tuple(repack(h) for h in seg_hidden)
+
+    def _learned_initial_state(self, batch: int) -> torch.Tensor | None:
+        """The state-tuned initial state for `batch` rows, or None (empty history) when none is attached."""
+        return None if self.initial_state is None else self.initial_state(batch)
 
     # -- input checks -----------------------------------------------------------------------------
 
