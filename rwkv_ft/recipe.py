@@ -55,7 +55,7 @@ class AdapterSection:
     modules_to_save: list[str] | None = None
     use_dora: bool = False
     use_rslora: bool = False
-    train_shift_states: bool = False  # state tuning: also learn the token-shift states
+    train_token_shift: bool = False  # state tuning: also learn the token-shift states
 
 
 @dataclass

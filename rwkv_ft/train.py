@@ -124,9 +124,10 @@ def attach_adapter(model, recipe: Recipe):
             raise RecipeError("recipe: adapter.type none (full fine-tuning) cannot train a quantized base")
         return model
     if spec.type == "state":
-        from rwkv_ft.adapters import add_state_tuning
+        from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
 
-        return add_state_tuning(model, train_shift_states=spec.train_shift_states)
+        add_state_tuning(model, StateTuningConfig(train_token_shift=spec.train_token_shift))
+        return model
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(

@@ -107,5 +107,5 @@ def test_qlora_steps_lower_the_loss(model_dir, ids, mode):
 
 
 def test_bad_mode_names_the_choices():
-    with pytest.raises(ValueError, match="8bit, nf4, fp4"):
+    with pytest.raises(ValueError, match="int8, nf4, fp4"):
         bnb_config("int4")

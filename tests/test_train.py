@@ -182,3 +182,18 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one, two = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
     for key in one:
         assert_close(two[key], one[key], rel=1e-4, name=key)
+
+
+# bitsandbytes' CPU 4-bit kernels need in_features >= 64.
+QLORA = ["model.quantization=nf4", "model.config={vocab_size: 65536, hidden_size: 64, num_hidden_layers: 2}"]
+
+
+@pytest.mark.parametrize("extra", [QLORA, ["adapter.type=state"]], ids=["qlora_nf4", "state"])
+def test_qlora_and_state_tuning_recipes_train_and_merge(tmp_path, extra):
+    summary = run(tiny_recipe(tmp_path, "training.max_steps=3", "merge.enabled=true", "adapter.modules_to_save=null", *extra))
+    assert summary["steps"] == 3 and (tmp_path / "merged" / "model.safetensors").exists()
+    info = json.loads((tmp_path / "adapter" / "rwkv_ft_adapter.json").read_text())
+    if extra is QLORA:
+        assert info["quantization"] is not None
+    else:
+        assert (tmp_path / "adapter" / "state_tuning.safetensors").exists()
