@@ -56,12 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tmp-dir", default=None, help="where quantized runs stage the bf16 checkpoint")
-    p.add_argument(
-        "--out", default=os.environ.get("OUT"), help="directory for bench_lora.json (default: $OUT)"
-    )
-    p.add_argument(
-        "--tiny", action="store_true", help="shape 'tiny', ctx 64, 2 timed steps: checks the script on CPU"
-    )
+    p.add_argument("--out", default=os.environ.get("OUT"), help="directory for bench_lora.json (default: $OUT)")
+    p.add_argument("--tiny", action="store_true", help="shape 'tiny', ctx 64, 2 timed steps: checks the script on CPU")
     args = p.parse_args(argv)
     if args.tiny:
         args.shapes, args.ctx, args.warmup, args.steps = "tiny", 64, 1, 2
@@ -112,9 +108,7 @@ def load_quantized_copy(staged: Path, quant: str, device: str) -> nn.Module:
     from rwkv_ft.quantization import load_quantized
 
     mode = {"8bit": "8bit", "nf4": "nf4"}[quant]
-    return load_quantized(
-        staged, mode, compute_dtype=torch.bfloat16, dtype=torch.bfloat16, device_map={"": device}
-    )
+    return load_quantized(staged, mode, compute_dtype=torch.bfloat16, dtype=torch.bfloat16, device_map={"": device})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,9 +150,7 @@ def run_one(args, shape: str, quant: str, grad_ckpt: bool, staged: Path | None) 
 
         n_quant = len(quantized_linear_names(model))
         if n_quant != 7 * config.num_hidden_layers:
-            raise AssertionError(
-                f"{quant}: {n_quant} quantized layers, expected {7 * config.num_hidden_layers}"
-            )
+            raise AssertionError(f"{quant}: {n_quant} quantized layers, expected {7 * config.num_hidden_layers}")
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=grad_ckpt,
@@ -167,13 +159,9 @@ def run_one(args, shape: str, quant: str, grad_ckpt: bool, staged: Path | None) 
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0))
     trainable = [p for p in model.parameters() if p.requires_grad]
     result["trainable_params"] = sum(p.numel() for p in trainable)
-    lora_before = {
-        n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad
-    }
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n and p.requires_grad}
     frozen_probe = {
-        n: p.detach().clone()
-        for n, p in model.named_parameters()
-        if n.endswith(("blocks.0.ln1.weight", "head.weight"))
+        n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(("blocks.0.ln1.weight", "head.weight"))
     }
     opt = torch.optim.AdamW(trainable, lr=args.lr)
     if device.startswith("cuda"):
@@ -272,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         results.append(run_one(args, shape, quant, grad_ckpt, staged))
                     except torch.OutOfMemoryError:
-                        results.append(
-                            {"shape": shape, "quant": quant, "grad_ckpt": grad_ckpt, "check": "OOM"}
-                        )
+                        results.append({"shape": shape, "quant": quant, "grad_ckpt": grad_ckpt, "check": "OOM"})
                     except AssertionError as exc:
                         failed = True
                         results.append(
@@ -302,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "args": vars(args),
         }
-        (out / "bench_lora.json").write_text(
-            json.dumps({"env": env, "results": results}, indent=2, default=str)
-        )
+        (out / "bench_lora.json").write_text(json.dumps({"env": env, "results": results}, indent=2, default=str))
         print(f"wrote {out / 'bench_lora.json'}")
     return 1 if failed else 0
 

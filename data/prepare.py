@@ -44,15 +44,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description="Convert a Hub dataset (or a local .json/.jsonl/.parquet file) into rwkv_ft "
-        "message-format jsonl.",
+        description="Convert a Hub dataset (or a local .json/.jsonl/.parquet file) into rwkv_ft message-format jsonl.",
         epilog="presets: " + ", ".join(f"{key} ({preset['name']})" for key, preset in PRESETS.items()),
     )
     parser.add_argument("dataset", help="a preset name, a Hub dataset name, or a local file")
     parser.add_argument("-o", "--output", required=True, type=Path, help="jsonl file to write")
-    parser.add_argument(
-        "--format", default=None, choices=["auto", *FORMATS], help="input format (default: auto)"
-    )
+    parser.add_argument("--format", default=None, choices=["auto", *FORMATS], help="input format (default: auto)")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument("--data-files", default=None, help="data_files for datasets.load_dataset")
     parser.add_argument("--limit", type=int, default=None, help="stop after this many converted rows")

@@ -11,7 +11,9 @@ from rwkv_ft.convert import DTYPES
 def _convert(args: argparse.Namespace) -> None:
     from rwkv_ft.convert import convert_checkpoint
 
-    out = convert_checkpoint(args.src, args.out_dir, tokenizer=args.tokenizer, dtype=args.dtype, overwrite=args.overwrite)
+    out = convert_checkpoint(
+        args.src, args.out_dir, tokenizer=args.tokenizer, dtype=args.dtype, overwrite=args.overwrite
+    )
     print(f"wrote {out}")
 
 
@@ -54,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     # `rwkv-ft train ...` hands its arguments to `python -m rwkv_ft.train` (see main()).
-    sub.add_parser("train", help="fine-tune from a recipe (same as: python -m rwkv_ft.train RECIPE ...)", add_help=False)
+    sub.add_parser(
+        "train", help="fine-tune from a recipe (same as: python -m rwkv_ft.train RECIPE ...)", add_help=False
+    )
 
     p = sub.add_parser("convert", help="BlinkDL .pth or transformers RWKV directory -> rwkv_ft directory")
     p.add_argument("src", help="a BlinkDL RWKV-4 .pth file or a transformers RwkvForCausalLM directory")

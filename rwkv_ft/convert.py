@@ -147,10 +147,7 @@ def check_state_dict(
 
 
 def _describe(config: Rwkv4Config) -> str:
-    return (
-        f"L={config.num_hidden_layers}, C={config.hidden_size}, "
-        f"F={config.intermediate_size}, V={config.vocab_size}"
-    )
+    return f"L={config.num_hidden_layers}, C={config.hidden_size}, F={config.intermediate_size}, V={config.vocab_size}"
 
 
 def _with_fp32_time_params(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -185,7 +182,9 @@ def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a flat dict of tensors (a BlinkDL RWKV .pth)")
     if "_strategy" in obj:
-        raise CheckpointError(f"{path}: this file was pre-converted for a strategy by rwkv's convert_model; use the original .pth")
+        raise CheckpointError(
+            f"{path}: this file was pre-converted for a strategy by rwkv's convert_model; use the original .pth"
+        )
     return dict(obj)
 
 
@@ -259,7 +258,9 @@ def load_any_checkpoint(src: str | os.PathLike) -> tuple[Rwkv4Config, dict[str, 
     src = _require_path(src)
     if src.is_file():
         return (*load_blinkdl(src), "pth")
-    model_type = json.loads((src / "config.json").read_text()).get("model_type") if (src / "config.json").exists() else None
+    model_type = (
+        json.loads((src / "config.json").read_text()).get("model_type") if (src / "config.json").exists() else None
+    )
     if model_type == Rwkv4Config.model_type:
         config = Rwkv4Config.from_pretrained(src)
         raw = read_hf_weights(src)
@@ -319,7 +320,11 @@ def save_pth(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, *,
 
 
 def save_transformers(
-    config: Rwkv4Config, state_dict: Mapping[str, torch.Tensor], out_dir: str | os.PathLike, *, overwrite: bool = False
+    config: Rwkv4Config,
+    state_dict: Mapping[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write a directory that plain transformers loads with `RwkvForCausalLM.from_pretrained`."""
     from transformers import RwkvConfig, RwkvForCausalLM

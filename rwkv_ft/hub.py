@@ -152,9 +152,7 @@ def model_card(directory: str | os.PathLike, repo_id: str) -> str:
                 lines.append(f"- {key}: {_fmt(adapter_config[key])}")
     state_info = (info.get("adapters") or {}).get("state_tuning")
     if has_state:
-        lines.append(
-            f"- State tuning: learned initial state ({_fmt(state_info) if state_info else STATE_TUNING_FILE})"
-        )
+        lines.append(f"- State tuning: learned initial state ({_fmt(state_info) if state_info else STATE_TUNING_FILE})")
     if model_config is not None and not is_adapter:
         for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
             if key in model_config:
@@ -175,19 +173,13 @@ def model_card(directory: str | os.PathLike, repo_id: str) -> str:
         if key in summary
     ]
     if results:
-        lines += (
-            ["## Results", "", "| | |", "|---|---|"]
-            + [f"| {label} | {_fmt(v)} |" for label, v in results]
-            + [""]
-        )
+        lines += ["## Results", "", "| | |", "|---|---|"] + [f"| {label} | {_fmt(v)} |" for label, v in results] + [""]
 
     lines += [
         "## How to use",
         "",
         "```python",
-        *_usage(
-            repo_id, base if is_adapter else repo_id, adapter_config is not None and is_adapter, has_state
-        ),
+        *_usage(repo_id, base if is_adapter else repo_id, adapter_config is not None and is_adapter, has_state),
         "```",
         "",
     ]
@@ -278,31 +270,24 @@ def push_to_hub(
     files = files_to_upload(root)
     if not files:
         raise ValueError(f"{root}: nothing to upload (no files besides README.md)")
-    if not any(
-        f in files for f in ("adapter_config.json", "config.json", STATE_TUNING_FILE, ADAPTER_INFO_FILE)
-    ):
+    if not any(f in files for f in ("adapter_config.json", "config.json", STATE_TUNING_FILE, ADAPTER_INFO_FILE)):
         raise ValueError(
             f"{root}: neither a model (config.json) nor an adapter (adapter_config.json, {STATE_TUNING_FILE})"
         )
     token = token or get_token()
     if not token:
-        raise HubError(
-            "no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access"
-        )
+        raise HubError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN to a token with write access")
 
     card = model_card(root, repo_id)
     operations = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(root / f)) for f in files]
     if _keep_existing_readme(root):
-        operations.append(
-            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(root / "README.md"))
-        )
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(root / "README.md")))
     else:
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
 
     api = api or HfApi(endpoint=endpoint, token=token)
     message = (
-        commit_message
-        or f"Upload {'adapter' if (root / 'adapter_config.json').exists() else 'model'} with rwkv_ft"
+        commit_message or f"Upload {'adapter' if (root / 'adapter_config.json').exists() else 'model'} with rwkv_ft"
     )
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True, token=token)
@@ -317,18 +302,14 @@ def push_to_hub(
     except HFValidationError as exc:
         raise ValueError(f"invalid repo id {repo_id!r}: {exc}") from exc
     except RepositoryNotFoundError as exc:
-        raise HubError(
-            f"{repo_id}: repository not found or not writable with this token ({_first_line(exc)})"
-        ) from exc
+        raise HubError(f"{repo_id}: repository not found or not writable with this token ({_first_line(exc)})") from exc
     except HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         hint = {
             401: "the token was rejected: run `hf auth login` again or set HF_TOKEN to a valid token",
             403: f"the token may not write to {repo_id}: use a token with write access to that namespace",
         }.get(status, "the Hub refused the upload")
-        raise HubError(
-            f"uploading {root} to {repo_id} failed (HTTP {status}): {hint} ({_first_line(exc)})"
-        ) from exc
+        raise HubError(f"uploading {root} to {repo_id} failed (HTTP {status}): {hint} ({_first_line(exc)})") from exc
     except _connection_errors() as exc:
         raise HubError(
             f"cannot reach the Hugging Face Hub ({api_endpoint(api)}): "

@@ -65,8 +65,7 @@ def _adapter_parts(adapter: Path) -> tuple[bool, bool]:
     has_state = (adapter / STATE_TUNING_FILE).exists()
     if not (has_peft or has_state):
         raise MergeError(
-            f"{adapter}: neither a peft adapter (adapter_config.json) "
-            f"nor a state-tuning file ({STATE_TUNING_FILE})"
+            f"{adapter}: neither a peft adapter (adapter_config.json) nor a state-tuning file ({STATE_TUNING_FILE})"
         )
     return has_peft, has_state
 

@@ -126,7 +126,9 @@ CHOICES = {
 def _build(cls: type, values: dict[str, Any], where: str, prefix: str = "") -> Any:
     """Instantiate dataclass `cls` from `values`, type-checking each key and recursing into sections."""
     if not isinstance(values, dict):
-        raise RecipeError(f"{where}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {type(values).__name__}")
+        raise RecipeError(
+            f"{where}: {prefix.rstrip('.') or 'the recipe'} must be a mapping, got {type(values).__name__}"
+        )
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)

@@ -277,9 +277,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool) -> Trai
 # The run
 
 
-def run(
-    recipe: Recipe, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None
-) -> dict[str, Any]:
+def run(recipe: Recipe, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
     """Train as `recipe` says. Returns the training summary (also written to training_summary.json)."""
     from rwkv_ft.data import SFTDataCollator, prepare_sft_data
 
@@ -373,7 +371,12 @@ def save_result(model, tokenizer, recipe: Recipe, output_dir: Path, summary: dic
         else:
             from rwkv_ft.adapters import save_adapter
 
-            save_adapter(model, tmp, base_model=summary["base_model"], extra={"data": summary["data"], "recipe": summary["recipe"]})
+            save_adapter(
+                model,
+                tmp,
+                base_model=summary["base_model"],
+                extra={"data": summary["data"], "recipe": summary["recipe"]},
+            )
         tokenizer.save_pretrained(tmp)
         (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -393,7 +396,12 @@ def merge_result(base: Path, adapter_dir: Path, recipe: Recipe, output_dir: Path
 def _log_trainable(model) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    logger.info("trainable parameters: %s of %s (%.3f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    logger.info(
+        "trainable parameters: %s of %s (%.3f%%)",
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
 
 
 def _distributed_state():
@@ -447,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     strict = parser.add_mutually_exclusive_group()
-    strict.add_argument("--strict", dest="strict", action="store_true", default=None, help="stop at the first bad data row")
+    strict.add_argument(
+        "--strict", dest="strict", action="store_true", default=None, help="stop at the first bad data row"
+    )
     strict.add_argument("--no-strict", dest="strict", action="store_false", help="skip bad data rows and count them")
     return parser
 
@@ -472,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
 def _report(summary: dict[str, Any], recipe: Recipe) -> None:
     out = Path(recipe.training.output_dir)
     lines = [
-        f"train loss {summary['train_loss']:.4f}" + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] else ""),
+        f"train loss {summary['train_loss']:.4f}"
+        + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] else ""),
         f"result: {summary.get('result_dir')}",
         f"loss curve: {out / 'loss_curve.png'}; tensorboard --logdir {out / 'runs'}",
     ]
@@ -486,4 +497,3 @@ def _report(summary: dict[str, Any], recipe: Recipe) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -40,9 +40,7 @@ from rwkv_ft.data import (
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_FILES = ["alpaca_sample.jsonl", "sharegpt_sample.json", "messages_sample.jsonl"]
 
-GOOD_OPENAI_ROW = {
-    "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
-}
+GOOD_OPENAI_ROW = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
 MULTI_TURN = [
     {"role": "system", "content": "Be brief."},
@@ -123,9 +121,7 @@ def test_alpaca_converter_with_and_without_input():
         {"role": "user", "content": "Add 2 and 3."},
         {"role": "assistant", "content": "5"},
     ]
-    assert alpaca_to_messages(
-        {"instruction": "Translate.", "input": "Hola", "output": "Hello", "system": "S"}
-    ) == [
+    assert alpaca_to_messages({"instruction": "Translate.", "input": "Hola", "output": "Hello", "system": "S"}) == [
         {"role": "system", "content": "S"},
         {"role": "user", "content": "Translate.", "input": "Hola"},
         {"role": "assistant", "content": "Hello"},
@@ -182,9 +178,7 @@ BAD_ROWS = {
     "missing_field": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant"}]},
     "wrong_type": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": 3}]},
     "unknown_role": {"messages": [{"role": "bot", "content": "Hi"}, {"role": "assistant", "content": "x"}]},
-    "empty_assistant": {
-        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]
-    },
+    "empty_assistant": {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]},
     "no_assistant_turn": {"messages": [{"role": "user", "content": "Hi"}]},
     "not_ending_with_assistant": {
         "messages": [
@@ -220,16 +214,12 @@ def test_strict_errors_name_the_key(tmp_path):
     path = _write_jsonl(tmp_path / "bad.jsonl", [GOOD_OPENAI_ROW, BAD_ROWS["missing_field"]])
     with pytest.raises(DataError, match=r"missing key 'messages\[1\]\.content'"):
         load_conversations(path)
-    alpaca = _write_jsonl(
-        tmp_path / "alpaca.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "x"}]
-    )
+    alpaca = _write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "x"}])
     with pytest.raises(DataError, match=r"line 2: missing key 'output'"):
         load_conversations(alpaca)
     sharegpt = tmp_path / "sg.json"
     sharegpt.write_text(json.dumps([{"conversations": [{"from": "bot", "value": "x"}]}]))
-    with pytest.raises(
-        DataError, match=r"element 0: key 'conversations\[0\]\.from' has unknown speaker 'bot'"
-    ):
+    with pytest.raises(DataError, match=r"element 0: key 'conversations\[0\]\.from' has unknown speaker 'bot'"):
         load_conversations(sharegpt)
 
 
@@ -475,9 +465,7 @@ def test_truncation_keeps_partial_answers_and_drops_answerless_rows(tokenizer):
         None,
         "assistant_truncated_away",
     )
-    dropped = tokenize_conversation(
-        MULTI_TURN, tokenizer, "world", max_length=first_trained + 1, truncation="drop"
-    )
+    dropped = tokenize_conversation(MULTI_TURN, tokenizer, "world", max_length=first_trained + 1, truncation="drop")
     assert dropped == (None, "too_long")
 
 
@@ -667,9 +655,7 @@ def test_world_tokenizer_renders_and_masks_a_sample():
     except Exception as error:  # the vocabulary file may not be in place yet
         pytest.skip(f"World tokenizer unavailable: {error}")
     conversation = _strip_none(load_conversations(DATA_DIR / "sharegpt_sample.json").dataset[0]["messages"])
-    example, reason = tokenize_conversation(
-        conversation, tokenizer, "world", max_length=4096, append_eos=True
-    )
+    example, reason = tokenize_conversation(conversation, tokenizer, "world", max_length=4096, append_eos=True)
     assert reason is None
     answers = [m["content"].replace("\n\n", "\n") for m in conversation if m["role"] == "assistant"]
     spans = _trained_spans(tokenizer, example)

@@ -42,9 +42,7 @@ class RecordingApi:
 
 @pytest.fixture
 def adapter_dir(tmp_path):
-    model = get_peft_model(
-        randomize_(Rwkv4ForCausalLM(tiny_config()), seed=1), LoraConfig(r=4, use_dora=True)
-    )
+    model = get_peft_model(randomize_(Rwkv4ForCausalLM(tiny_config()), seed=1), LoraConfig(r=4, use_dora=True))
     add_state_tuning(model)
     out = tmp_path / "adapter"
     save_adapter(
@@ -71,14 +69,10 @@ def adapter_dir(tmp_path):
 
 def test_uploads_the_adapter_with_a_model_card(adapter_dir):
     api = RecordingApi()
-    url = push_to_hub(
-        adapter_dir, "me/rwkv-dora", private=True, token="hf_test", api=api, commit_message="first"
-    )
+    url = push_to_hub(adapter_dir, "me/rwkv-dora", private=True, token="hf_test", api=api, commit_message="first")
     assert url == "https://hub.example/me/rwkv-dora/commit/abc"
     (name, repo), (name2, commit) = api.calls
-    assert (
-        name == "create_repo" and repo["repo_id"] == "me/rwkv-dora" and repo["private"] and repo["exist_ok"]
-    )
+    assert name == "create_repo" and repo["repo_id"] == "me/rwkv-dora" and repo["private"] and repo["exist_ok"]
     assert name2 == "create_commit" and commit["commit_message"] == "first"
     assert set(api.uploaded) == {
         "README.md",
@@ -88,9 +82,7 @@ def test_uploads_the_adapter_with_a_model_card(adapter_dir):
         "rwkv_ft_adapter.json",
         "trainer_state.json",
     }
-    assert (
-        api.uploaded["adapter_model.safetensors"] == (adapter_dir / "adapter_model.safetensors").read_bytes()
-    )
+    assert api.uploaded["adapter_model.safetensors"] == (adapter_dir / "adapter_model.safetensors").read_bytes()
 
     card = api.uploaded["README.md"].decode()
     assert card.startswith("---\nlibrary_name: peft\nbase_model: BlinkDL/rwkv-4-world-0.1b\n")
@@ -123,14 +115,10 @@ def test_a_written_readme_is_kept_and_peft_template_replaced(adapter_dir):
 
 def test_merged_model_card(tmp_path):
     randomize_(Rwkv4ForCausalLM(tiny_config()), seed=1).save_pretrained(tmp_path / "model")
-    (tmp_path / "model" / "training_summary.json").write_text(
-        json.dumps({"base_model": None, "train_loss": 1.5})
-    )
+    (tmp_path / "model" / "training_summary.json").write_text(json.dumps({"base_model": None, "train_loss": 1.5}))
     card = model_card(tmp_path / "model", "me/merged")
     assert "library_name: transformers" in card and "RWKV-4 language model" in card
-    assert (
-        'AutoModelForCausalLM.from_pretrained("me/merged")' in card and "| Final train loss | 1.5 |" in card
-    )
+    assert 'AutoModelForCausalLM.from_pretrained("me/merged")' in card and "| Final train loss | 1.5 |" in card
     assert files_to_upload(tmp_path / "model") == [
         "config.json",
         "generation_config.json",
@@ -153,9 +141,7 @@ def test_no_network(adapter_dir):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(
-        HubError, match=rf"cannot reach the Hugging Face Hub \(http://127.0.0.1:{port}\).*network"
-    ):
+    with pytest.raises(HubError, match=rf"cannot reach the Hugging Face Hub \(http://127.0.0.1:{port}\).*network"):
         push_to_hub(adapter_dir, "me/x", token="hf_test", endpoint=f"http://127.0.0.1:{port}")
 
 
@@ -179,9 +165,7 @@ def test_rejected_token(adapter_dir):
     thread.start()
     try:
         with pytest.raises(HubError, match=r"HTTP 401.*token was rejected"):
-            push_to_hub(
-                adapter_dir, "me/x", token="hf_bad", endpoint=f"http://127.0.0.1:{server.server_port}"
-            )
+            push_to_hub(adapter_dir, "me/x", token="hf_bad", endpoint=f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
 

@@ -42,9 +42,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     base_model().save_pretrained(root / "base")
     torch.manual_seed(0)
-    peft_model = get_peft_model(
-        base_model(), LoraConfig(r=4, init_lora_weights=False, modules_to_save=["head"])
-    )
+    peft_model = get_peft_model(base_model(), LoraConfig(r=4, init_lora_weights=False, modules_to_save=["head"]))
     with torch.no_grad():
         peft_model.base_model.model.head.modules_to_save["default"].weight.mul_(1.25)
     peft_model.eval().save_pretrained(root / "adapter")
@@ -77,27 +75,15 @@ def test_hf_format_via_cli(setup, capsys):
 
 def test_pth_format_runs_in_rwkv_package(setup):
     root, expected = setup
-    assert (
-        main(
-            ["merge", str(root / "base"), str(root / "adapter"), str(root / "merged.pth"), "--format", "pth"]
-        )
-        == 0
-    )
-    assert_close(
-        rwkv_package_logits(root / "merged.pth", IDS), expected[0], rel=1e-5, name="rwkv package vs unmerged"
-    )
+    assert main(["merge", str(root / "base"), str(root / "adapter"), str(root / "merged.pth"), "--format", "pth"]) == 0
+    assert_close(rwkv_package_logits(root / "merged.pth", IDS), expected[0], rel=1e-5, name="rwkv package vs unmerged")
 
 
 def test_transformers_format_runs_in_transformers(setup):
     from transformers import RwkvForCausalLM
 
     root, expected = setup
-    assert (
-        main(
-            ["merge", str(root / "base"), str(root / "adapter"), str(root / "tf"), "--format", "transformers"]
-        )
-        == 0
-    )
+    assert main(["merge", str(root / "base"), str(root / "adapter"), str(root / "tf"), "--format", "transformers"]) == 0
     merged = RwkvForCausalLM.from_pretrained(root / "tf").eval()
     assert_close(logits(merged), expected, rel=1e-5, name="transformers RwkvForCausalLM vs unmerged")
 
@@ -110,9 +96,7 @@ def test_base_in_other_formats(setup, base_format):
         export_model(root / "base", base, format=base_format)
     report = merge_adapter(base, root / "adapter", root / f"from_{base_format}", overwrite=True)
     assert report.merged == ["lora"]
-    assert_close(
-        logits(Rwkv4ForCausalLM.from_pretrained(report.out)), expected, name=f"base as {base_format}"
-    )
+    assert_close(logits(Rwkv4ForCausalLM.from_pretrained(report.out)), expected, name=f"base as {base_format}")
 
 
 def test_bf16_output_within_bf16_tolerance(setup):
@@ -163,9 +147,7 @@ def test_qlora_adapter_folds_into_full_precision_base(tmp_path, capsys):
     config = dict(hidden_size=128, intermediate_size=256)
     base_model(**config).save_pretrained(tmp_path / "base")
     torch.manual_seed(0)
-    qmodel = get_peft_model(
-        load_quantized(tmp_path / "base", "nf4"), LoraConfig(r=4, init_lora_weights=False)
-    ).eval()
+    qmodel = get_peft_model(load_quantized(tmp_path / "base", "nf4"), LoraConfig(r=4, init_lora_weights=False)).eval()
     unmerged_nf4 = logits(qmodel)
     save_adapter(qmodel, tmp_path / "adapter", base_model=str(tmp_path / "base"))
 
@@ -194,13 +176,9 @@ def test_pissa_needs_conversion(tmp_path, capsys):
     assert "path_initial_model_for_weight_conversion" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
-    model.save_pretrained(
-        tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init")
-    )
+    model.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     report = merge_adapter(tmp_path / "base", tmp_path / "converted", tmp_path / "ok")
-    assert_close(
-        logits(Rwkv4ForCausalLM.from_pretrained(report.out)), expected, rel=1e-4, name="converted PiSSA"
-    )
+    assert_close(logits(Rwkv4ForCausalLM.from_pretrained(report.out)), expected, rel=1e-4, name="converted PiSSA")
 
 
 def test_errors_are_messages(setup, tmp_path, capsys):

@@ -160,7 +160,10 @@ def test_left_padded_batch_generates_like_each_row_alone(model):
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=pad)
         for row, prompt in enumerate(prompts):
             alone = model.generate(
-                prompt[None], attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=7, do_sample=False
+                prompt[None],
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=7,
+                do_sample=False,
             )
             assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), f"row {row} differs"
 
@@ -272,8 +275,13 @@ def test_wrong_state_shape_is_named(model):
 
 def test_bf16_parallel_mode_close_to_fp32(model):
     ids = random_ids(2, 11, seed=21)
-    low = build_model(model.config, {k: v.to(torch.bfloat16) if not k.endswith(("time_decay", "time_first")) else v
-                                     for k, v in model.state_dict().items()})
+    low = build_model(
+        model.config,
+        {
+            k: v.to(torch.bfloat16) if not k.endswith(("time_decay", "time_first")) else v
+            for k, v in model.state_dict().items()
+        },
+    )
     with torch.no_grad():
         assert_close(low(ids).logits.float(), model(ids).logits, dtype=torch.bfloat16, rel=3e-2, name="bf16 logits")
 

@@ -30,9 +30,7 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 def test_default_targets_are_the_block_linears():
     model = get_peft_model(base_model(), LoraConfig(r=4))
     adapted = {
-        name.removesuffix(".lora_A.default")
-        for name, _ in model.named_modules()
-        if name.endswith(".lora_A.default")
+        name.removesuffix(".lora_A.default") for name, _ in model.named_modules() if name.endswith(".lora_A.default")
     }
     expected = {
         f"base_model.model.rwkv.blocks.{i}.{part}"
@@ -53,15 +51,11 @@ def test_default_targets_are_the_block_linears():
     assert set(model.peft_config["default"].target_modules) == set(RWKV4_LORA_TARGET_MODULES)
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{}, {"use_dora": True}, {"use_rslora": True}], ids=["lora", "dora", "rslora"]
-)
+@pytest.mark.parametrize("kwargs", [{}, {"use_dora": True}, {"use_rslora": True}], ids=["lora", "dora", "rslora"])
 def test_unmerged_equals_merged(kwargs):
     ids = random_ids()
     base = logits(base_model(), ids)
-    model = get_peft_model(
-        base_model(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)
-    ).eval()
+    model = get_peft_model(base_model(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kwargs)).eval()
     unmerged = logits(model, ids)
     assert (unmerged - base).abs().max() > 1e-2, "the adapter should change the logits"
     merged = logits(model.merge_and_unload(), ids)
@@ -92,9 +86,7 @@ def test_several_adapters_switch(tmp_path):
     torch.manual_seed(0)
     first = get_peft_model(base_model(), LoraConfig(r=4, init_lora_weights=False)).eval()
     torch.manual_seed(1)
-    second = get_peft_model(
-        base_model(), LoraConfig(r=2, target_modules=["key"], init_lora_weights=False)
-    ).eval()
+    second = get_peft_model(base_model(), LoraConfig(r=2, target_modules=["key"], init_lora_weights=False)).eval()
     first.save_pretrained(tmp_path / "a")
     second.save_pretrained(tmp_path / "b")
     expected_a, expected_b, expected_base = logits(first, ids), logits(second, ids), logits(base_model(), ids)

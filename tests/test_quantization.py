@@ -87,9 +87,7 @@ def test_qlora_steps_lower_the_loss(model_dir, ids, mode):
     model = prepare_model_for_kbit_training(model)  # also turns on gradient checkpointing
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16))
     frozen = {
-        n: p.detach().clone()
-        for n, p in model.named_parameters()
-        if not p.requires_grad and p.is_floating_point()
+        n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()
     }
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from rwkv_ft.recipe import RecipeError, load_recipe
-from rwkv_ft.train import complete_checkpoints, run
 from rwkv_ft.testing import assert_close
+from rwkv_ft.train import complete_checkpoints, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -190,7 +190,9 @@ QLORA = ["model.quantization=nf4", "model.config={vocab_size: 65536, hidden_size
 
 @pytest.mark.parametrize("extra", [QLORA, ["adapter.type=state"]], ids=["qlora_nf4", "state"])
 def test_qlora_and_state_tuning_recipes_train_and_merge(tmp_path, extra):
-    summary = run(tiny_recipe(tmp_path, "training.max_steps=3", "merge.enabled=true", "adapter.modules_to_save=null", *extra))
+    summary = run(
+        tiny_recipe(tmp_path, "training.max_steps=3", "merge.enabled=true", "adapter.modules_to_save=null", *extra)
+    )
     assert summary["steps"] == 3 and (tmp_path / "merged" / "model.safetensors").exists()
     info = json.loads((tmp_path / "adapter" / "rwkv_ft_adapter.json").read_text())
     if extra is QLORA:

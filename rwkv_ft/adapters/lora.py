@@ -56,9 +56,7 @@ def check_mergeable(adapter_config: dict, source: str) -> None:
     """Raise a clear error for a peft adapter that cannot be folded into the original base weights."""
     peft_type = str(adapter_config.get("peft_type", "")).upper()
     if adapter_config.get("task_type") and peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
-        raise ValueError(
-            f"{source}: a {peft_type} adapter has no weights to merge; use it with PeftModel instead"
-        )
+        raise ValueError(f"{source}: a {peft_type} adapter has no weights to merge; use it with PeftModel instead")
     init = adapter_config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
         raise ValueError(

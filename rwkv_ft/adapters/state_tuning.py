@@ -88,8 +88,7 @@ class Rwkv4InitialState(nn.Module):
         """
         if tuple(state.shape) != (*self.shape[:1], 5, self.shape[1]):
             raise ValueError(
-                f"set_from_state: expected a ({self.shape[0]}, 5, {self.shape[1]}) state, "
-                f"got {tuple(state.shape)}"
+                f"set_from_state: expected a ({self.shape[0]}, 5, {self.shape[1]}) state, got {tuple(state.shape)}"
             )
         state = state.float()
         den = state[:, 3]
@@ -160,15 +159,9 @@ def save_state_tuning(model_or_state: nn.Module, directory: str | os.PathLike) -
     Besides the parameters the file holds `initial_state`, the materialised (L, 5, C) fp32 state in
     our slot order, for tools that do not know the parametrisation (see `blinkdl_state`).
     """
-    initial = (
-        model_or_state
-        if isinstance(model_or_state, Rwkv4InitialState)
-        else find_initial_state(model_or_state)
-    )
+    initial = model_or_state if isinstance(model_or_state, Rwkv4InitialState) else find_initial_state(model_or_state)
     if initial is None:
-        raise ValueError(
-            "save_state_tuning: the model has no learned initial state (call add_state_tuning first)"
-        )
+        raise ValueError("save_state_tuning: the model has no learned initial state (call add_state_tuning first)")
     tensors = {name: p.detach().float().cpu().contiguous() for name, p in initial.named_parameters()}
     tensors["initial_state"] = initial.state().detach().cpu().contiguous()
     metadata = {"format": _FORMAT, "version": _FORMAT_VERSION, "config": json.dumps(asdict(initial.config))}
@@ -195,9 +188,7 @@ def read_state_tuning(path: str | os.PathLike) -> tuple[StateTuningConfig, dict[
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != _FORMAT:
-            raise ValueError(
-                f"{path}: not an rwkv_ft state-tuning file (metadata format={metadata.get('format')!r})"
-            )
+            raise ValueError(f"{path}: not an rwkv_ft state-tuning file (metadata format={metadata.get('format')!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     try:
         config = StateTuningConfig(**json.loads(metadata.get("config", "{}")))
@@ -206,9 +197,7 @@ def read_state_tuning(path: str | os.PathLike) -> tuple[StateTuningConfig, dict[
     return config, tensors
 
 
-def load_state_tuning(
-    model: nn.Module, path: str | os.PathLike, *, trainable: bool = False
-) -> Rwkv4InitialState:
+def load_state_tuning(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False) -> Rwkv4InitialState:
     """Attach the learned initial state saved at `path` (a file or a directory holding one) to `model`."""
     file = _state_file(path)
     config, tensors = read_state_tuning(file)

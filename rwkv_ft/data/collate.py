@@ -131,9 +131,7 @@ def _concatenate(examples: list[dict[str, list[int]]]) -> dict[str, Any]:
     return row
 
 
-def group_by_length(
-    lengths: Sequence[int], batch_size: int, *, seed: int = 0, mega_batch_mult: int = 50
-) -> list[int]:
+def group_by_length(lengths: Sequence[int], batch_size: int, *, seed: int = 0, mega_batch_mult: int = 50) -> list[int]:
     """An index order whose consecutive `batch_size` chunks hold examples of similar length.
 
     Shuffles with `seed`, cuts the order into mega-batches of ``batch_size * mega_batch_mult``,
@@ -172,9 +170,7 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         seed = self.seed + self.epoch
-        return iter(
-            group_by_length(self.lengths, self.batch_size, seed=seed, mega_batch_mult=self.mega_batch_mult)
-        )
+        return iter(group_by_length(self.lengths, self.batch_size, seed=seed, mega_batch_mult=self.mega_batch_mult))
 
 
 def train_eval_split(

@@ -139,9 +139,7 @@ def sharegpt_to_messages(row: Mapping[str, Any]) -> Conversation:
         speaker = _require(turn, "from", str, path)
         if speaker.lower() not in SHAREGPT_ROLES:
             known = ", ".join(SHAREGPT_ROLES)
-            raise DataError(
-                "unknown_role", f"key '{path}from' has unknown speaker {speaker!r} (known: {known})"
-            )
+            raise DataError("unknown_role", f"key '{path}from' has unknown speaker {speaker!r} (known: {known})")
         value = _require(turn, "value", str, path)
         messages.append({"role": SHAREGPT_ROLES[speaker.lower()], "content": value})  # type: ignore[typeddict-item]
     return validate_conversation(messages, key="conversations")
@@ -158,9 +156,7 @@ def openai_to_messages(row: Mapping[str, Any]) -> Conversation:
             raise DataError("wrong_type", f"messages[{i}] must be an object, got {type(item).__name__}")
         role = _require(item, "role", str, path)
         if role not in ROLES:
-            raise DataError(
-                "unknown_role", f"key '{path}role' has unknown role {role!r} (known: {', '.join(ROLES)})"
-            )
+            raise DataError("unknown_role", f"key '{path}role' has unknown role {role!r} (known: {', '.join(ROLES)})")
         message: Message = {"role": role, "content": _require(item, "content", str, path)}  # type: ignore[typeddict-item]
         if role == "user" and isinstance(item.get("input"), str) and item["input"].strip():
             message["input"] = item["input"]
@@ -215,9 +211,7 @@ def validate_conversation(messages: Sequence[Mapping[str, Any]], key: str = "mes
         if not isinstance(content, str):
             raise DataError("wrong_type", f"message {i} of {key!r}: content must be str")
         if role == "system" and i != 0:
-            raise DataError(
-                "misplaced_system", f"message {i} of {key!r} is a system message; only the first may be"
-            )
+            raise DataError("misplaced_system", f"message {i} of {key!r} is a system message; only the first may be")
         if role == "assistant" and not content.strip():
             raise DataError("empty_assistant", f"message {i} of {key!r} is an empty assistant turn")
     if not any(message["role"] == "assistant" for message in messages):

@@ -223,9 +223,7 @@ def log_skips(skipped: Mapping[str, int], total: int, where: str, example: DataE
 def _checked_object(location: str, row: Any) -> RawRow:
     if isinstance(row, dict):
         return RawRow(location, row=row)
-    return RawRow(
-        location, error=DataError("not_an_object", f"row must be a JSON object, got {type(row).__name__}")
-    )
+    return RawRow(location, error=DataError("not_an_object", f"row must be a JSON object, got {type(row).__name__}"))
 
 
 def _with_input_column(messages: Conversation) -> list[dict[str, Any]]:

@@ -135,9 +135,7 @@ def build_trie_pattern(tokens: Iterable[bytes]) -> bytes:
     def emit(node: _TrieNode) -> bytes:
         if not node.children:
             return b""
-        inner = sorted(
-            ((b, c) for b, c in node.children.items() if c.children), key=lambda bc: (-bc[1].weight, bc[0])
-        )
+        inner = sorted(((b, c) for b, c in node.children.items() if c.children), key=lambda bc: (-bc[1].weight, bc[0]))
         alternatives = [_escape_byte(b) + emit(c) for b, c in inner]
         leaves = sorted(b for b, c in node.children.items() if not c.children)
         if len(leaves) == 1:
@@ -364,10 +362,7 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
         to_bytes = self._world.id_to_bytes
         # Straight id -> bytes lookups: the generic convert_ids_to_tokens path is ~3x slower.
         return b"".join(
-            [
-                added[i] if i in added else b"" if i in skip else to_bytes.get(i, b"")
-                for i in map(int, token_ids)
-            ]
+            [added[i] if i in added else b"" if i in skip else to_bytes.get(i, b"") for i in map(int, token_ids)]
         )
 
     def _decode(
@@ -378,9 +373,7 @@ class RwkvWorldTokenizer(PreTrainedTokenizer):
         **kwargs: Any,
     ) -> str:
         ids = [token_ids] if isinstance(token_ids, int) else token_ids
-        text = self.decode_bytes(ids, skip_special_tokens=skip_special_tokens).decode(
-            "utf-8", errors="replace"
-        )
+        text = self.decode_bytes(ids, skip_special_tokens=skip_special_tokens).decode("utf-8", errors="replace")
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         return self.clean_up_tokenization(text) if clean_up_tokenization_spaces else text

@@ -38,9 +38,7 @@ STATE_SLOTS = 5
 PAD_KEY = -1e4
 
 
-def empty_state(
-    batch: int, config: Rwkv4Config, device: torch.device | None = None
-) -> torch.Tensor:
+def empty_state(batch: int, config: Rwkv4Config, device: torch.device | None = None) -> torch.Tensor:
     """A (B, L, 5, C) fp32 state holding no history."""
     state = torch.zeros(
         batch, config.num_hidden_layers, STATE_SLOTS, config.hidden_size, device=device, dtype=torch.float32
@@ -138,7 +136,11 @@ class Rwkv4Block(GradientCheckpointingLayer):
         if layer_state is None:
             att_shift = ffn_shift = wkv_state = None
         else:
-            att_shift, ffn_shift, wkv_state = layer_state[:, ATT_SHIFT], layer_state[:, FFN_SHIFT], layer_state[:, WKV]
+            att_shift, ffn_shift, wkv_state = (
+                layer_state[:, ATT_SHIFT],
+                layer_state[:, FFN_SHIFT],
+                layer_state[:, WKV],
+            )
 
         x = self._masked(self.ln1(hidden), mask)
         att_out, new_wkv_state = self.att(x, att_shift, wkv_state, mask)
@@ -146,9 +148,7 @@ class Rwkv4Block(GradientCheckpointingLayer):
         x2 = self._masked(self.ln2(hidden), mask)
         hidden = hidden + self.ffn(x2, ffn_shift)
 
-        new_state = torch.cat(
-            [x[:, -1:].float(), x2[:, -1:].float(), new_wkv_state], dim=1
-        )  # (B, 5, C)
+        new_state = torch.cat([x[:, -1:].float(), x2[:, -1:].float(), new_wkv_state], dim=1)  # (B, 5, C)
         return hidden, new_state
 
     @staticmethod
@@ -281,8 +281,10 @@ class Rwkv4Model(Rwkv4PreTrainedModel):
                 raise ValueError("Rwkv4Model: packed sequences (position_ids restarting at 0) cannot take a state")
             hidden, all_hidden = self._forward_packed(hidden, segments, output_hidden_states)
             new_state = None
-        elif mask is not None and (state is not None or not _is_left_padded(mask)) and (
-            use_cache or not _is_right_padded(mask)
+        elif (
+            mask is not None
+            and (state is not None or not _is_left_padded(mask))
+            and (use_cache or not _is_right_padded(mask))
         ):
             hidden, new_state, all_hidden = self._forward_stepwise(hidden, state, mask, output_hidden_states)
         else:
