@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rwkv_ft.adapters.info import ADAPTER_INFO_FILE, read_adapter_info, trained_on_quantized_base
+from rwkv_ft.adapters.info import ADAPTER_INFO_FILE, read_adapter_info, read_json_object, trained_on_quantized_base
 from rwkv_ft.adapters.state_tuning import STATE_TUNING_FILE
 
 TRAINING_SUMMARY_FILE = "training_summary.json"
@@ -57,21 +57,11 @@ def files_to_upload(directory: str | os.PathLike) -> list[str]:
 # Model card
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    return value if isinstance(value, dict) else None
-
-
 def training_summary(directory: str | os.PathLike) -> dict[str, Any]:
     """Final train/eval loss, data and recipe from `training_summary.json` and/or `trainer_state.json`."""
     root = Path(directory)
     summary: dict[str, Any] = {}
-    state = _read_json(root / "trainer_state.json")
+    state = read_json_object(root / "trainer_state.json")
     if state:
         for entry in state.get("log_history", []):
             for key in ("loss", "train_loss", "eval_loss"):
@@ -79,7 +69,7 @@ def training_summary(directory: str | os.PathLike) -> dict[str, Any]:
                     summary["train_loss" if key == "loss" else key] = entry[key]
         if "global_step" in state:
             summary["steps"] = state["global_step"]
-    ours = _read_json(root / TRAINING_SUMMARY_FILE) or {}
+    ours = read_json_object(root / TRAINING_SUMMARY_FILE) or {}
     summary.update({k: v for k, v in ours.items() if v is not None})
     return summary
 
@@ -99,9 +89,9 @@ def _fmt(value: Any) -> str:
 def model_card(directory: str | os.PathLike, repo_id: str) -> str:
     """The README.md for `directory` uploaded as `repo_id`."""
     root = Path(directory)
-    adapter_config = _read_json(root / "adapter_config.json")
+    adapter_config = read_json_object(root / "adapter_config.json")
     info = read_adapter_info(root) or {}
-    model_config = _read_json(root / "config.json")
+    model_config = read_json_object(root / "config.json")
     has_state = (root / STATE_TUNING_FILE).exists()
     is_adapter = adapter_config is not None or (has_state and model_config is None)
     base = info.get("base_model") or (adapter_config or {}).get("base_model_name_or_path")

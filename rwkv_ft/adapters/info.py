@@ -79,18 +79,22 @@ def write_adapter_info(
     return path
 
 
-def read_adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The contents of `rwkv_ft_adapter.json` in `adapter_dir`, or None if there is none."""
-    path = Path(adapter_dir) / ADAPTER_INFO_FILE
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object stored at `path`, None if there is no such file; an error naming the file otherwise."""
     if not path.exists():
         return None
     try:
-        info = json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc}); fix or delete it") from exc
-    if not isinstance(info, dict):
+    if not isinstance(value, dict):
         raise ValueError(f"{path}: expected a JSON object")
-    return info
+    return value
+
+
+def read_adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The contents of `rwkv_ft_adapter.json` in `adapter_dir`, or None if there is none."""
+    return read_json_object(Path(adapter_dir) / ADAPTER_INFO_FILE)
 
 
 def trained_on_quantized_base(info: dict[str, Any] | None) -> str | None:
