@@ -94,6 +94,7 @@ class MergeSection:
 class GenerateSection:
     prompt: str | None = None  # a user message; rendered with the data template
     max_new_tokens: int = 48
+    temperature: float = 0.0  # 0: greedy; otherwise nucleus sampling (top_p 0.9), seeded by training.seed
 
 
 @dataclass

@@ -435,10 +435,15 @@ def sample_generation(model_dir: Path, recipe: Recipe) -> str:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     prompt = get_template(recipe.data.template).generation_prompt([{"role": "user", "content": recipe.generate.prompt}])
     inputs = tokenizer(prompt, return_tensors="pt")
+    temperature = recipe.generate.temperature
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": 0.9} if temperature > 0 else {"do_sample": False}
+    )
+    torch.manual_seed(recipe.training.seed)
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=recipe.generate.max_new_tokens, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=recipe.generate.max_new_tokens, **sampling)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return answer.split("\n\n")[0].strip()  # the template ends every turn with a blank line
+    return answer.split("\n\n")[0].strip() or answer  # the template ends every turn with a blank line
 
 
 # --------------------------------------------------------------------------------------------------

@@ -199,3 +199,13 @@ def test_qlora_and_state_tuning_recipes_train_and_merge(tmp_path, extra):
         assert info["quantization"] is not None
     else:
         assert (tmp_path / "adapter" / "state_tuning.safetensors").exists()
+
+
+def test_cli_train_merges_and_prints_a_sample(tmp_path, capsys):
+    from rwkv_ft.cli import main
+
+    recipe = ROOT / "recipes" / "quickstart.yaml"
+    args = [*TINY, "training.max_steps=2", "merge.enabled=true", "generate.prompt=Say hi.", "generate.max_new_tokens=4"]
+    assert main(["train", str(recipe), *args, f"training.output_dir={tmp_path}"]) == 0
+    printed = capsys.readouterr().out
+    assert f"merged model: {tmp_path / 'merged'}" in printed and "sample: 'Say hi.' -> " in printed
