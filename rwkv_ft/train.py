@@ -51,23 +51,20 @@ def prepare_base_model(recipe: Recipe, output_dir: Path) -> Path:
     if spec.path is None:
         if spec.config is None:
             raise RecipeError("recipe: set model.path (a checkpoint) or model.config (a model built from scratch)")
-        if not (base / "config.json").exists():
+        if _is_main_process() and not (base / "config.json").exists():
             from rwkv_ft import Rwkv4Config, Rwkv4ForCausalLM
 
             torch.manual_seed(recipe.training.seed)
-            model = Rwkv4ForCausalLM(Rwkv4Config(**spec.config))
-            if _is_main_process():
-                model.save_pretrained(base)
-            _wait_for_everyone()
+            Rwkv4ForCausalLM(Rwkv4Config(**spec.config)).save_pretrained(base)
+        _wait_for_everyone()  # every rank, unconditionally: a rank that skipped it would hang the others
         return base
     path = Path(spec.path)
     if path.is_dir() and _model_type(path) == "rwkv4":
         return path
     if path.exists():
-        if not (base / "config.json").exists():
-            if _is_main_process():
-                convert_checkpoint(path, base, tokenizer="none", overwrite=True)
-            _wait_for_everyone()
+        if _is_main_process() and not (base / "config.json").exists():
+            convert_checkpoint(path, base, tokenizer="none", overwrite=True)
+        _wait_for_everyone()
         return base
     return Path(spec.path)  # a Hub model id: from_pretrained fetches it
 
@@ -292,10 +289,9 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list[TrainerCallback
     set_seed(recipe.training.seed)
     base = prepare_base_model(recipe, output_dir)
     tokenizer = load_tokenizer_for(recipe, base)
-    if base == output_dir / "base" and not (base / "tokenizer_config.json").exists():
-        if _is_main_process():
-            tokenizer.save_pretrained(base)  # so the merged model, built from base, carries it too
-        _wait_for_everyone()
+    if _is_main_process() and base == output_dir / "base" and not (base / "tokenizer_config.json").exists():
+        tokenizer.save_pretrained(base)  # so the merged model, built from base, carries it too
+    _wait_for_everyone()
     data = prepare_sft_data(
         recipe.data.path,
         tokenizer,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -177,8 +178,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         *args, "training.batch_size=2", f"training.output_dir={tmp_path / 'two'}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launcher = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        _, stderr = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and both workers
+        raise
+    assert launcher.returncode == 0, stderr[-3000:]
     one, two = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
     for key in one:
         assert_close(two[key], one[key], rel=1e-4, name=key)
