@@ -267,6 +267,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool) -> Trai
         disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",
     )
 
 
@@ -332,6 +333,9 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list[TrainerCallback
         "quantization": recipe.model.quantization,
         "data": recipe.data.path,
         "steps": trainer.state.global_step,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "train_runtime_s": train_output.metrics.get("train_runtime"),
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
         "train_loss": train_output.training_loss,
         "eval_loss": metrics.get("eval_loss"),
         "skipped_rows": data.skipped,
