@@ -1,13 +1,45 @@
-"""Public entry point of the RWKV-4 WKV operator (backend dispatch).
+"""Public entry point of the RWKV-4 WKV operator: validation and backend dispatch.
 
-The Triton backend is being written (issue 3); until it lands, every backend runs the reference.
+The Triton backend lives in `triton_wkv4.py` (chunked over time, see its module docstring); it is
+imported lazily so that CPU-only use of the reference never imports triton.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .reference import wkv4_reference
+
+_BACKENDS = ("auto", "triton", "torch")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_shapes(time_decay, time_first, k, v, state) -> None:
+    if k.dim() != 3:
+        raise ValueError(f"wkv4: k must be (B, T, C), got shape {tuple(k.shape)}")
+    B, T, C = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"wkv4: v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
+    if v.dtype != k.dtype:
+        raise ValueError(f"wkv4: v dtype {v.dtype} != k dtype {k.dtype}")
+    if T < 1:
+        raise ValueError("wkv4: the sequence must hold at least one token (T >= 1)")
+    for name, p in (("time_decay", time_decay), ("time_first", time_first)):
+        if p.shape != (C,):
+            raise ValueError(f"wkv4: {name} must be (C,) = ({C},), got shape {tuple(p.shape)}")
+        if not p.is_floating_point():
+            raise ValueError(f"wkv4: {name} must be a float tensor, got {p.dtype}")
+    if state is not None and state.shape != (B, 3, C):
+        raise ValueError(f"wkv4: state must be (B, 3, C) = ({B}, 3, {C}), got shape {tuple(state.shape)}")
+    devices = {t.device for t in (time_decay, time_first, k, v) + (() if state is None else (state,))}
+    if len(devices) > 1:
+        raise ValueError(f"wkv4: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _triton_available_for(k: torch.Tensor) -> bool:
+    return k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def wkv4(
@@ -30,7 +62,25 @@ def wkv4(
 
     Returns:
         y: (B, T, C) in k's dtype; new_state: (B, 3, C) fp32, the state after the last token.
+
+    Differentiable w.r.t. time_decay, time_first, k, v and state; the loss may depend on new_state.
+    "auto" runs Triton on CUDA tensors of the three kernel dtypes and the reference otherwise;
+    "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported).
     """
-    if backend not in ("auto", "triton", "torch"):
+    if backend not in _BACKENDS:
         raise ValueError(f"wkv4: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    return wkv4_reference(time_decay, time_first, k, v, state)
+    _check_shapes(time_decay, time_first, k, v, state)
+    if backend == "torch":
+        return wkv4_reference(time_decay, time_first, k, v, state)
+    if backend == "auto" and not (k.is_cuda and k.dtype in _KERNEL_DTYPES):
+        return wkv4_reference(time_decay, time_first, k, v, state)
+    if k.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"wkv4: the triton backend takes fp32, bf16 or fp16 k/v, got {k.dtype}")
+    if not _triton_available_for(k):
+        raise RuntimeError(
+            "wkv4: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
+            "imported) to run on CPU under the Triton interpreter"
+        )
+    from .triton_wkv4 import wkv4_triton
+
+    return wkv4_triton(time_decay, time_first, k, v, state)

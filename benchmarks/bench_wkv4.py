@@ -1,0 +1,342 @@
+"""Check and time the RWKV-4 WKV Triton kernel on a CUDA GPU (ours vs fla vs the HBM floor).
+
+    source .whl/prelude.sh && python benchmarks/bench_wkv4.py [--sweep] [--out DIR]
+
+Correctness first (fp64 reference on the same GPU, fresh random inputs, extreme values, outputs
+poisoned with NaN), then medians of triton.testing.do_bench (CUDA events). Prints a table last and
+writes everything to DIR/bench_wkv4.json (DIR defaults to $OUT or '.').
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import rwkv_ft.kernels.rwkv4.triton_wkv4 as tw
+import torch
+import triton
+from triton.testing import do_bench
+
+from rwkv_ft.kernels import empty_wkv_state, wkv4, wkv4_reference
+from rwkv_ft.testing import relative_error
+
+SHAPES = [(8, 1024, 2048), (4, 4096, 2048), (16, 1024, 768), (8, 4096, 4096)]
+ANCHORS = {  # /work/shared/anchors/README.md, H100, bf16 fwd+bwd ms: (BlinkDL CUDA, fla)
+    (8, 1024, 2048): (0.738, 1.455),
+    (4, 4096, 2048): (2.658, 5.165),
+    (16, 1024, 768): (0.704, 1.393),
+    (8, 4096, 4096): (3.635, None),
+}
+DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def inputs(B, T, C, dtype, *, state=True, k_scale=1.0, td=None, pads=0, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    time_decay = r(C)
+    if td is not None:  # the extreme decay on every other channel (all-extreme grads underflow fp32)
+        time_decay[::2] = float(td) + 0.1 * r(C)[::2]
+    time_first = r(C)
+    k = (r(B, T, C) * k_scale).clamp(-80, 80)
+    v = r(B, T, C)
+    if pads:
+        k[:, -pads:] = -1e4
+    s = None
+    if state:
+        s = empty_wkv_state(B, C, device="cuda")
+        s[:, 0], s[:, 1], s[:, 2] = r(B, C), r(B, C).abs() + 0.5, 3 * r(B, C)
+    return time_decay, time_first, k.to(dtype), v.to(dtype), s
+
+
+def grads(fn, td, tf, k, v, s, gy, gs):
+    xs = [x.detach().clone().requires_grad_() for x in (td, tf, k, v)]
+    st = None if s is None else s.detach().clone().requires_grad_()
+    y, ns = fn(*xs, st)
+    torch.autograd.backward([y, ns], [gy.to(y.dtype), gs.to(ns.dtype)])
+    return [y, ns] + [x.grad for x in xs] + ([st.grad] if st is not None else [])
+
+
+def check(case, B, T, C, dtype, **kw):
+    td, tf, k, v, s = inputs(B, T, C, dtype, **kw)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    gy = torch.randn(B, T, C, device="cuda", generator=g)
+    gs = torch.randn(B, 3, C, device="cuda", generator=g)
+    d = lambda x: None if x is None else x.double()
+    ref = grads(wkv4_reference, d(td), d(tf), d(k), d(v), d(s), gy.to(dtype).double(), gs.double())
+    tw.POISON_OUTPUTS = True
+    try:
+        out = grads(lambda *a: wkv4(*a, backend="triton"), td, tf, k, v, s, gy.to(dtype), gs)
+    finally:
+        tw.POISON_OUTPUTS = False
+    names = ["y", "state", "g_td", "g_tf", "g_k", "g_v", "g_state"]
+    errs = {}
+    for n, a, e in zip(names, out, ref, strict=False):
+        if n == "state":  # compare in the reference's max representation (p itself is rounded)
+            sc = torch.exp(a[:, 2].double() - e[:, 2])
+            a = torch.stack([a[:, 0] * sc, a[:, 1] * sc, a[:, 2]], 1)
+        finite = bool(torch.isfinite(a).all())
+        errs[n] = relative_error(a, e) if finite else float("nan")
+    print(f"check {case:28s} {str(dtype):15s} " + " ".join(f"{n}={x:.1e}" for n, x in errs.items()), flush=True)
+    return {"case": case, "shape": [B, T, C], "dtype": str(dtype), "rel_err": errs}
+
+
+def bench_ms(fn, rep=200):
+    return do_bench(fn, warmup=25, rep=rep, return_mode="median")
+
+
+def graph_ms(step):
+    """Median of CUDA-graph replays of `step`: device time without the host's launch costs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    return bench_ms(g.replay)
+
+
+def time_ours(B, T, C, dtype, fwd_only=False, graph=False):
+    td, tf, k, v, s = inputs(B, T, C, dtype, state=False, seed=1)
+    timer = graph_ms if graph else bench_ms
+    if fwd_only:
+        return timer(lambda: wkv4(td, tf, k, v, backend="triton"))
+    xs = [x.requires_grad_() for x in (td, tf, k, v)]
+    gy = torch.randn(B, T, C, device="cuda").to(dtype)
+
+    def step():
+        y, _ = wkv4(*xs, backend="triton")
+        torch.autograd.grad([y], xs, [gy])
+
+    return timer(step)
+
+
+def time_fla(B, T, C, dtype, fwd_only=False, graph=False):
+    from fla.ops.rwkv4 import fused_recurrent_rwkv4
+
+    td, tf, k, v, _ = inputs(B, T, C, dtype, state=False, seed=1)
+    s = torch.zeros(B, 3, 1, C, device="cuda", dtype=dtype)
+    s[:, 2] = -1e38 if dtype == torch.float32 else -6e4
+    timer = graph_ms if graph else bench_ms
+    if fwd_only:
+        return timer(lambda: fused_recurrent_rwkv4(td, tf, k, v, s))
+    xs = [x.requires_grad_() for x in (td, tf, k, v)]
+    gy = torch.randn(B, T, C, device="cuda").to(dtype)
+
+    def step():
+        y, _ = fused_recurrent_rwkv4(*xs, s)
+        torch.autograd.grad([y], xs, [gy])
+
+    return timer(step)
+
+
+def profile_kernels(B, T, C, dtype):
+    """Device time per kernel of one forward+backward (torch.profiler), to see where time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    td, tf, k, v, _ = inputs(B, T, C, dtype, state=False, seed=1)
+    xs = [x.requires_grad_() for x in (td, tf, k, v)]
+    gy = torch.randn(B, T, C, device="cuda").to(dtype)
+    for _ in range(3):
+        y, _ = wkv4(*xs, backend="triton")
+        torch.autograd.grad([y], xs, [gy])
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            y, _ = wkv4(*xs, backend="triton")
+            torch.autograd.grad([y], xs, [gy])
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t > 0:
+            out[e.key] = t / 5 / 1e3  # ms per step
+    for name, ms in sorted(out.items(), key=lambda x: -x[1])[:14]:
+        print(f"  profile {B},{T},{C} {str(dtype):15s} {ms:8.4f} ms  {name[:70]}", flush=True)
+    return out
+
+
+def host_overhead_us(n=200):
+    """Host time per forward and per forward+backward at a tiny shape (device work is negligible)."""
+    import time
+
+    td, tf, k, v, _ = inputs(1, 16, 64, torch.bfloat16, state=False, seed=2)
+    xs = [x.requires_grad_() for x in (td, tf, k, v)]
+    gy = torch.randn(1, 16, 64, device="cuda").to(torch.bfloat16)
+    out = {}
+    for name, bwd in (("fwd", False), ("fwd+bwd", True)):
+        for _ in range(2):  # the first round warms up
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                y, _ = wkv4(*xs, backend="triton")
+                if bwd:
+                    torch.autograd.grad([y], xs, [gy])
+            torch.cuda.synchronize()
+            out[name] = (time.perf_counter() - t0) / n * 1e6
+    return out
+
+
+def host_profile(n=30):
+    """cProfile of the host side of forward+backward at a tiny shape: where the launch time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    td, tf, k, v, _ = inputs(1, 16, 64, torch.bfloat16, state=False, seed=2)
+    xs = [x.requires_grad_() for x in (td, tf, k, v)]
+    gy = torch.randn(1, 16, 64, device="cuda").to(torch.bfloat16)
+    for _ in range(5):
+        y, _ = wkv4(*xs, backend="triton")
+        torch.autograd.grad([y], xs, [gy])
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(n):
+        y, _ = wkv4(*xs, backend="triton")
+        torch.autograd.grad([y], xs, [gy])
+    torch.cuda.synchronize()
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(14)
+    print("\n".join(line[:150] for line in out.getvalue().splitlines()[:40]), flush=True)
+
+
+def kernel_resources():
+    """Registers and spills of every compiled variant (from triton's cache; best effort)."""
+    res = {}
+    for fn in (tw._fwd_fused, tw._bwd_fused):
+        try:
+            for cache in fn.device_caches.values():
+                for key, kern in cache[0].items():
+                    res.setdefault(fn.__name__, []).append((kern.n_regs, kern.n_spills, str(key)[-60:]))
+        except Exception as e:  # internals differ across triton versions
+            res[fn.__name__] = repr(e)
+    return res
+
+
+def copy_bw():
+    x = torch.empty(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
+    y = torch.empty_like(x)
+    ms = bench_ms(lambda: y.copy_(x), rep=100)
+    return 2 * x.numel() * 4 / ms / 1e9  # TB/s, read + write
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="also time (BLOCK_C, L, num_warps) configs")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--skip-fla", action="store_true")
+    args = ap.parse_args()
+    res = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "checks": [],
+        "timings": [],
+        "sweep": [],
+    }
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        res["checks"].append(check("random+state", 2, 1000, 300, dt))
+    res["checks"].append(check("T=1", 3, 1, 77, torch.float32))
+    res["checks"].append(check("no state, chunk edge", 2, 1025, 130, torch.float32, state=False))
+    res["checks"].append(check("|k|=80", 2, 600, 96, torch.float32, k_scale=40.0))
+    res["checks"].append(check("exp(td)=e^5", 2, 600, 96, torch.float32, td=5.0))
+    res["checks"].append(check("exp(td)=e^-8", 2, 600, 96, torch.float32, td=-8.0))
+    res["checks"].append(check("pads k=-1e4", 2, 600, 96, torch.bfloat16, pads=40, state=False))
+    res["checks"].append(check("big shape", 8, 1024, 2048, torch.bfloat16, state=False))
+    res["copy_TBps"] = copy_bw()
+    print(f"device-to-device copy: {res['copy_TBps']:.2f} TB/s", flush=True)
+
+    tw.LOOKBACK_SUMMARIES_ONLY = True
+    res["checks"].append(check("look-back over summaries", 2, 1000, 300, torch.float32))
+    tw.LOOKBACK_SUMMARIES_ONLY = False
+    bad = [c for c in res["checks"] if not all(e == e and e < 2e-2 for e in c["rel_err"].values())]
+    res["host_us"] = host_overhead_us()
+    print(f"host time per call, tiny shape: {res['host_us']}", flush=True)
+    host_profile()
+    res["profile"] = {str(s): profile_kernels(*s, torch.bfloat16) for s in (SHAPES[0], SHAPES[3])}
+
+    if args.sweep:
+        for shape in (SHAPES[0], SHAPES[2], SHAPES[3]):
+            for cfg in [
+                (256, 64, 2),
+                (256, 64, 4),
+                (512, 48, 4),
+                (512, 64, 4),
+                (512, 64, 8),
+            ]:
+                tw._CFG_OVERRIDE = cfg
+                try:
+                    ms = time_ours(*shape, torch.bfloat16, graph=True)
+                    msf = time_ours(*shape, torch.bfloat16, graph=True, fwd_only=True)
+                finally:
+                    tw._CFG_OVERRIDE = None
+                res["sweep"].append({"shape": shape, "cfg": cfg, "fwdbwd_graph_ms": ms, "fwd_graph_ms": msf})
+                print(
+                    f"sweep {shape} cfg(BLOCK_C,L,warps)={cfg}: fwd {msf:.3f} fwd+bwd {ms:.3f} ms (graph)",
+                    flush=True,
+                )
+
+    rows = []
+    for shape in SHAPES:
+        B, T, C = shape
+        for name in ("bf16", "fp16", "fp32"):
+            dt = DT[name]
+            if name != "bf16" and shape not in (SHAPES[0], SHAPES[3]):
+                continue
+            esz = torch.finfo(dt).bits // 8
+            floor = 9 * esz * B * T * C / 3.0e12 * 1e3  # fwd: k v y; bwd: k v y gy gk gv
+            r = {"shape": shape, "dtype": name, "cfg": tw._config(B, T, C), "floor_ms": floor}
+            r["ours_fwd"] = time_ours(B, T, C, dt, fwd_only=True)
+            r["ours_fwdbwd"] = time_ours(B, T, C, dt)
+            r["ours_fwd_graph"] = time_ours(B, T, C, dt, fwd_only=True, graph=True)
+            r["ours_fwdbwd_graph"] = time_ours(B, T, C, dt, graph=True)
+            r["fla_fwdbwd"] = r["fla_fwdbwd_graph"] = None
+            if not args.skip_fla and name == "bf16" and shape != SHAPES[3]:
+                try:
+                    r["fla_fwdbwd"] = time_fla(B, T, C, dt)
+                    r["fla_fwdbwd_graph"] = time_fla(B, T, C, dt, graph=True)
+                except Exception as e:  # record, keep timing ours
+                    r["fla_error"] = repr(e)
+            res["timings"].append(r)
+            rows.append(r)
+            print(f"time {r}", flush=True)
+
+    res["kernel_resources"] = kernel_resources()
+    print(
+        "regs/spills:",
+        {k: [x[:2] for x in v] if isinstance(v, list) else v for k, v in res["kernel_resources"].items()},
+        flush=True,
+    )
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_wkv4.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\n{res['device']} {res['date']} torch {res['torch']} triton {res['triton']}")
+    print("eager = do_bench of the Python call; graph = CUDA-graph replay (device time only)")
+    print(
+        "| B, T, C | dtype | ours fwd | ours fwd+bwd | ours fwd+bwd graph | fla fwd+bwd | fla graph "
+        "| BlinkDL fwd+bwd | floor |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        blink, _ = ANCHORS[tuple(r["shape"])]
+        fla = "—" if r["fla_fwdbwd"] is None else f"{r['fla_fwdbwd']:.3f}"
+        flag = "—" if r["fla_fwdbwd_graph"] is None else f"{r['fla_fwdbwd_graph']:.3f}"
+        print(
+            f"| {', '.join(map(str, r['shape']))} | {r['dtype']} | {r['ours_fwd']:.3f} "
+            f"| {r['ours_fwdbwd']:.3f} | {r['ours_fwdbwd_graph']:.3f} | {fla} | {flag} "
+            f"| {blink if r['dtype'] == 'bf16' else '—'} | {r['floor_ms']:.3f} |"
+        )
+    print("checks:", "ALL OK" if not bad else f"FAILED {[c['case'] for c in bad]}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

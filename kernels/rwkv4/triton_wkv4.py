@@ -1,0 +1,584 @@
+"""Chunked Triton kernels for RWKV-4 WKV, parallel over batch, channel AND time.
+
+Notation per channel: w = -exp(time_decay) < 0, u = time_first. Before token t the state holds
+N_t = a_t e^{p_t} and D_t = b_t e^{p_t}; N_{t+1} = e^w N_t + e^{k_t} v_t (same for D with v = 1);
+y_t = (N_t + e^{u+k_t} v_t) / Z_t with Z_t = D_t + e^{u+k_t}, z_t = log Z_t. Every update keeps the
+running-max form and costs one exponential: only the smaller of the two terms is rescaled.
+
+The sequence is cut into chunks of L tokens; one program owns BLOCK_C channels of one chunk, channel
+being the contiguous dimension of every access. Each direction is one launch (single-pass scan with
+decoupled look-back):
+  pass 1   walk the chunk from an empty state -> the chunk's summary; publish it (flag 1);
+  look-back  fold the published summaries of the chunks before it until one that already has its
+           inclusive prefix (flag 2) or the sequence edge -> the state entering the chunk; publish
+           this chunk's inclusive prefix (flag 2);
+  pass 2   re-walk the chunk from the true incoming state and write the outputs (the chunk's inputs
+           were read moments ago, so mostly from L2).
+Programs take chunks in time order from an atomic ticket, so a chunk waited on always belongs to a
+program already running or finished: no deadlock whatever order the hardware starts programs in.
+Flags are written with release semantics after a block barrier and read with acquire semantics.
+
+Forward (`_fwd_fused`) writes y and z (fp32): the backward needs Z_t in reverse time order and
+cannot recompute it backwards stably. Backward (`_bwd_fused`, last chunk first) carries the adjoints
+gN_t = dL/dN_t, gD_t and two sums J that give the decay gradient with no forward-order pass:
+    gN_t = e^w gN_{t+1} + gy_t / Z_t,        gD_t = e^w gD_{t+1} - gy_t y_t / Z_t
+    J_t  = e^w (J_{t+1} + gN_{t+1})          (same for the D side)
+    dL/dw = sum_t e^{k_t} (v_t JN_{t+1} + JD_{t+1}) + N_0 JN_0 + D_0 JD_0 (+ the max path)
+all under one running scale e^q, like the forward's running max, so nothing over- or underflows.
+The gradient of the final max p_T goes to the token that set it (its index is tracked forward).
+The time_decay / time_first gradients are summed over programs with atomic adds. Each direction
+is one launch plus one memset: at small shapes the host's launch cost, not the GPU, sets the pace.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+EMPTY_MAX = -1e38
+_EMPTY = tl.constexpr(EMPTY_MAX)  # the same, readable inside kernels
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+# The interpreter cannot run inline PTX; triton itself decides interpret mode when a kernel is
+# decorated, i.e. at import of this module, so read the same switch here.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+# Test hook: when True the host code fills every buffer it allocates with NaN, so a test can prove
+# that the kernels write every element they return.
+POISON_OUTPUTS = False
+# Test hook: the Triton interpreter runs programs one after another, so a look-back always finds
+# its predecessor's inclusive prefix. When True, no inclusive prefix is published and every
+# look-back folds chunk summaries all the way to the sequence edge (the path a GPU takes when the
+# predecessor is still running).
+LOOKBACK_SUMMARIES_ONLY = False
+
+
+@triton.jit
+def _decay_of(td_ptr, cs, mask):
+    # w = -exp(time_decay), the log of the per-step decay factor.
+    return -tl.exp(tl.load(td_ptr + cs, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _exp(x):
+    # ex2.approx.ftz: one multiply and one MUFU op; tl.exp adds a denormal-range fix-up (3 more).
+    if _INTERPRET:
+        return tl.exp(x)
+    else:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * LOG2E], dtype=tl.float32, is_pure=True, pack=1
+        )
+
+
+@triton.jit
+def _log(x):
+    # lg2.approx.ftz: one MUFU op and one multiply; tl.log lowers to a ~25-instruction polynomial.
+    if _INTERPRET:
+        return tl.log(x)
+    else:
+        lg2 = tl.inline_asm_elementwise(
+            "lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+        return lg2 * LN2
+
+
+@triton.jit
+def _ld(ptr, mask, EVEN: tl.constexpr):
+    # Token offsets are clamped into the chunk by the callers, so only channels need masking, and
+    # not even those when BLOCK_C divides C.
+    if EVEN:
+        return tl.load(ptr).to(tl.float32)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _st(ptr, x, mask, EVEN: tl.constexpr):
+    if EVEN:
+        tl.store(ptr, x.to(ptr.dtype.element_ty))
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _merge_state(ea, eb, ep, ei, la, lb, lp, li, n, w):
+    """State (ea, eb, ep; ei) followed by a span of n tokens whose own summary is (la, lb, lp; li)."""
+    pd = tl.maximum(ep + n * w, _EMPTY)  # keeps an empty state (-1e38) from drifting to -inf
+    d = lp - pd
+    e = _exp(-tl.abs(d))
+    new = d > 0
+    a = tl.where(new, e * ea + la, ea + e * la)
+    b = tl.where(new, e * eb + lb, eb + e * lb)
+    return a, b, tl.where(new, lp, pd), tl.where(new, li, ei)
+
+
+@triton.jit
+def _merge_adjoint(gn1, gd1, jn1, jd1, q1, n1, gn2, gd2, jn2, jd2, q2, w):
+    """Adjoint summary of an earlier span (1, n1 tokens) followed by a later one (2): the later
+    adjoint propagates back through span 1. gN: e^{n1 w} gN2 + gN1; J: e^{n1 w}(J2 + n1 gN2) + J1."""
+    qd = tl.maximum(q2 + n1 * w, _EMPTY)
+    d = qd - q1
+    e = _exp(-tl.abs(d))
+    keep = d >= 0
+    c2 = tl.where(keep, 1.0, e)
+    c1 = tl.where(keep, e, 1.0)
+    jn = c2 * (jn2 + n1 * gn2) + c1 * jn1
+    jd = c2 * (jd2 + n1 * gd2) + c1 * jd1
+    return c2 * gn2 + c1 * gn1, c2 * gd2 + c1 * gd1, jn, jd, tl.where(keep, qd, q1)
+
+
+@triton.jit
+def _publish(flag_ptr, status):
+    tl.debug_barrier()  # every thread's summary stores happen before the flag
+    tl.atomic_xchg(flag_ptr, status, sem="release")
+
+
+@triton.jit
+def _fwd_fused(
+    k_ptr,
+    v_ptr,
+    td_ptr,
+    tf_ptr,
+    s0_ptr,
+    flag_ptr,
+    agg_ptr,
+    incl_ptr,
+    y_ptr,
+    z_ptr,
+    sT_ptr,
+    idxT_ptr,
+    B,
+    T,
+    C,
+    L,
+    NC,
+    NB,
+    BLOCK_C: tl.constexpr,
+    EVEN: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    PUBLISH_INCLUSIVE: tl.constexpr,
+):
+    ticket = tl.atomic_add(flag_ptr, 1)  # flag_ptr[0] is the ticket counter
+    j = ticket // (B * NB)
+    rest = ticket % (B * NB)
+    b = (rest // NB).to(tl.int64)
+    pid_c = rest % NB
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cs < C
+    w = _decay_of(td_ptr, cs, mask)
+    u = tl.load(tf_ptr + cs, mask=mask, other=0.0).to(tl.float32)
+    start = j * L
+    n = tl.minimum(L, T - start)
+    kp = k_ptr + b * T * C + start.to(tl.int64) * C + cs
+    vp = v_ptr + b * T * C + start.to(tl.int64) * C + cs
+
+    # Pass 1: this chunk's own summary, as if it started empty.
+    a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    bb = tl.zeros([BLOCK_C], dtype=tl.float32)
+    p = tl.full([BLOCK_C], _EMPTY, dtype=tl.float32)
+    idx = tl.full([BLOCK_C], -1, dtype=tl.int32)
+    kt = _ld(kp, mask, EVEN)
+    vt = _ld(vp, mask, EVEN)
+    for i in range(n):
+        nxt = tl.minimum(i + 1, n - 1) * C  # prefetch the next token (clamped: no time mask)
+        kn = _ld(kp + nxt, mask, EVEN)
+        vn = _ld(vp + nxt, mask, EVEN)
+        pw = p + w
+        d = kt - pw
+        e = _exp(-tl.abs(d))
+        new = d > 0
+        a = tl.where(new, e * a + vt, a + e * vt)
+        bb = tl.where(new, e * bb + 1.0, bb + e)
+        p = tl.where(new, kt, pw)
+        idx = tl.where(new, start + i, idx)
+        kt, vt = kn, vn
+    frow = flag_ptr + 1 + (b * NB + pid_c) * NC
+    o = ((b * NC + j) * 4) * C + cs
+    tl.store(agg_ptr + o, a, mask=mask)
+    tl.store(agg_ptr + o + C, bb, mask=mask)
+    tl.store(agg_ptr + o + 2 * C, p, mask=mask)
+    tl.store(agg_ptr + o + 3 * C, idx.to(tl.float32, bitcast=True), mask=mask)
+    _publish(frow + j, 1)
+
+    # Look back: fold the summaries of chunks j-1, j-2, ... until one has its inclusive prefix.
+    ea = tl.zeros([BLOCK_C], dtype=tl.float32)
+    eb = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ep = tl.full([BLOCK_C], _EMPTY, dtype=tl.float32)
+    ei = tl.full([BLOCK_C], -1, dtype=tl.int32)
+    span = 0  # tokens folded so far
+    jj = j - 1
+    need_s0 = j == 0
+    done = j == 0
+    while not done:
+        f = tl.atomic_add(frow + jj, 0, sem="acquire")
+        if f > 0:
+            src = tl.where(f == 2, incl_ptr, agg_ptr)
+            x = ((b * NC + jj) * 4) * C + cs
+            xa = tl.load(src + x, mask=mask, other=0.0, cache_modifier=".cg")
+            xb = tl.load(src + x + C, mask=mask, other=0.0, cache_modifier=".cg")
+            xp = tl.load(src + x + 2 * C, mask=mask, other=_EMPTY, cache_modifier=".cg")
+            xi = tl.load(src + x + 3 * C, mask=mask, other=0.0, cache_modifier=".cg").to(tl.int32, bitcast=True)
+            ea, eb, ep, ei = _merge_state(xa, xb, xp, xi, ea, eb, ep, ei, span, w)
+            span += L
+            done = (f == 2) | (jj == 0)
+            need_s0 = (f == 1) & (jj == 0)
+            jj -= 1
+    if need_s0:
+        if HAS_STATE:
+            s = b * 3 * C + cs
+            sa = tl.load(s0_ptr + s, mask=mask, other=0.0)
+            sb = tl.load(s0_ptr + s + C, mask=mask, other=0.0)
+            sp = tl.load(s0_ptr + s + 2 * C, mask=mask, other=_EMPTY)
+            ea, eb, ep, ei = _merge_state(sa, sb, sp, tl.full([BLOCK_C], -1, tl.int32), ea, eb, ep, ei, span, w)
+    ia, ib, ip, ii = _merge_state(ea, eb, ep, ei, a, bb, p, idx, n, w)
+    tl.store(incl_ptr + o, ia, mask=mask)
+    tl.store(incl_ptr + o + C, ib, mask=mask)
+    tl.store(incl_ptr + o + 2 * C, ip, mask=mask)
+    tl.store(incl_ptr + o + 3 * C, ii.to(tl.float32, bitcast=True), mask=mask)
+    if PUBLISH_INCLUSIVE:  # (False only in tests: forces look-back over chunk summaries alone)
+        _publish(frow + j, 2)
+    if j == NC - 1:
+        s = b * 3 * C + cs
+        tl.store(sT_ptr + s, ia, mask=mask)
+        tl.store(sT_ptr + s + C, ib, mask=mask)
+        tl.store(sT_ptr + s + 2 * C, ip, mask=mask)
+        tl.store(idxT_ptr + b * C + cs, ii, mask=mask)
+
+    # Pass 2: re-walk the chunk from its incoming state, writing y and z.
+    a, bb, p = ea, eb, ep
+    yp = y_ptr + b * T * C + start.to(tl.int64) * C + cs
+    zp = z_ptr + b * T * C + start.to(tl.int64) * C + cs
+    kt = _ld(kp, mask, EVEN)
+    vt = _ld(vp, mask, EVEN)
+    for i in range(n):
+        nxt = tl.minimum(i + 1, n - 1) * C
+        kn = _ld(kp + nxt, mask, EVEN)
+        vn = _ld(vp + nxt, mask, EVEN)
+        # Output: history vs the current token with its bonus; one exponential, one log.
+        uk = u + kt
+        d = uk - p
+        e = _exp(-tl.abs(d))
+        cur = d > 0
+        num = tl.where(cur, vt + e * a, e * vt + a)
+        den = tl.where(cur, 1.0 + e * bb, e + bb)
+        _st(yp + i * C, num / den, mask, EVEN)
+        _st(zp + i * C, tl.where(cur, uk, p) + _log(den), mask, EVEN)
+        # State update, as in pass 1.
+        pw = p + w
+        d = kt - pw
+        e = _exp(-tl.abs(d))
+        new = d > 0
+        a = tl.where(new, e * a + vt, a + e * vt)
+        bb = tl.where(new, e * bb + 1.0, bb + e)
+        p = tl.where(new, kt, pw)
+        kt, vt = kn, vn
+
+
+@triton.jit
+def _bwd_fused(
+    k_ptr,
+    v_ptr,
+    y_ptr,
+    z_ptr,
+    gy_ptr,
+    td_ptr,
+    tf_ptr,
+    s0_ptr,
+    sT_ptr,
+    idxT_ptr,
+    gT_ptr,
+    flag_ptr,
+    agg_ptr,
+    incl_ptr,
+    gk_ptr,
+    gv_ptr,
+    gs0_ptr,
+    gtdf_ptr,
+    B,
+    T,
+    C,
+    L,
+    NC,
+    NB,
+    BLOCK_C: tl.constexpr,
+    EVEN: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    HAS_GST: tl.constexpr,
+    PUBLISH_INCLUSIVE: tl.constexpr,
+):
+    ticket = tl.atomic_add(flag_ptr, 1)
+    j = NC - 1 - ticket // (B * NB)  # last chunk first: the adjoint flows backwards in time
+    rest = ticket % (B * NB)
+    b = (rest // NB).to(tl.int64)
+    pid_c = rest % NB
+    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cs < C
+    w = _decay_of(td_ptr, cs, mask)
+    u = tl.load(tf_ptr + cs, mask=mask, other=0.0).to(tl.float32)
+    start = j * L
+    n = tl.minimum(L, T - start)
+    off = b * T * C + start.to(tl.int64) * C + cs
+    gyp, yp, zp, kp, vp = gy_ptr + off, y_ptr + off, z_ptr + off, k_ptr + off, v_ptr + off
+    last = (n - 1) * C
+
+    # Pass 1: this chunk's adjoint at its start, from a zero adjoint at its end.
+    gn = tl.zeros([BLOCK_C], dtype=tl.float32)
+    gd = tl.zeros([BLOCK_C], dtype=tl.float32)
+    jn = tl.zeros([BLOCK_C], dtype=tl.float32)
+    jd = tl.zeros([BLOCK_C], dtype=tl.float32)
+    q = tl.full([BLOCK_C], _EMPTY, dtype=tl.float32)
+    gyt = _ld(gyp + last, mask, EVEN)
+    yt = _ld(yp + last, mask, EVEN)
+    zt = _ld(zp + last, mask, EVEN)
+    for r in range(n):
+        prev = tl.maximum(n - 2 - r, 0) * C  # prefetch the previous token (clamped)
+        gyn = _ld(gyp + prev, mask, EVEN)
+        yn = _ld(yp + prev, mask, EVEN)
+        zn = _ld(zp + prev, mask, EVEN)
+        qw = q + w
+        d = qw + zt
+        e = _exp(-tl.abs(d))
+        keep = d >= 0
+        c_old = tl.where(keep, 1.0, e)
+        c_new = tl.where(keep, e, 1.0)
+        jn = c_old * (jn + gn)
+        jd = c_old * (jd + gd)
+        gn = c_old * gn + c_new * gyt
+        gd = c_old * gd - c_new * gyt * yt
+        q = tl.where(keep, qw, -zt)
+        gyt, yt, zt = gyn, yn, zn
+    frow = flag_ptr + 1 + (b * NB + pid_c) * NC
+    o = ((b * NC + j) * 5) * C + cs
+    tl.store(agg_ptr + o, gn, mask=mask)
+    tl.store(agg_ptr + o + C, gd, mask=mask)
+    tl.store(agg_ptr + o + 2 * C, jn, mask=mask)
+    tl.store(agg_ptr + o + 3 * C, jd, mask=mask)
+    tl.store(agg_ptr + o + 4 * C, q, mask=mask)
+    _publish(frow + j, 1)
+
+    # The final state's adjoint: gN_T = ga e^{-p_T}, gD_T = gb e^{-p_T}; what is left of gp after
+    # a_T = N e^{-p_T}, b_T = D e^{-p_T} follows the max to the token that set it (gpT).
+    s = b * 3 * C + cs
+    aT = tl.load(sT_ptr + s, mask=mask, other=0.0)
+    bT = tl.load(sT_ptr + s + C, mask=mask, other=0.0)
+    qT = -tl.load(sT_ptr + s + 2 * C, mask=mask, other=0.0)
+    if HAS_GST:
+        tgn = tl.load(gT_ptr + s, mask=mask, other=0.0)
+        tgd = tl.load(gT_ptr + s + C, mask=mask, other=0.0)
+        gpT = tl.load(gT_ptr + s + 2 * C, mask=mask, other=0.0) - tgn * aT - tgd * bT
+    else:
+        tgn = tl.zeros([BLOCK_C], dtype=tl.float32)
+        tgd = tl.zeros([BLOCK_C], dtype=tl.float32)
+        gpT = tl.zeros([BLOCK_C], dtype=tl.float32)
+    zero = tl.zeros([BLOCK_C], dtype=tl.float32)
+
+    # Look forward in time: fold the summaries of chunks j+1, j+2, ... (the adjoint entering this
+    # chunk from its end) until one has its inclusive value, or the end of the sequence.
+    egn = tl.zeros([BLOCK_C], dtype=tl.float32)
+    egd = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ejn = tl.zeros([BLOCK_C], dtype=tl.float32)
+    ejd = tl.zeros([BLOCK_C], dtype=tl.float32)
+    eq = tl.full([BLOCK_C], _EMPTY, dtype=tl.float32)
+    span = 0
+    jj = j + 1
+    need_end = j == NC - 1
+    done = j == NC - 1
+    while not done:
+        f = tl.atomic_add(frow + jj, 0, sem="acquire")
+        if f > 0:
+            src = tl.where(f == 2, incl_ptr, agg_ptr)
+            x = ((b * NC + jj) * 5) * C + cs
+            xgn = tl.load(src + x, mask=mask, other=0.0, cache_modifier=".cg")
+            xgd = tl.load(src + x + C, mask=mask, other=0.0, cache_modifier=".cg")
+            xjn = tl.load(src + x + 2 * C, mask=mask, other=0.0, cache_modifier=".cg")
+            xjd = tl.load(src + x + 3 * C, mask=mask, other=0.0, cache_modifier=".cg")
+            xq = tl.load(src + x + 4 * C, mask=mask, other=_EMPTY, cache_modifier=".cg")
+            egn, egd, ejn, ejd, eq = _merge_adjoint(egn, egd, ejn, ejd, eq, span, xgn, xgd, xjn, xjd, xq, w)
+            span += tl.minimum(L, T - jj * L)
+            done = (f == 2) | (jj == NC - 1)
+            need_end = (f == 1) & (jj == NC - 1)
+            jj += 1
+    if need_end:
+        egn, egd, ejn, ejd, eq = _merge_adjoint(egn, egd, ejn, ejd, eq, span, tgn, tgd, zero, zero, qT, w)
+    ign, igd, ijn, ijd, iq = _merge_adjoint(gn, gd, jn, jd, q, n, egn, egd, ejn, ejd, eq, w)
+    tl.store(incl_ptr + o, ign, mask=mask)
+    tl.store(incl_ptr + o + C, igd, mask=mask)
+    tl.store(incl_ptr + o + 2 * C, ijn, mask=mask)
+    tl.store(incl_ptr + o + 3 * C, ijd, mask=mask)
+    tl.store(incl_ptr + o + 4 * C, iq, mask=mask)
+    if PUBLISH_INCLUSIVE:  # (False only in tests: forces look-back over chunk summaries alone)
+        _publish(frow + j, 2)
+
+    gw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)  # d/dw summed over this program's share
+    gu_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    idx_t = tl.load(idxT_ptr + b * C + cs, mask=mask, other=0)
+    if j == 0:
+        # The max path: p_T = k_i + (T-1-i) w for the token i that set it, or p_0 + T w (i = -1).
+        from_state = idx_t < 0
+        gw_acc += gpT * tl.where(from_state, T, T - 1 - idx_t).to(tl.float32)
+        if HAS_STATE:
+            a0 = tl.load(s0_ptr + s, mask=mask, other=0.0)
+            b0 = tl.load(s0_ptr + s + C, mask=mask, other=0.0)
+            p0 = tl.load(s0_ptr + s + 2 * C, mask=mask, other=_EMPTY)
+            # gN_0 e^{p0} etc.; for an empty state (p0 = -1e38) the factor is exactly 0.
+            sc = tl.exp(tl.minimum(iq + p0, 88.0))
+            tl.store(gs0_ptr + s, ign * sc, mask=mask)
+            tl.store(gs0_ptr + s + C, igd * sc, mask=mask)
+            gp0 = (ign * a0 + igd * b0) * sc + tl.where(from_state, gpT, 0.0)
+            tl.store(gs0_ptr + s + 2 * C, gp0, mask=mask)
+            gw_acc += (ijn * a0 + ijd * b0) * sc
+
+    # Pass 2: re-walk the chunk backwards from the adjoint entering it, writing gk and gv.
+    gn, gd, jn, jd, q = egn, egd, ejn, ejd, eq
+    gkp, gvp = gk_ptr + off, gv_ptr + off
+    gyt = _ld(gyp + last, mask, EVEN)
+    yt = _ld(yp + last, mask, EVEN)
+    zt = _ld(zp + last, mask, EVEN)
+    kt = _ld(kp + last, mask, EVEN)
+    vt = _ld(vp + last, mask, EVEN)
+    for r in range(n):
+        i = n - 1 - r
+        prev = tl.maximum(i - 1, 0) * C
+        gyn = _ld(gyp + prev, mask, EVEN)
+        yn = _ld(yp + prev, mask, EVEN)
+        zn = _ld(zp + prev, mask, EVEN)
+        kn = _ld(kp + prev, mask, EVEN)
+        vn = _ld(vp + prev, mask, EVEN)
+        # Token i's gradients from the adjoint after it (scale e^q; k + q <= 0 so x <= 1).
+        x = _exp(kt + q)
+        gyl = gyt * _exp(u + kt - zt)  # gy times the current token's weight in y_i
+        vy = vt - yt
+        gv = x * gn + gyl
+        gk = x * (vt * gn + gd) + gyl * vy + tl.where(idx_t == start + i, gpT, 0.0)
+        gw_acc += x * (vt * jn + jd)
+        gu_acc += gyl * vy
+        _st(gkp + i * C, gk, mask, EVEN)
+        _st(gvp + i * C, gv, mask, EVEN)
+        qw = q + w
+        d = qw + zt
+        e = _exp(-tl.abs(d))
+        keep = d >= 0
+        c_old = tl.where(keep, 1.0, e)
+        c_new = tl.where(keep, e, 1.0)
+        jn = c_old * (jn + gn)
+        jd = c_old * (jd + gd)
+        gn = c_old * gn + c_new * gyt
+        gd = c_old * gd - c_new * gyt * yt
+        q = tl.where(keep, qw, -zt)
+        gyt, yt, zt, kt, vt = gyn, yn, zn, kn, vn
+    # One atomic add per channel and program (order-dependent rounding, ~1e-7 relative): a
+    # separate deterministic reduction costs a launch, which at small shapes is host-bound.
+    tl.atomic_add(gtdf_ptr + cs, gw_acc * w, mask=mask)  # dw/d(time_decay) = w
+    tl.atomic_add(gtdf_ptr + C + cs, gu_acc, mask=mask)
+
+
+def wkv4_fwd(td, tf, k, v, s0):
+    """td, tf: (C,); k, v: (B, T, C) contiguous; s0: (B, 3, C) fp32 contiguous or None.
+    Returns y, then what the backward needs: z (B, T, C) fp32, the final state (B, 3, C), the index
+    of the token that set the final max (B, C) int32, and the config."""
+    B, T, C = k.shape
+    block_c, L, nw = _config(B, T, C)
+    NC = triton.cdiv(T, L)
+    nb = triton.cdiv(C, block_c)
+    dev = k.device
+    flags = torch.zeros(1 + B * nb * NC, dtype=torch.int32, device=dev)  # [0]: ticket counter
+    agg = torch.empty((B, NC, 4, C), dtype=torch.float32, device=dev)  # read only behind flags
+    incl = torch.empty((B, NC, 4, C), dtype=torch.float32, device=dev)
+    sT = _new((B, 3, C), torch.float32, dev)
+    idxT = _new((B, C), torch.int32, dev)
+    y = _new((B, T, C), k.dtype, dev)
+    z = _new((B, T, C), torch.float32, dev)
+    _fwd_fused[(NC * B * nb,)](
+        k, v, td, tf, s0, flags, agg, incl, y, z, sT, idxT, B, T, C, L, NC, nb,
+        BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None,
+        PUBLISH_INCLUSIVE=not LOOKBACK_SUMMARIES_ONLY, num_warps=nw,
+    )  # fmt: skip
+    return y, z, sT, idxT, (block_c, L, nw)
+
+
+def wkv4_bwd(td, tf, k, v, y, z, s0, sT, idxT, gy, gsT, cfg):
+    """Gradients given gy (B, T, C) and gsT (B, 3, C) fp32 or None, all contiguous: a (2, C) fp32
+    tensor (time_decay, time_first), gk, gv, and the state's (B, 3, C) fp32 or None."""
+    B, T, C = k.shape
+    block_c, L, nw = cfg
+    NC = triton.cdiv(T, L)
+    nb = triton.cdiv(C, block_c)
+    dev = k.device
+    # One zeroed buffer: the ticket counter and chunk flags, then the (2, C) fp32 accumulators of
+    # the time_decay / time_first gradients (all-zero bits are 0.0).
+    nflags = 1 + B * nb * NC
+    zeroed = torch.zeros(nflags + 2 * C, dtype=torch.int32, device=dev)
+    flags, gtdf = zeroed[:nflags], zeroed[nflags:].view(torch.float32).view(2, C)
+    agg = torch.empty((B, NC, 5, C), dtype=torch.float32, device=dev)
+    incl = torch.empty((B, NC, 5, C), dtype=torch.float32, device=dev)
+    gk = _new((B, T, C), k.dtype, dev)
+    gv = _new((B, T, C), v.dtype, dev)
+    gs0 = _new((B, 3, C), torch.float32, dev) if s0 is not None else None
+    _bwd_fused[(NC * B * nb,)](
+        k, v, y, z, gy, td, tf, s0, sT, idxT, gsT, flags, agg, incl, gk, gv, gs0, gtdf,
+        B, T, C, L, NC, nb, BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None,
+        HAS_GST=gsT is not None, PUBLISH_INCLUSIVE=not LOOKBACK_SUMMARIES_ONLY, num_warps=nw,
+    )  # fmt: skip
+    return gtdf, gk, gv, gs0
+
+
+def _config(B: int, T: int, C: int) -> tuple[int, int, int]:
+    """(BLOCK_C, chunk length L, num_warps): channels per program, tokens per chunk, warps."""
+    if _CFG_OVERRIDE is not None:
+        return _CFG_OVERRIDE
+    # Measured on H100 (benchmarks/NOTES.md): the chunk length and block shape move the time by
+    # <10%; 4 channels per thread (8-byte bf16 accesses) and 64-token chunks were best.
+    if C >= 512 and C % 512 == 0:
+        return 512, 64, 4
+    if C >= 256:
+        return 256, 64, 2
+    return (128, 64, 4) if C > 64 else (64, 64, 2)
+
+
+_CFG_OVERRIDE: tuple[int, int, int] | None = None  # benchmark hook: force (BLOCK_C, L, num_warps)
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        fill = float("nan") if dtype.is_floating_point else -7
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+class WKV4Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, time_decay, time_first, k, v, state):
+        td = time_decay.detach().contiguous()
+        tf = time_first.detach().contiguous()
+        k = k.contiguous()
+        v = v.contiguous()
+        s0 = None if state is None else state.detach().float().contiguous()
+        y, z, sT, idxT, cfg = wkv4_fwd(td, tf, k, v, s0)
+        ctx.save_for_backward(td, tf, k, v, y, z, s0, sT, idxT)
+        ctx.cfg = cfg
+        ctx.dtypes = (time_decay.dtype, time_first.dtype, None if state is None else state.dtype)
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, gy, gsT):
+        td, tf, k, v, y, z, s0, sT, idxT = ctx.saved_tensors
+        td_dtype, tf_dtype, s_dtype = ctx.dtypes
+        gy = torch.zeros_like(y) if gy is None else gy.to(y.dtype).contiguous()
+        gsT = None if gsT is None else gsT.float().contiguous()
+        gtdf, gk, gv, gs0 = wkv4_bwd(td, tf, k, v, y, z, s0, sT, idxT, gy, gsT, ctx.cfg)
+        gs0 = None if gs0 is None else gs0.to(s_dtype)
+        return gtdf[0].to(td_dtype), gtdf[1].to(tf_dtype), gk, gv, gs0
+
+
+def wkv4_triton(
+    time_decay: torch.Tensor,
+    time_first: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of `rwkv_ft.kernels.wkv4` (validation happens there)."""
+    return WKV4Function.apply(time_decay, time_first, k, v, state)

@@ -1,0 +1,256 @@
+"""RWKV-4 WKV: the Triton kernel (CPU interpreter in CI) against the float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels (see conftest.py)
+
+import pytest
+import rwkv_ft.kernels.rwkv4.triton_wkv4 as tw
+import torch
+
+from rwkv_ft.kernels import empty_wkv_state, wkv4, wkv4_reference
+from rwkv_ft.testing import TOLERANCES, assert_close
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("time_decay", "time_first", "k", "v", "state")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every buffer the host code allocates starts as NaN (ints as -7): unwritten elements fail."""
+    tw.POISON_OUTPUTS = True
+    yield
+    tw.POISON_OUTPUTS = False
+
+
+@pytest.fixture
+def small_chunks():
+    """Chunks of 4 tokens and 16 channels per program, so short sequences cross many chunks and C
+    is split into blocks with a partial last one."""
+    tw._CFG_OVERRIDE = (16, 4, 1)
+    yield
+    tw._CFG_OVERRIDE = None
+
+
+def make_inputs(B, T, C, dtype=torch.float32, *, state=True, seed=0, k_scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    td = r(C) * 0.8
+    tf = r(C)
+    k = (r(B, T, C) * k_scale).clamp(-80, 80)
+    v = r(B, T, C)
+    s = None
+    if state:
+        s = empty_wkv_state(B, C, dtype=torch.float64)
+        s[:, 0], s[:, 1], s[:, 2] = r(B, C), r(B, C).abs() + 0.3, 2 * r(B, C)
+    cast = lambda x, dt: None if x is None else x.to(dt).to(DEV)
+    return (
+        cast(td, torch.float32),
+        cast(tf, torch.float32),
+        cast(k, dtype),
+        cast(v, dtype),
+        cast(s, torch.float32),
+    )
+
+
+def run(fn, td, tf, k, v, s, *, gy_seed=1, loss_y=True, loss_state=True):
+    """Forward + backward of sum(y * gy) + sum(new_state * gs) with fixed random gy, gs.
+    Returns y, new_state and the gradients of (time_decay, time_first, k, v, state)."""
+    xs = [x.detach().clone().requires_grad_() for x in (td, tf, k, v)]
+    st = None if s is None else s.detach().clone().requires_grad_()
+    y, ns = fn(*xs, st)
+    g = torch.Generator().manual_seed(gy_seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(k.dtype).to(y.dtype)
+    gs = torch.randn(ns.shape, generator=g, dtype=torch.float64)
+    loss = 0
+    if loss_y:
+        loss = loss + (y * gy.to(y.device)).sum()
+    if loss_state:
+        loss = loss + (ns * gs.to(ns)).sum()
+    loss.backward()
+    return y, ns, [x.grad for x in xs] + [None if st is None else st.grad]
+
+
+def triton_fn(*a):
+    return wkv4(*a, backend="triton")
+
+
+def ref64(td, tf, k, v, s, **kw):
+    d = lambda x: None if x is None else x.detach().double().cpu()
+    return run(wkv4_reference, d(td), d(tf), d(k), d(v), d(s), **kw)
+
+
+def assert_state_close(ns, ref_ns, dtype, name="new_state"):
+    """Compare states in the reference's max representation: p_T itself carries fp32 rounding that
+    rescales (a, b), so rescale ours to the reference's max before comparing."""
+    ns, ref_ns = ns.detach().double().cpu(), ref_ns.detach().double()
+    sc = torch.exp(ns[:, 2] - ref_ns[:, 2])
+    assert_close(torch.stack([ns[:, 0] * sc, ns[:, 1] * sc], 1), ref_ns[:, :2], dtype, name=name)
+    torch.testing.assert_close(ns[:, 2], ref_ns[:, 2], rtol=1e-6, atol=1e-5)
+
+
+def assert_all_close(out, ref, dtype):
+    y, ns, grads = out
+    ry, rns, rgrads = ref
+    assert y.dtype == dtype and ns.dtype == torch.float32
+    assert_close(y, ry, dtype, name="y")
+    assert_state_close(ns, rns, dtype)
+    for name, g, rg in zip(NAMES, grads, rgrads, strict=True):
+        if rg is None:  # an input the loss does not reach: None, or zeros from the kernel
+            assert g is None or not g.any(), name
+            continue
+        assert g.dtype == (dtype if name in ("k", "v") else torch.float32), name
+        assert_close(g, rg, dtype, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_fp64_reference(dtype, small_chunks):
+    args = make_inputs(2, 15, 37, dtype)
+    assert_all_close(run(triton_fn, *args), ref64(*args), dtype)
+
+
+def test_lookback_over_chunk_summaries(small_chunks):
+    """The interpreter runs programs in order, so a look-back normally finds its neighbour's
+    inclusive prefix at once. Withhold inclusive prefixes so that every chunk folds all earlier
+    (forward) / later (backward) chunk summaries itself: the path a GPU takes under contention."""
+    tw.LOOKBACK_SUMMARIES_ONLY = True
+    try:
+        for state in (True, False):
+            args = make_inputs(2, 18, 20, state=state, seed=31)
+            assert_all_close(run(triton_fn, *args), ref64(*args), torch.float32)
+    finally:
+        tw.LOOKBACK_SUMMARIES_ONLY = False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_config_long_sequence(dtype):
+    """T = 1000 with the shipped chunking heuristic, B = 1, C not a multiple of the block."""
+    args = make_inputs(1, 1000, 20, dtype, seed=3)
+    assert_all_close(run(triton_fn, *args), ref64(*args), dtype)
+
+
+@pytest.mark.parametrize("B,T,C", [(3, 1, 5), (1, 4, 3), (2, 9, 16)])
+def test_small_shapes_without_state(B, T, C, small_chunks):
+    args = make_inputs(B, T, C, state=False, seed=B * 100 + T)
+    assert_all_close(run(triton_fn, *args), ref64(*args), torch.float32)
+
+
+@pytest.mark.parametrize("loss_y,loss_state", [(True, False), (False, True)])
+def test_loss_on_one_output_only(loss_y, loss_state, small_chunks):
+    """Gradient flows from y alone and from new_state alone (the other's grad is None)."""
+    args = make_inputs(2, 11, 19, seed=5)
+    kw = dict(loss_y=loss_y, loss_state=loss_state)
+    assert_all_close(run(triton_fn, *args, **kw), ref64(*args, **kw), torch.float32)
+
+
+def test_chunked_with_state_equals_whole(small_chunks):
+    """Two calls with the state carried across = one call: outputs, final state and gradients."""
+    td, tf, k, v, s = make_inputs(2, 15, 21, seed=7)
+    whole = run(triton_fn, td, tf, k, v, s)
+
+    xs = [x.detach().clone().requires_grad_() for x in (td, tf, k, v, s)]
+    y1, s1 = wkv4(xs[0], xs[1], xs[2][:, :6], xs[3][:, :6], xs[4], backend="triton")
+    y2, s2 = wkv4(xs[0], xs[1], xs[2][:, 6:], xs[3][:, 6:], s1, backend="triton")
+    y = torch.cat([y1, y2], 1)
+    g = torch.Generator().manual_seed(1)  # the same gy, gs as run()
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).float()
+    gs = torch.randn(s2.shape, generator=g, dtype=torch.float64).float()
+    ((y * gy).sum() + (s2 * gs).sum()).backward()
+
+    assert_close(y, whole[0], torch.float32, name="y")
+    assert_state_close(s2, whole[1], torch.float32)
+    for name, x, gw in zip(NAMES, xs, whole[2], strict=True):
+        assert_close(x.grad, gw, torch.float32, name=f"grad {name}")
+
+
+def test_extreme_values(small_chunks):
+    """|k| up to 80, exp(time_decay) from e^-8 to e^5, pads at k = -1e4 and lower: finite, and
+    equal to the fp64 reference."""
+    B, T, C = 2, 23, 24
+    td, tf, k, v, s = make_inputs(B, T, C, seed=11, k_scale=40.0)
+    td[0::3] = 5.0  # exp(td) = e^5: each step decays by e^-148
+    td[1::3] = -8.0  # exp(td) = e^-8: hardly any decay
+    k[0, :4] = 80.0
+    k[1, -3:] = -80.0
+    k[:, 10:13] = -1e4  # padding in the middle ...
+    k[1, -2:] = -1e9  # ... and lower, at the end
+    out = run(triton_fn, td, tf, k, v, s)
+    for x in [out[0], out[1], *out[2]]:
+        assert torch.isfinite(x).all()
+    ref = ref64(td, tf, k, v, s)
+    assert_all_close(out, ref, torch.float32)
+
+
+def test_padding_has_zero_weight(small_chunks):
+    """A pad (k = -1e4) contributes exactly nothing to later real tokens, and an all-pad sequence
+    (with or without history) stays finite."""
+    td, tf, k, v, _ = make_inputs(2, 12, 20, seed=13, state=False)
+    k[:, 5:8] = -1e4
+    v2 = v.clone()
+    v2[:, 5:8] = 1e3 * torch.randn_like(v2[:, 5:8])
+    y1, s1 = wkv4(td, tf, k, v, backend="triton")
+    y2, s2 = wkv4(td, tf, k, v2, backend="triton")
+    assert torch.equal(y1[:, 8:], y2[:, 8:]) and torch.equal(y1[:, :5], y2[:, :5])
+    assert torch.equal(s1, s2)
+
+    kp = torch.full_like(k, -1e4)
+    for st in (None, s1):
+        y, ns = wkv4(td, tf, kp, v, st, backend="triton")
+        assert torch.isfinite(y).all() and torch.isfinite(ns).all()
+        ry, rns = wkv4_reference(td.double(), tf.double(), kp.double(), v.double(), None if st is None else st.double())
+        # All tokens at k = -1e4: fp32 resolves exponents near -1e4 only to ~1e-3, so only loosely.
+        assert_close(y, ry, torch.float32, rel=1e-2)
+
+
+def test_poisoned_outputs_are_overwritten():
+    """The poison hook is live (so the comparisons above would see unwritten elements as NaN)."""
+    assert torch.isnan(tw._new((3,), torch.float32, "cpu")).all()
+    td, tf, k, v, s = make_inputs(2, 5, 33, seed=17)
+    y, ns = wkv4(td, tf, k, v, s, backend="triton")
+    assert torch.isfinite(y).all() and torch.isfinite(ns).all()
+
+
+def test_auto_and_torch_backends_use_the_reference_on_cpu():
+    td, tf, k, v, s = make_inputs(2, 6, 8, seed=19)
+    if DEV != "cpu":
+        pytest.skip("CPU dispatch")
+    ry, rs = wkv4_reference(td, tf, k, v, s)
+    for backend in ("auto", "torch"):
+        y, ns = wkv4(td, tf, k, v, s, backend=backend)
+        assert torch.equal(y, ry) and torch.equal(ns, rs)
+
+
+def test_validation_errors(monkeypatch):
+    td, tf, k, v, s = make_inputs(2, 6, 8, seed=23)
+    with pytest.raises(ValueError, match="'cuda'"):
+        wkv4(td, tf, k, v, s, backend="cuda")
+    with pytest.raises(ValueError, match="v shape"):
+        wkv4(td, tf, k, v[:, :5], s)
+    with pytest.raises(ValueError, match="time_first"):
+        wkv4(td, tf[:7], k, v, s)
+    with pytest.raises(ValueError, match="state"):
+        wkv4(td, tf, k, v, s[:1])
+    with pytest.raises(ValueError, match="T >= 1"):
+        wkv4(td, tf, k[:, :0], v[:, :0], s)
+    with pytest.raises(ValueError, match="B, T, C"):
+        wkv4(td, tf, k[0], v[0], s)
+    if DEV == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            wkv4(td, tf, k, v, s, backend="triton")
+
+
+def test_reference_gradcheck():
+    td, tf, k, v, s = (x.double().cpu() for x in make_inputs(2, 4, 3, seed=29))
+    xs = [x.requires_grad_() for x in (td, tf, k, v, s)]
+    assert torch.autograd.gradcheck(lambda *a: wkv4_reference(*a), xs)
+
+
+def test_tolerance_table_covers_kernel_dtypes():
+    assert all(dt in TOLERANCES for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64))
