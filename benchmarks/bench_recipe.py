@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     base = build_base(args.shape, work / "base")
     base_seconds = time.perf_counter() - started
     recipe = load_recipe(args.recipe, [])
-    data = long_rows(work / "data.jsonl", rows=args.steps * recipe.training.batch_size * 2, answers_per_row=12)
+    data = long_rows(work / "data.jsonl", rows=args.steps * recipe.training.batch_size * 2, answers_per_row=60)
     recipe = load_recipe(
         args.recipe,
         [
