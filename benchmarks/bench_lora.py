@@ -9,7 +9,8 @@ Weights are random (the speed and memory of a step do not depend on their values
 the target device: the model is constructed on the meta device and materialised there. For 8-bit
 and NF4 the bf16 model is saved once per shape to a temporary directory (--tmp-dir, ~15 GB for
 7.6B) and loaded back with `quantization_config`, the way users load real checkpoints, then goes
-through `prepare_model_for_kbit_training` (which also casts the unquantized weights to fp32).
+through `rwkv_ft.quantization.prepare_for_kbit_training` (peft's preparation; the frozen embedding
+and head stay bf16).
 
 Each run self-checks: the expected layers are quantized, the loss is finite, the LoRA weights
 moved and the frozen weights did not. A failed check exits with status 1; an out-of-memory
@@ -32,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import rwkv_ft  # noqa: F401  (registers the Auto classes and the peft defaults)
@@ -146,16 +147,12 @@ def run_one(args, shape: str, quant: str, grad_ckpt: bool, staged: Path | None) 
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = load_quantized_copy(staged, quant, device)
-        from rwkv_ft.quantization import quantized_linear_names
+        from rwkv_ft.quantization import prepare_for_kbit_training, quantized_linear_names
 
         n_quant = len(quantized_linear_names(model))
         if n_quant != 7 * config.num_hidden_layers:
             raise AssertionError(f"{quant}: {n_quant} quantized layers, expected {7 * config.num_hidden_layers}")
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=grad_ckpt,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        model = prepare_for_kbit_training(model, gradient_checkpointing=grad_ckpt)
     model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0))
     trainable = [p for p in model.parameters() if p.requires_grad]
     result["trainable_params"] = sum(p.numel() for p in trainable)

@@ -109,9 +109,12 @@ def attach_adapter(model, recipe: Recipe):
     spec, quantized = recipe.adapter, recipe.model.quantization is not None
     gradient_checkpointing = recipe.training.gradient_checkpointing
     if quantized:
-        from peft import prepare_model_for_kbit_training
+        from rwkv_ft.quantization import prepare_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        frozen_dtype = DTYPES[recipe.model.dtype] if recipe.model.dtype != "fp32" else None
+        model = prepare_for_kbit_training(
+            model, gradient_checkpointing=gradient_checkpointing, frozen_dtype=frozen_dtype
+        )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if spec.type != "none":

@@ -260,6 +260,9 @@ class Rwkv4Model(Rwkv4PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Rwkv4Model: pass exactly one of input_ids and inputs_embeds")
         hidden = self.emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        # The residual stream runs in the layer norms' dtype (fp32 after peft's kbit preparation,
+        # which may leave the frozen embedding in bf16 to save memory).
+        hidden = hidden.to(self.ln_out.weight.dtype)
         B, T, _ = hidden.shape
         if T == 0:
             raise ValueError("Rwkv4Model: the input sequence is empty (T=0)")
@@ -470,7 +473,7 @@ class Rwkv4ForCausalLM(Rwkv4PreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]
-        logits = self.head(hidden)  # (B, T, V)
+        logits = self.head(hidden.to(self.head.weight.dtype))  # (B, T, V)
 
         loss = None
         if labels is not None:
