@@ -107,3 +107,18 @@ def test_qlora_steps_lower_the_loss(model_dir, ids, mode):
 def test_bad_mode_names_the_choices():
     with pytest.raises(ValueError, match="int8, nf4, fp4"):
         bnb_config("int4")
+
+
+def test_kbit_preparation_keeps_frozen_embedding_and_head_in_bf16(model_dir, ids):
+    from rwkv_ft.quantization import prepare_for_kbit_training
+
+    model = load_quantized(model_dir, "nf4", dtype=torch.bfloat16)
+    model = prepare_for_kbit_training(model, gradient_checkpointing=True)
+    assert model.rwkv.emb.weight.dtype == torch.bfloat16 and model.head.weight.dtype == torch.bfloat16
+    assert model.rwkv.ln_out.weight.dtype == torch.float32  # peft's fp32 upcast of the rest stays
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16)).train()
+    loss = model(ids, labels=ids).loss  # mixed dtypes without autocast: the model casts at the seams
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
