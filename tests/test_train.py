@@ -150,6 +150,12 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
 
 
+def test_length_grouped_packed_and_gradient_checkpointed_run(tmp_path):
+    extra = ["training.group_by_length=true", "data.pack=true", "training.gradient_checkpointing=true"]
+    summary = run(tiny_recipe(tmp_path, "training.max_steps=2", *extra))
+    assert summary["steps"] == 2 and summary["tokens_seen"] > 0
+
+
 def test_bad_data_row_names_file_and_line(tmp_path):
     data = tmp_path / "data.jsonl"
     good = json.dumps({"instruction": "Say hi.", "input": "", "output": "Hi!"})
