@@ -5,10 +5,30 @@ Importing the package registers our models with transformers' Auto classes, so t
 directories we write, without `trust_remote_code`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+import logging
 
-from rwkv_ft.models.rwkv4 import Rwkv4Config, Rwkv4ForCausalLM, Rwkv4Model
-from rwkv_ft.tokenizers import RwkvWorldTokenizer
+
+def _import_bitsandbytes_quietly() -> None:
+    """On a machine without CUDA, bitsandbytes warns at import that an optional Hub kernel for its
+    CPU 4-bit matmul is missing ("pip install kernels") and falls back to its own, which works.
+    peft imports it on every `import rwkv_ft`; keep that one warning out of our users' logs."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        logger.setLevel(level)
+
+
+_import_bitsandbytes_quietly()
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from rwkv_ft.models.rwkv4 import Rwkv4Config, Rwkv4ForCausalLM, Rwkv4Model  # noqa: E402
+from rwkv_ft.tokenizers import RwkvWorldTokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.strict is not None:
         overrides.append(f"data.strict={str(args.strict).lower()}")
