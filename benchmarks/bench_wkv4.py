@@ -220,6 +220,85 @@ def kernel_resources():
     return res
 
 
+# (name, FAST, chunk length (None: default), backward chunk length (None: the forward's), prefetch
+# distances of (pass 1, pass 2) forward, backward, L2 eviction hints). The first is timed twice (its
+# spread is the noise).
+V4 = ("v4", False, 64, None, (1, 1), (1, 1), False)
+VARIANTS = [
+    V4,
+    ("v5", True, None, None, (1, 1), (1, 1), {"fwd": True, "bwd": False}),
+]
+
+
+def set_variant(fast, L, bwd_L, pf_fwd, pf_bwd, evict):
+    tw._FAST, tw._L_OVERRIDE, tw._BWD_L = fast, L, bwd_L
+    tw._EVICT = evict if isinstance(evict, dict) else {"fwd": evict, "bwd": evict}
+    tw._PF = {"fwd": pf_fwd, "bwd": pf_bwd}
+
+
+def determinism(res):
+    """time_decay / time_first gradients: bitwise equal over repeated runs with
+    torch.use_deterministic_algorithms(True); close to the atomic path; and the time it costs."""
+    B, T, C = SHAPES[3]
+    td, tf, k, v, _ = inputs(B, T, C, torch.bfloat16, state=False, seed=3)
+    gy = torch.randn(B, T, C, device="cuda").to(torch.bfloat16)
+    xs = [x.requires_grad_() for x in (td, tf)]
+
+    def g():
+        y, _ = wkv4(xs[0], xs[1], k, v, backend="triton")
+        return torch.autograd.grad([y], xs, [gy])
+
+    atomic = [torch.cat(g()) for _ in range(3)]
+    torch.use_deterministic_algorithms(True)
+    try:
+        det = [torch.cat(g()) for _ in range(3)]
+        det_ms = time_ours(B, T, C, torch.bfloat16, graph=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    out = {
+        "atomic_runs_bitwise_equal": all(torch.equal(atomic[0], a) for a in atomic[1:]),
+        "det_runs_bitwise_equal": all(torch.equal(det[0], d) for d in det[1:]),
+        "det_vs_atomic_rel": relative_error(det[0].double(), atomic[0].double()),
+        "det_fwdbwd_graph_ms": det_ms,
+    }
+    res["determinism"] = out
+    print(f"determinism {SHAPES[3]}: {out}", flush=True)
+    return out["det_runs_bitwise_equal"] and out["det_vs_atomic_rel"] < 1e-5
+
+
+def variants(res):
+    """Check each variant (fp64 reference, quick cases) and time fwd and fwd+bwd (graph, bf16) on
+    every shape, interleaved, the baseline first and last (its spread is the noise)."""
+    saved = (tw._FAST, tw._L_OVERRIDE, tw._BWD_L, tw._PF["fwd"], tw._PF["bwd"], dict(tw._EVICT))
+    for name, *v in VARIANTS[1:]:
+        set_variant(*v)
+        try:
+            for args, kw in (
+                (("random+state", 2, 1000, 300, torch.bfloat16), {}),
+                (("random+state", 2, 1000, 300, torch.float32), {}),
+                (("|k|=80", 2, 600, 96, torch.float32), {"k_scale": 40.0}),
+                (("exp(td)=e^5", 2, 600, 96, torch.float32), {"td": 5.0}),
+                (("pads k=-1e4", 2, 600, 96, torch.bfloat16), {"pads": 40, "state": False}),
+            ):
+                c = check(f"{name}: {args[0]}", *args[1:], **kw)
+                res["checks"].append(c)
+            tw.LOOKBACK_SUMMARIES_ONLY = True
+            res["checks"].append(check(f"{name}: look-back summaries", 2, 1000, 300, torch.float32))
+        finally:
+            tw.LOOKBACK_SUMMARIES_ONLY = False
+            set_variant(*saved)
+    for shape in SHAPES:
+        for name, *v in VARIANTS + VARIANTS[:1]:
+            set_variant(*v)
+            try:
+                ms = time_ours(*shape, torch.bfloat16, graph=True)
+                msf = time_ours(*shape, torch.bfloat16, graph=True, fwd_only=True)
+            finally:
+                set_variant(*saved)
+            res["variants"].append({"shape": shape, "variant": name, "fwdbwd_graph_ms": ms, "fwd_graph_ms": msf})
+            print(f"variant {str(shape):18s} {name:12s} fwd {msf:.3f} fwd+bwd {ms:.3f} ms (graph)", flush=True)
+
+
 def copy_bw():
     x = torch.empty(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
     y = torch.empty_like(x)
@@ -232,6 +311,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="also time (BLOCK_C, L, num_warps) configs")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip-fla", action="store_true")
+    ap.add_argument("--variants", action="store_true", help="check and time the VARIANTS list")
+    ap.add_argument("--quick", action="store_true", help="bf16 only, no host profile")
     args = ap.parse_args()
     res = {
         "date": datetime.date.today().isoformat(),
@@ -241,6 +322,7 @@ def main():
         "checks": [],
         "timings": [],
         "sweep": [],
+        "variants": [],
     }
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         res["checks"].append(check("random+state", 2, 1000, 300, dt))
@@ -257,11 +339,14 @@ def main():
     tw.LOOKBACK_SUMMARIES_ONLY = True
     res["checks"].append(check("look-back over summaries", 2, 1000, 300, torch.float32))
     tw.LOOKBACK_SUMMARIES_ONLY = False
-    bad = [c for c in res["checks"] if not all(e == e and e < 2e-2 for e in c["rel_err"].values())]
     res["host_us"] = host_overhead_us()
     print(f"host time per call, tiny shape: {res['host_us']}", flush=True)
-    host_profile()
-    res["profile"] = {str(s): profile_kernels(*s, torch.bfloat16) for s in (SHAPES[0], SHAPES[3])}
+    if not args.quick:
+        host_profile()
+        res["profile"] = {str(s): profile_kernels(*s, torch.bfloat16) for s in (SHAPES[0], SHAPES[3])}
+    if args.variants:
+        variants(res)
+    det_ok = determinism(res)
 
     if args.sweep:
         for shape in (SHAPES[0], SHAPES[2], SHAPES[3]):
@@ -289,7 +374,7 @@ def main():
         B, T, C = shape
         for name in ("bf16", "fp16", "fp32"):
             dt = DT[name]
-            if name != "bf16" and shape not in (SHAPES[0], SHAPES[3]):
+            if name != "bf16" and (args.quick or shape not in (SHAPES[0], SHAPES[3])):
                 continue
             esz = torch.finfo(dt).bits // 8
             floor = 9 * esz * B * T * C / 3.0e12 * 1e3  # fwd: k v y; bwd: k v y gy gk gv
@@ -334,8 +419,9 @@ def main():
             f"| {r['ours_fwdbwd']:.3f} | {r['ours_fwdbwd_graph']:.3f} | {fla} | {flag} "
             f"| {blink if r['dtype'] == 'bf16' else '—'} | {r['floor_ms']:.3f} |"
         )
-    print("checks:", "ALL OK" if not bad else f"FAILED {[c['case'] for c in bad]}")
-    sys.exit(1 if bad else 0)
+    bad = [c for c in res["checks"] if not all(e == e and e < 2e-2 for e in c["rel_err"].values())]
+    print("checks:", "ALL OK" if not bad else f"FAILED {[c['case'] for c in bad]}", "determinism:", det_ok)
+    sys.exit(1 if bad or not det_ok else 0)
 
 
 if __name__ == "__main__":

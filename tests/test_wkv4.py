@@ -128,6 +128,56 @@ def test_lookback_over_chunk_summaries(small_chunks):
         tw.LOOKBACK_SUMMARIES_ONLY = False
 
 
+def test_forward_and_backward_chunk_lengths_differ(small_chunks):
+    """The backward may cut the sequence into other chunks than the forward (the shipped heuristic
+    does for small grids): 4-token chunks forward, 7-token chunks backward."""
+    tw._BWD_L = 7
+    try:
+        args = make_inputs(2, 30, 20, seed=41)
+        assert_all_close(run(triton_fn, *args), ref64(*args), torch.float32)
+    finally:
+        tw._BWD_L = None
+
+
+@pytest.mark.parametrize("pf", [(2, 2), (3, 3), (3, 1)])
+def test_prefetch_distances(pf, small_chunks):
+    """Tokens prefetched 2 or 3 ahead (benchmark hook), including chunks shorter than that."""
+    saved = tw._PF
+    tw._PF = {"fwd": pf, "bwd": pf}
+    try:
+        args = make_inputs(2, 14, 20, torch.bfloat16, seed=42)
+        assert_all_close(run(triton_fn, *args), ref64(*args), torch.bfloat16)
+    finally:
+        tw._PF = saved
+
+
+def test_deterministic_parameter_gradients(small_chunks):
+    """With torch.use_deterministic_algorithms(True) every chunk takes its incoming state from its
+    neighbour's inclusive value only, and the time_decay / time_first gradients come from per-program
+    partial sums reduced in a fixed order: correct, and bitwise repeatable."""
+    args = make_inputs(2, 21, 37, seed=43)
+    ref = ref64(*args)
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = [run(triton_fn, *args) for _ in range(2)]
+        # A chunk whose neighbour has only published its summary waits for the inclusive value
+        # (the path never depends on timing), so withholding inclusive values must change nothing.
+        tw.LOOKBACK_SUMMARIES_ONLY = True
+        outs.append(run(triton_fn, *args))
+    finally:
+        torch.use_deterministic_algorithms(False)
+        tw.LOOKBACK_SUMMARIES_ONLY = False
+    for out in outs:
+        assert_all_close(out, ref, torch.float32)
+    for out in outs[1:]:
+        assert torch.equal(outs[0][0], out[0]) and torch.equal(outs[0][1], out[1])
+        for a, b in zip(outs[0][2], out[2], strict=True):
+            assert torch.equal(a, b)
+    atomic = run(triton_fn, *args)
+    for a, b in zip(outs[0][2][:2], atomic[2][:2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_config_long_sequence(dtype):
     """T = 1000 with the shipped chunking heuristic, B = 1, C not a multiple of the block."""

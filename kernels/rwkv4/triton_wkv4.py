@@ -28,10 +28,21 @@ all under one running scale e^q, like the forward's running max, so nothing over
 The gradient of the final max p_T goes to the token that set it (its index is tracked forward).
 The time_decay / time_first gradients are summed over programs with atomic adds. Each direction
 is one launch plus one memset: at small shapes the host's launch cost, not the GPU, sets the pace.
+
+Deterministic mode (torch.use_deterministic_algorithms(True)): the rounding of a decoupled
+look-back depends on timing (how many summaries a chunk folds before it meets an inclusive value),
+and so does the order of the atomic adds. In this mode a chunk takes only its neighbour's
+inclusive value (waiting for it: a serial chain of one merge per chunk), and each program stores
+its time_decay / time_first partial sums in its own row, summed by torch in a fixed order.
+
+The forward and backward may use different chunk lengths (`_config`): both read and re-read their
+chunk from HBM (the chunks in flight exceed L2), so time is set by bytes and by how well the grid
+fills the GPU; the forward's loads and stores carry L2 eviction hints. See benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -86,21 +97,34 @@ def _log(x):
 
 
 @triton.jit
-def _ld(ptr, mask, EVEN: tl.constexpr):
-    # Token offsets are clamped into the chunk by the callers, so only channels need masking, and
-    # not even those when BLOCK_C divides C.
-    if EVEN:
-        return tl.load(ptr).to(tl.float32)
+def _rcp(x):
+    # rcp.approx.ftz: one MUFU op; `/` lowers to a range-scaled division (~8 more instructions).
+    # Only used on denominators >= 1 (running-max form), where the approximation is within 1 ulp.
+    if _INTERPRET:
+        return 1.0 / x
     else:
-        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+        return tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
-def _st(ptr, x, mask, EVEN: tl.constexpr):
+def _ldr(ptr, mask, EVEN: tl.constexpr, EV: tl.constexpr):
+    # Token offsets are clamped into the chunk by the callers, so only channels need masking, and
+    # not even those when BLOCK_C divides C. Loaded in the stored dtype: prefetched tokens wait in
+    # registers unconverted (fewer moves).
     if EVEN:
-        tl.store(ptr, x.to(ptr.dtype.element_ty))
+        return tl.load(ptr, eviction_policy=EV)
     else:
-        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+        return tl.load(ptr, mask=mask, other=0.0, eviction_policy=EV)
+
+
+@triton.jit
+def _st(ptr, x, mask, EVEN: tl.constexpr, EV: tl.constexpr):
+    if EVEN:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), eviction_policy=EV)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask, eviction_policy=EV)
 
 
 @triton.jit
@@ -160,7 +184,15 @@ def _fwd_fused(
     EVEN: tl.constexpr,
     HAS_STATE: tl.constexpr,
     PUBLISH_INCLUSIVE: tl.constexpr,
+    FAST: tl.constexpr,
+    PF1: tl.constexpr,
+    PF2: tl.constexpr,
+    EV1: tl.constexpr,
+    EV2: tl.constexpr,
+    EVS: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
+    tl.static_assert((PF1 <= 3) & (PF2 <= 3), "prefetch distance: 1 to 3 tokens")
     ticket = tl.atomic_add(flag_ptr, 1)  # flag_ptr[0] is the ticket counter
     j = ticket // (B * NB)
     rest = ticket % (B * NB)
@@ -180,12 +212,21 @@ def _fwd_fused(
     bb = tl.zeros([BLOCK_C], dtype=tl.float32)
     p = tl.full([BLOCK_C], _EMPTY, dtype=tl.float32)
     idx = tl.full([BLOCK_C], -1, dtype=tl.int32)
-    kt = _ld(kp, mask, EVEN)
-    vt = _ld(vp, mask, EVEN)
+    k0 = _ldr(kp + 0, mask, EVEN, EV1)
+    v0 = _ldr(vp + 0, mask, EVEN, EV1)
+    k1, k2, v1, v2 = k0, k0, v0, v0
+    if PF1 >= 2:
+        k1 = _ldr(kp + tl.minimum(1, n - 1) * C, mask, EVEN, EV1)
+        v1 = _ldr(vp + tl.minimum(1, n - 1) * C, mask, EVEN, EV1)
+    if PF1 >= 3:
+        k2 = _ldr(kp + tl.minimum(2, n - 1) * C, mask, EVEN, EV1)
+        v2 = _ldr(vp + tl.minimum(2, n - 1) * C, mask, EVEN, EV1)
     for i in range(n):
-        nxt = tl.minimum(i + 1, n - 1) * C  # prefetch the next token (clamped: no time mask)
-        kn = _ld(kp + nxt, mask, EVEN)
-        vn = _ld(vp + nxt, mask, EVEN)
+        nxt = tl.minimum(i + PF1, n - 1) * C  # prefetch PF1 tokens ahead (clamped: no time mask)
+        kn = _ldr(kp + nxt, mask, EVEN, EV1)
+        vn = _ldr(vp + nxt, mask, EVEN, EV1)
+        kt = k0.to(tl.float32)
+        vt = v0.to(tl.float32)
         pw = p + w
         d = kt - pw
         e = _exp(-tl.abs(d))
@@ -194,7 +235,12 @@ def _fwd_fused(
         bb = tl.where(new, e * bb + 1.0, bb + e)
         p = tl.where(new, kt, pw)
         idx = tl.where(new, start + i, idx)
-        kt, vt = kn, vn
+        if PF1 == 1:
+            k0, v0 = kn, vn
+        elif PF1 == 2:
+            k0, k1, v0, v1 = k1, kn, v1, vn
+        else:
+            k0, k1, k2, v0, v1, v2 = k1, k2, kn, v1, v2, vn
     frow = flag_ptr + 1 + (b * NB + pid_c) * NC
     o = ((b * NC + j) * 4) * C + cs
     tl.store(agg_ptr + o, a, mask=mask)
@@ -214,7 +260,11 @@ def _fwd_fused(
     done = j == 0
     while not done:
         f = tl.atomic_add(frow + jj, 0, sem="acquire")
-        if f > 0:
+        if DETERMINISTIC:  # only the neighbour's inclusive value: one fixed rounding path
+            ready = f == 2
+        else:
+            ready = f > 0
+        if ready:
             src = tl.where(f == 2, incl_ptr, agg_ptr)
             x = ((b * NC + jj) * 4) * C + cs
             xa = tl.load(src + x, mask=mask, other=0.0, cache_modifier=".cg")
@@ -251,12 +301,21 @@ def _fwd_fused(
     a, bb, p = ea, eb, ep
     yp = y_ptr + b * T * C + start.to(tl.int64) * C + cs
     zp = z_ptr + b * T * C + start.to(tl.int64) * C + cs
-    kt = _ld(kp, mask, EVEN)
-    vt = _ld(vp, mask, EVEN)
+    k0 = _ldr(kp + 0, mask, EVEN, EV2)
+    v0 = _ldr(vp + 0, mask, EVEN, EV2)
+    k1, k2, v1, v2 = k0, k0, v0, v0
+    if PF2 >= 2:
+        k1 = _ldr(kp + tl.minimum(1, n - 1) * C, mask, EVEN, EV2)
+        v1 = _ldr(vp + tl.minimum(1, n - 1) * C, mask, EVEN, EV2)
+    if PF2 >= 3:
+        k2 = _ldr(kp + tl.minimum(2, n - 1) * C, mask, EVEN, EV2)
+        v2 = _ldr(vp + tl.minimum(2, n - 1) * C, mask, EVEN, EV2)
     for i in range(n):
-        nxt = tl.minimum(i + 1, n - 1) * C
-        kn = _ld(kp + nxt, mask, EVEN)
-        vn = _ld(vp + nxt, mask, EVEN)
+        nxt = tl.minimum(i + PF2, n - 1) * C
+        kn = _ldr(kp + nxt, mask, EVEN, EV2)
+        vn = _ldr(vp + nxt, mask, EVEN, EV2)
+        kt = k0.to(tl.float32)
+        vt = v0.to(tl.float32)
         # Output: history vs the current token with its bonus; one exponential, one log.
         uk = u + kt
         d = uk - p
@@ -264,8 +323,11 @@ def _fwd_fused(
         cur = d > 0
         num = tl.where(cur, vt + e * a, e * vt + a)
         den = tl.where(cur, 1.0 + e * bb, e + bb)
-        _st(yp + i * C, num / den, mask, EVEN)
-        _st(zp + i * C, tl.where(cur, uk, p) + _log(den), mask, EVEN)
+        if FAST:
+            _st(yp + i * C, num * _rcp(den), mask, EVEN, EVS)
+        else:
+            _st(yp + i * C, num / den, mask, EVEN, EVS)
+        _st(zp + i * C, tl.where(cur, uk, p) + _log(den), mask, EVEN, EVS)
         # State update, as in pass 1.
         pw = p + w
         d = kt - pw
@@ -274,7 +336,12 @@ def _fwd_fused(
         a = tl.where(new, e * a + vt, a + e * vt)
         bb = tl.where(new, e * bb + 1.0, bb + e)
         p = tl.where(new, kt, pw)
-        kt, vt = kn, vn
+        if PF2 == 1:
+            k0, v0 = kn, vn
+        elif PF2 == 2:
+            k0, k1, v0, v1 = k1, kn, v1, vn
+        else:
+            k0, k1, k2, v0, v1, v2 = k1, k2, kn, v1, v2, vn
 
 
 @triton.jit
@@ -308,7 +375,15 @@ def _bwd_fused(
     HAS_STATE: tl.constexpr,
     HAS_GST: tl.constexpr,
     PUBLISH_INCLUSIVE: tl.constexpr,
+    FAST: tl.constexpr,
+    PF1: tl.constexpr,
+    PF2: tl.constexpr,
+    EV1: tl.constexpr,
+    EV2: tl.constexpr,
+    EVS: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
 ):
+    tl.static_assert((PF1 <= 3) & (PF2 <= 3), "prefetch distance: 1 to 3 tokens")
     ticket = tl.atomic_add(flag_ptr, 1)
     j = NC - 1 - ticket // (B * NB)  # last chunk first: the adjoint flows backwards in time
     rest = ticket % (B * NB)
@@ -330,14 +405,26 @@ def _bwd_fused(
     jn = tl.zeros([BLOCK_C], dtype=tl.float32)
     jd = tl.zeros([BLOCK_C], dtype=tl.float32)
     q = tl.full([BLOCK_C], _EMPTY, dtype=tl.float32)
-    gyt = _ld(gyp + last, mask, EVEN)
-    yt = _ld(yp + last, mask, EVEN)
-    zt = _ld(zp + last, mask, EVEN)
+    gy0 = _ldr(gyp + last, mask, EVEN, EV1)
+    y0 = _ldr(yp + last, mask, EVEN, EV1)
+    z0 = _ldr(zp + last, mask, EVEN, EV1)
+    gy1, gy2, y1, y2, z1, z2 = gy0, gy0, y0, y0, z0, z0
+    if PF1 >= 2:
+        gy1 = _ldr(gyp + tl.maximum(n - 1 - 1, 0) * C, mask, EVEN, EV1)
+        y1 = _ldr(yp + tl.maximum(n - 1 - 1, 0) * C, mask, EVEN, EV1)
+        z1 = _ldr(zp + tl.maximum(n - 1 - 1, 0) * C, mask, EVEN, EV1)
+    if PF1 >= 3:
+        gy2 = _ldr(gyp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV1)
+        y2 = _ldr(yp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV1)
+        z2 = _ldr(zp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV1)
     for r in range(n):
-        prev = tl.maximum(n - 2 - r, 0) * C  # prefetch the previous token (clamped)
-        gyn = _ld(gyp + prev, mask, EVEN)
-        yn = _ld(yp + prev, mask, EVEN)
-        zn = _ld(zp + prev, mask, EVEN)
+        prev = tl.maximum(n - 1 - PF1 - r, 0) * C  # prefetch PF1 tokens back (clamped)
+        gyn = _ldr(gyp + prev, mask, EVEN, EV1)
+        yn = _ldr(yp + prev, mask, EVEN, EV1)
+        zn = _ldr(zp + prev, mask, EVEN, EV1)
+        gyt = gy0.to(tl.float32)
+        yt = y0.to(tl.float32)
+        zt = z0.to(tl.float32)
         qw = q + w
         d = qw + zt
         e = _exp(-tl.abs(d))
@@ -349,7 +436,12 @@ def _bwd_fused(
         gn = c_old * gn + c_new * gyt
         gd = c_old * gd - c_new * gyt * yt
         q = tl.where(keep, qw, -zt)
-        gyt, yt, zt = gyn, yn, zn
+        if PF1 == 1:
+            gy0, y0, z0 = gyn, yn, zn
+        elif PF1 == 2:
+            gy0, gy1, y0, y1, z0, z1 = gy1, gyn, y1, yn, z1, zn
+        else:
+            gy0, gy1, gy2, y0, y1, y2, z0, z1, z2 = gy1, gy2, gyn, y1, y2, yn, z1, z2, zn
     frow = flag_ptr + 1 + (b * NB + pid_c) * NC
     o = ((b * NC + j) * 5) * C + cs
     tl.store(agg_ptr + o, gn, mask=mask)
@@ -388,7 +480,11 @@ def _bwd_fused(
     done = j == NC - 1
     while not done:
         f = tl.atomic_add(frow + jj, 0, sem="acquire")
-        if f > 0:
+        if DETERMINISTIC:  # only the neighbour's inclusive value: one fixed rounding path
+            ready = f == 2
+        else:
+            ready = f > 0
+        if ready:
             src = tl.where(f == 2, incl_ptr, agg_ptr)
             x = ((b * NC + jj) * 5) * C + cs
             xgn = tl.load(src + x, mask=mask, other=0.0, cache_modifier=".cg")
@@ -434,29 +530,49 @@ def _bwd_fused(
     # Pass 2: re-walk the chunk backwards from the adjoint entering it, writing gk and gv.
     gn, gd, jn, jd, q = egn, egd, ejn, ejd, eq
     gkp, gvp = gk_ptr + off, gv_ptr + off
-    gyt = _ld(gyp + last, mask, EVEN)
-    yt = _ld(yp + last, mask, EVEN)
-    zt = _ld(zp + last, mask, EVEN)
-    kt = _ld(kp + last, mask, EVEN)
-    vt = _ld(vp + last, mask, EVEN)
+    gy0 = _ldr(gyp + last, mask, EVEN, EV2)
+    y0 = _ldr(yp + last, mask, EVEN, EV2)
+    z0 = _ldr(zp + last, mask, EVEN, EV2)
+    k0 = _ldr(kp + last, mask, EVEN, EV2)
+    v0 = _ldr(vp + last, mask, EVEN, EV2)
+    gy1, gy2, y1, y2, z1, z2, k1, k2, v1, v2 = gy0, gy0, y0, y0, z0, z0, k0, k0, v0, v0
+    if PF2 >= 2:
+        gy1 = _ldr(gyp + tl.maximum(n - 1 - 1, 0) * C, mask, EVEN, EV2)
+        y1 = _ldr(yp + tl.maximum(n - 1 - 1, 0) * C, mask, EVEN, EV2)
+        z1 = _ldr(zp + tl.maximum(n - 1 - 1, 0) * C, mask, EVEN, EV2)
+        k1 = _ldr(kp + tl.maximum(n - 1 - 1, 0) * C, mask, EVEN, EV2)
+        v1 = _ldr(vp + tl.maximum(n - 1 - 1, 0) * C, mask, EVEN, EV2)
+    if PF2 >= 3:
+        gy2 = _ldr(gyp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV2)
+        y2 = _ldr(yp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV2)
+        z2 = _ldr(zp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV2)
+        k2 = _ldr(kp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV2)
+        v2 = _ldr(vp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV2)
     for r in range(n):
         i = n - 1 - r
-        prev = tl.maximum(i - 1, 0) * C
-        gyn = _ld(gyp + prev, mask, EVEN)
-        yn = _ld(yp + prev, mask, EVEN)
-        zn = _ld(zp + prev, mask, EVEN)
-        kn = _ld(kp + prev, mask, EVEN)
-        vn = _ld(vp + prev, mask, EVEN)
+        prev = tl.maximum(i - PF2, 0) * C
+        gyn = _ldr(gyp + prev, mask, EVEN, EV2)
+        yn = _ldr(yp + prev, mask, EVEN, EV2)
+        zn = _ldr(zp + prev, mask, EVEN, EV2)
+        kn = _ldr(kp + prev, mask, EVEN, EV2)
+        vn = _ldr(vp + prev, mask, EVEN, EV2)
+        gyt = gy0.to(tl.float32)
+        yt = y0.to(tl.float32)
+        zt = z0.to(tl.float32)
+        kt = k0.to(tl.float32)
+        vt = v0.to(tl.float32)
         # Token i's gradients from the adjoint after it (scale e^q; k + q <= 0 so x <= 1).
         x = _exp(kt + q)
         gyl = gyt * _exp(u + kt - zt)  # gy times the current token's weight in y_i
         vy = vt - yt
         gv = x * gn + gyl
-        gk = x * (vt * gn + gd) + gyl * vy + tl.where(idx_t == start + i, gpT, 0.0)
+        gk = x * (vt * gn + gd) + gyl * vy
+        if HAS_GST or not FAST:  # the max path: gpT is 0 without a final-state gradient
+            gk += tl.where(idx_t == start + i, gpT, 0.0)
         gw_acc += x * (vt * jn + jd)
         gu_acc += gyl * vy
-        _st(gkp + i * C, gk, mask, EVEN)
-        _st(gvp + i * C, gv, mask, EVEN)
+        _st(gkp + i * C, gk, mask, EVEN, EVS)
+        _st(gvp + i * C, gv, mask, EVEN, EVS)
         qw = q + w
         d = qw + zt
         e = _exp(-tl.abs(d))
@@ -468,11 +584,22 @@ def _bwd_fused(
         gn = c_old * gn + c_new * gyt
         gd = c_old * gd - c_new * gyt * yt
         q = tl.where(keep, qw, -zt)
-        gyt, yt, zt, kt, vt = gyn, yn, zn, kn, vn
+        if PF2 == 1:
+            gy0, y0, z0, k0, v0 = gyn, yn, zn, kn, vn
+        elif PF2 == 2:
+            gy0, gy1, y0, y1, z0, z1, k0, k1, v0, v1 = gy1, gyn, y1, yn, z1, zn, k1, kn, v1, vn
+        else:
+            gy0, gy1, gy2, y0, y1, y2, z0, z1, z2 = gy1, gy2, gyn, y1, y2, yn, z1, z2, zn
+            k0, k1, k2, v0, v1, v2 = k1, k2, kn, v1, v2, vn
     # One atomic add per channel and program (order-dependent rounding, ~1e-7 relative): a
     # separate deterministic reduction costs a launch, which at small shapes is host-bound.
-    tl.atomic_add(gtdf_ptr + cs, gw_acc * w, mask=mask)  # dw/d(time_decay) = w
-    tl.atomic_add(gtdf_ptr + C + cs, gu_acc, mask=mask)
+    if DETERMINISTIC:  # this program's own row of the (B * NC, 2, C) partial sums
+        row = gtdf_ptr + (b * NC + j) * 2 * C
+        tl.store(row + cs, gw_acc * w, mask=mask)  # dw/d(time_decay) = w
+        tl.store(row + C + cs, gu_acc, mask=mask)
+    else:
+        tl.atomic_add(gtdf_ptr + cs, gw_acc * w, mask=mask)  # dw/d(time_decay) = w
+        tl.atomic_add(gtdf_ptr + C + cs, gu_acc, mask=mask)
 
 
 def wkv4_fwd(td, tf, k, v, s0):
@@ -480,7 +607,7 @@ def wkv4_fwd(td, tf, k, v, s0):
     Returns y, then what the backward needs: z (B, T, C) fp32, the final state (B, 3, C), the index
     of the token that set the final max (B, C) int32, and the config."""
     B, T, C = k.shape
-    block_c, L, nw = _config(B, T, C)
+    block_c, L, L_bwd, nw = _config(B, T, C)
     NC = triton.cdiv(T, L)
     nb = triton.cdiv(C, block_c)
     dev = k.device
@@ -491,12 +618,14 @@ def wkv4_fwd(td, tf, k, v, s0):
     idxT = _new((B, C), torch.int32, dev)
     y = _new((B, T, C), k.dtype, dev)
     z = _new((B, T, C), torch.float32, dev)
+    det = torch.are_deterministic_algorithms_enabled()
     _fwd_fused[(NC * B * nb,)](
         k, v, td, tf, s0, flags, agg, incl, y, z, sT, idxT, B, T, C, L, NC, nb,
         BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None,
-        PUBLISH_INCLUSIVE=not LOOKBACK_SUMMARIES_ONLY, num_warps=nw,
+        PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST, PF1=_PF["fwd"][0],
+        PF2=_PF["fwd"][1], **_evict("fwd"), DETERMINISTIC=det, num_warps=nw,
     )  # fmt: skip
-    return y, z, sT, idxT, (block_c, L, nw)
+    return y, z, sT, idxT, (block_c, L_bwd, nw)
 
 
 def wkv4_bwd(td, tf, k, v, y, z, s0, sT, idxT, gy, gsT, cfg):
@@ -507,11 +636,18 @@ def wkv4_bwd(td, tf, k, v, y, z, s0, sT, idxT, gy, gsT, cfg):
     NC = triton.cdiv(T, L)
     nb = triton.cdiv(C, block_c)
     dev = k.device
-    # One zeroed buffer: the ticket counter and chunk flags, then the (2, C) fp32 accumulators of
-    # the time_decay / time_first gradients (all-zero bits are 0.0).
+    det = torch.are_deterministic_algorithms_enabled()
     nflags = 1 + B * nb * NC
-    zeroed = torch.zeros(nflags + 2 * C, dtype=torch.int32, device=dev)
-    flags, gtdf = zeroed[:nflags], zeroed[nflags:].view(torch.float32).view(2, C)
+    if det:
+        # Deterministic: every program stores its (time_decay, time_first) partial sums in its own
+        # row; one torch.sum in a fixed order replaces the atomics.
+        flags = torch.zeros(nflags, dtype=torch.int32, device=dev)
+        gtdf = _new((B * NC, 2, C), torch.float32, dev)
+    else:
+        # One zeroed buffer: the ticket counter and chunk flags, then the (2, C) fp32 accumulators
+        # of the time_decay / time_first gradients (all-zero bits are 0.0).
+        zeroed = torch.zeros(nflags + 2 * C, dtype=torch.int32, device=dev)
+        flags, gtdf = zeroed[:nflags], zeroed[nflags:].view(torch.float32).view(2, C)
     agg = torch.empty((B, NC, 5, C), dtype=torch.float32, device=dev)
     incl = torch.empty((B, NC, 5, C), dtype=torch.float32, device=dev)
     gk = _new((B, T, C), k.dtype, dev)
@@ -520,15 +656,55 @@ def wkv4_bwd(td, tf, k, v, y, z, s0, sT, idxT, gy, gsT, cfg):
     _bwd_fused[(NC * B * nb,)](
         k, v, y, z, gy, td, tf, s0, sT, idxT, gsT, flags, agg, incl, gk, gv, gs0, gtdf,
         B, T, C, L, NC, nb, BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None,
-        HAS_GST=gsT is not None, PUBLISH_INCLUSIVE=not LOOKBACK_SUMMARIES_ONLY, num_warps=nw,
+        HAS_GST=gsT is not None, PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST,
+        PF1=_PF["bwd"][0], PF2=_PF["bwd"][1], **_evict("bwd"), DETERMINISTIC=det, num_warps=nw,
     )  # fmt: skip
+    if det:
+        gtdf = gtdf.sum(0)
     return gtdf, gk, gv, gs0
 
 
-def _config(B: int, T: int, C: int) -> tuple[int, int, int]:
-    """(BLOCK_C, chunk length L, num_warps): channels per program, tokens per chunk, warps."""
+def _evict(direction: str) -> dict[str, str]:
+    """L2 eviction hints: pass 1 reads stay (pass 2 re-reads them), pass 2 reads and the outputs go.
+    Measured (NOTES.md, version 5): -2..-5% for the forward, +1.6% for the backward at 8,4096,4096."""
+    if not _EVICT[direction]:
+        return {"EV1": "", "EV2": "", "EVS": ""}
+    return {"EV1": "evict_last", "EV2": "evict_first", "EVS": "evict_first"}
+
+
+def _config(B: int, T: int, C: int) -> tuple[int, int, int, int]:
+    """(BLOCK_C, forward chunk length, backward chunk length, num_warps)."""
     if _CFG_OVERRIDE is not None:
-        return _CFG_OVERRIDE
+        block_c, L, nw = _CFG_OVERRIDE
+        return block_c, L, L if _BWD_L is None else _BWD_L, nw
+    block_c, L, nw = _default_config(C)
+    L_fwd = L_bwd = L
+    if _L_OVERRIDE is not None:
+        L_fwd = L_bwd = _L_OVERRIDE
+    elif _short_forward_chunks(B, T, C, block_c, nw):
+        L_fwd = 32
+    if _BWD_L is not None:
+        L_bwd = _BWD_L
+    return block_c, L_fwd, L_bwd, nw
+
+
+def _short_forward_chunks(B: int, T: int, C: int, block_c: int, nw: int) -> bool:
+    """Forward only: 32-token chunks when the 64-token grid is small, i.e. fills the GPU less than
+    0.7 times, or less than twice while the 32-token grid fills it at least twice (measured on H100:
+    -8% / -14% forward time at 4,4096,2048 / 16,1024,768; +4% at 8,1024,2048 (0.78 -> 1.55 fills),
+    no change at 8,4096,4096). The backward keeps 64: shorter chunks cost it more than they give."""
+    slots = _sm_count() * (20 // nw)  # ~20 resident forward warps per SM (registers: ~88 per thread)
+    fills64 = B * triton.cdiv(C, block_c) * triton.cdiv(T, 64) / slots
+    fills32 = B * triton.cdiv(C, block_c) * triton.cdiv(T, 32) / slots
+    return fills64 < 0.7 or (fills64 < 2 and fills32 >= 2)
+
+
+@functools.cache
+def _sm_count() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+
+
+def _default_config(C: int) -> tuple[int, int, int]:
     # Measured on H100 (benchmarks/NOTES.md): the chunk length and block shape move the time by
     # <10%; 4 channels per thread (8-byte bf16 accesses) and 64-token chunks were best.
     if C >= 512 and C % 512 == 0:
@@ -539,6 +715,12 @@ def _config(B: int, T: int, C: int) -> tuple[int, int, int]:
 
 
 _CFG_OVERRIDE: tuple[int, int, int] | None = None  # benchmark hook: force (BLOCK_C, L, num_warps)
+_L_OVERRIDE: int | None = None  # benchmark hook: force the chunk length only
+_BWD_L: int | None = None  # benchmark hook: the backward's own chunk length
+# Prefetch distance (tokens) of pass 1 and pass 2 of each direction; benchmark hook.
+_PF: dict[str, tuple[int, int]] = {"fwd": (1, 1), "bwd": (1, 1)}
+_EVICT = {"fwd": True, "bwd": False}  # benchmark hook: L2 eviction hints per direction
+_FAST = True  # benchmark hook: False restores version 4's division and in-loop max-path term
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
@@ -559,6 +741,7 @@ class WKV4Function(torch.autograd.Function):
         y, z, sT, idxT, cfg = wkv4_fwd(td, tf, k, v, s0)
         ctx.save_for_backward(td, tf, k, v, y, z, s0, sT, idxT)
         ctx.cfg = cfg
+        ctx.set_materialize_grads(False)  # an unused new_state gets None, not a zero tensor
         ctx.dtypes = (time_decay.dtype, time_first.dtype, None if state is None else state.dtype)
         return y, sT
 
