@@ -649,11 +649,9 @@ def test_prepare_sft_data_end_to_end(tokenizer):
 
 
 def test_world_tokenizer_renders_and_masks_a_sample():
-    world = pytest.importorskip("rwkv_ft.tokenizers")
-    try:
-        tokenizer = world.RwkvWorldTokenizer()
-    except Exception as error:  # the vocabulary file may not be in place yet
-        pytest.skip(f"World tokenizer unavailable: {error}")
+    from rwkv_ft.tokenizers import RwkvWorldTokenizer
+
+    tokenizer = RwkvWorldTokenizer()
     conversation = _strip_none(load_conversations(DATA_DIR / "sharegpt_sample.json").dataset[0]["messages"])
     example, reason = tokenize_conversation(conversation, tokenizer, "world", max_length=4096, append_eos=True)
     assert reason is None

@@ -141,7 +141,6 @@ def test_state_tuning_and_lora(tmp_path, capsys):
 
 
 def test_qlora_adapter_folds_into_full_precision_base(tmp_path, capsys):
-    pytest.importorskip("bitsandbytes")
     from rwkv_ft.quantization import load_quantized
 
     config = dict(hidden_size=128, intermediate_size=256)

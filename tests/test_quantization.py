@@ -13,8 +13,6 @@ from rwkv_ft import Rwkv4ForCausalLM
 from rwkv_ft.quantization import bnb_config, load_quantized, quantization_info, quantized_linear_names
 from rwkv_ft.testing import randomize_, relative_error, tiny_config
 
-pytest.importorskip("bitsandbytes")
-
 # Relative Frobenius error of all logits vs fp32, measured on this model (8-bit 1.1e-2, NF4 9.3e-2,
 # FP4 1.3e-1; see rwkv_ft/quantization.py), bounded here with ~1.5-2.5x headroom.
 TOLERANCE = {"8bit": 0.03, "nf4": 0.15, "fp4": 0.2}

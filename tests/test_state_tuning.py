@@ -165,7 +165,6 @@ def test_composes_with_lora(tmp_path):
 
 
 def test_composes_with_nf4_base_and_checkpointing(tmp_path):
-    pytest.importorskip("bitsandbytes")
     from rwkv_ft.quantization import load_quantized
 
     config = tiny_config(hidden_size=128, intermediate_size=256)
