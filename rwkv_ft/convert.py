@@ -154,7 +154,7 @@ def _with_fp32_time_params(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
     return {k: (v.float() if k.endswith(FP32_PARAMS) else v) for k, v in state_dict.items()}
 
 
-def _cast(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def cast_state_dict(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     """Cast floating tensors to `dtype` (None keeps them), then time_decay/time_first back to fp32."""
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -253,15 +253,18 @@ def load_transformers_rwkv(directory: str | os.PathLike) -> tuple[Rwkv4Config, d
     return config, _with_fp32_time_params(state_dict)
 
 
+def model_type_of(directory: str | os.PathLike) -> str | None:
+    """The `model_type` in a model directory's config.json, or None when it has none."""
+    config = Path(directory) / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.exists() else None
+
+
 def load_any_checkpoint(src: str | os.PathLike) -> tuple[Rwkv4Config, dict[str, torch.Tensor], str]:
     """(config, state dict, kind) for a `.pth` file, a transformers RWKV directory, or one of ours."""
     src = _require_path(src)
     if src.is_file():
         return (*load_blinkdl(src), "pth")
-    model_type = (
-        json.loads((src / "config.json").read_text()).get("model_type") if (src / "config.json").exists() else None
-    )
-    if model_type == Rwkv4Config.model_type:
+    if model_type_of(src) == Rwkv4Config.model_type:
         config = Rwkv4Config.from_pretrained(src)
         raw = read_hf_weights(src)
         return config, check_state_dict(raw, config, str(src)), "rwkv_ft"
@@ -390,10 +393,10 @@ def convert_checkpoint(
     `tokenizer="none"`, `AutoTokenizer.from_pretrained(out_dir)` (after `import rwkv_ft`).
     """
     src = _require_path(src)
+    _prepare_output(Path(out_dir), overwrite)  # refuse before the (slow) load, not after it
     config, state_dict, _ = load_any_checkpoint(src)
     tok = _resolve_tokenizer(tokenizer, src, config)
-    model = build_model(config, _cast(state_dict, DTYPES[dtype] if dtype else None))
-    _prepare_output(Path(out_dir), overwrite)
+    model = build_model(config, cast_state_dict(state_dict, DTYPES[dtype] if dtype else None))
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
@@ -413,7 +416,7 @@ def export_model(
 ) -> Path:
     """Write a model as a BlinkDL `.pth` (`format="pth"`) or a transformers RWKV directory."""
     config, state_dict, _ = load_any_checkpoint(model_dir)
-    state_dict = _cast(state_dict, DTYPES[dtype] if dtype else None)
+    state_dict = cast_state_dict(state_dict, DTYPES[dtype] if dtype else None)
     if format == "pth":
         return save_pth(state_dict, out, overwrite=overwrite)
     if format == "transformers":

@@ -30,8 +30,8 @@ from rwkv_ft.adapters.lora import check_mergeable, read_adapter_config
 from rwkv_ft.adapters.state_tuning import STATE_TUNING_FILE, read_state_tuning
 from rwkv_ft.convert import (
     DTYPES,
-    _cast,
     build_model,
+    cast_state_dict,
     load_any_checkpoint,
     save_pth,
     save_transformers,
@@ -82,13 +82,13 @@ def merged_state_dict(
     config, state_dict, _ = load_any_checkpoint(base)
     base_dtype = state_dict["rwkv.emb.weight"].dtype
     if not has_peft:
-        return config, _cast(state_dict, torch.float32), base_dtype, []
+        return config, cast_state_dict(state_dict, torch.float32), base_dtype, []
 
     adapter_config = read_adapter_config(adapter)
     check_mergeable(adapter_config, str(adapter / "adapter_config.json"))
     from peft import PeftModel
 
-    model = build_model(config, _cast(state_dict, torch.float32))
+    model = build_model(config, cast_state_dict(state_dict, torch.float32))
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter))
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -136,7 +136,7 @@ def merge_adapter(
 
     config, state_dict, base_dtype, merged = merged_state_dict(base, adapter)
     target = DTYPES[dtype] if dtype else base_dtype
-    state_dict = _cast(state_dict, target)
+    state_dict = cast_state_dict(state_dict, target)
     report = MergeReport(out=out, format=format, dtype=target, merged=merged)
     report.quantized_base = trained_on_quantized_base(info)
     if report.quantized_base:

@@ -27,11 +27,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import rwkv_ft  # noqa: F401  (registers the Auto classes)
+from rwkv_ft.convert import DTYPES, model_type_of
 from rwkv_ft.recipe import Recipe, RecipeError, load_recipe
 
 logger = logging.getLogger("rwkv_ft.train")
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,7 +58,7 @@ def prepare_base_model(recipe: Recipe, output_dir: Path) -> Path:
         _wait_for_everyone()  # every rank, unconditionally: a rank that skipped it would hang the others
         return base
     path = Path(spec.path)
-    if path.is_dir() and _model_type(path) == "rwkv4":
+    if path.is_dir() and model_type_of(path) == "rwkv4":
         return path
     if path.exists():
         if _is_main_process() and not (base / "config.json").exists():
@@ -67,11 +66,6 @@ def prepare_base_model(recipe: Recipe, output_dir: Path) -> Path:
         _wait_for_everyone()
         return base
     return Path(spec.path)  # a Hub model id: from_pretrained fetches it
-
-
-def _model_type(directory: Path) -> str | None:
-    config = directory / "config.json"
-    return json.loads(config.read_text()).get("model_type") if config.exists() else None
 
 
 def load_tokenizer_for(recipe: Recipe, base: Path):
