@@ -1,125 +1,99 @@
-"""Checkpoint conversion between BlinkDL `.pth`, transformers' RWKV directories and ours.
+"""Checkpoint conversion between BlinkDL `.pth`, other libraries' directories and ours, for every
+RWKV version rwkv_ft has (each version's key maps live in `models/rwkvN/conversion_rwkvN.py`).
 
-Our state dict is BlinkDL's with an `rwkv.` prefix on everything but `head.weight`, so the BlinkDL
-direction is a rename; the transformers direction renames modules (`emb` <-> `embeddings`,
-`ln0` <-> `pre_ln`, `att` <-> `attention`, `ffn` <-> `feed_forward`, `time_mix_k` <-> `time_mix_key`, ...).
-Values are copied bit for bit; only `time_decay` and `time_first` are kept in fp32.
+- `load_any_checkpoint(src)`: a `.pth` file, one of our directories, or a foreign directory
+  (transformers' `RwkvForCausalLM`, fla's `RWKV7ForCausalLM`), checked key by key against a model of
+  the shape its tensors say, with every missing, unexpected or misshaped key listed.
+- `convert_checkpoint` / `export_model`: the `rwkv-ft convert` / `rwkv-ft export` operations.
+- `load_pretrained`: one of our directories through `from_pretrained` (dtype, bitsandbytes), after
+  checking that its config and weights agree, so a wrong config never trains silently.
+Values are copied bit for bit; each version names the tensors it keeps in fp32.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from rwkv_ft.models.rwkv4 import Rwkv4Config, Rwkv4ForCausalLM
+from rwkv_ft.io import (
+    DTYPES,
+    CheckpointError,
+    check_safetensors_header,
+    prepare_output,
+    read_json_object,
+    read_pth,
+    read_safetensors,
+    require_path,
+    write_atomically,
+)
+from rwkv_ft.models.architecture import (
+    Architecture,
+    architecture_for_model_type,
+    architectures,
+    detect_blinkdl,
+)
 
-FP32_PARAMS = ("time_decay", "time_first")
+logger = logging.getLogger("rwkv_ft.convert")
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as RWKV-4, with what is wrong and where."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Key names
-
-
-def blinkdl_to_ours(key: str) -> str:
-    return key if key == "head.weight" else "rwkv." + key
-
-
-def ours_to_blinkdl(key: str) -> str:
-    return key if key == "head.weight" else key.removeprefix("rwkv.")
-
-
-# (ours, transformers) fragment pairs, applied in order.
-_TRANSFORMERS_RENAMES = [
-    ("rwkv.emb.", "rwkv.embeddings."),
-    (".ln0.", ".pre_ln."),
-    (".att.", ".attention."),
-    (".ffn.", ".feed_forward."),
-    (".time_mix_k", ".time_mix_key"),
-    (".time_mix_v", ".time_mix_value"),
-    (".time_mix_r", ".time_mix_receptance"),
+__all__ = [
+    "DTYPES",
+    "CheckpointError",
+    "Checkpoint",
+    "build_model",
+    "cast_state_dict",
+    "check_state_dict",
+    "convert_checkpoint",
+    "export_model",
+    "load_any_checkpoint",
+    "load_blinkdl",
+    "load_pretrained",
+    "model_type_of",
+    "save_pth",
+    "write_atomically",
 ]
 
 
-def ours_to_transformers(key: str) -> str:
-    for ours, theirs in _TRANSFORMERS_RENAMES:
-        key = key.replace(ours, theirs)
-    return key
+@dataclass
+class Checkpoint:
+    """A checkpoint read into memory: its architecture, our config, our-named tensors, its format."""
 
-
-def transformers_to_ours(key: str) -> str:
-    for ours, theirs in _TRANSFORMERS_RENAMES:
-        key = key.replace(theirs, ours)
-    return key
+    arch: Architecture
+    config: Any
+    state_dict: dict[str, torch.Tensor]
+    kind: str  # "pth", "rwkv_ft" or a foreign format's name
 
 
 # --------------------------------------------------------------------------------------------------
-# Version detection and validation
+# Validation
 
 
-def detect_rwkv_version(keys: Iterable[str]) -> str:
-    """'4', '5', '6' or '7' from the parameter names of a BlinkDL-style state dict."""
-    keys = list(keys)
-
-    def has(pattern: str) -> bool:
-        return any(re.search(pattern, k) for k in keys)
-
-    if has(r"att\.(x_r|w0|k_k|r_k)$"):
-        return "7"
-    if has(r"time_maa"):
-        return "6"
-    if has(r"att\.(ln_x|time_faaaa|gate)\b"):
-        return "5"
-    if has(r"att\.time_first$") or has(r"attention\.time_first$"):
-        return "4"
-    raise CheckpointError("not an RWKV checkpoint: no RWKV-4/5/6/7 attention parameters found")
-
-
-def config_from_blinkdl(state_dict: Mapping[str, torch.Tensor], source: str) -> Rwkv4Config:
-    """Model shape read off the tensors: vocab and width from `emb.weight`, depth from block indices."""
-    for key in ("emb.weight", "blocks.0.ffn.key.weight"):
-        if key not in state_dict:
-            raise CheckpointError(f"{source}: missing key {key!r}, needed to read the model's shape")
-    vocab, width = state_dict["emb.weight"].shape
-    layers = 1 + max(int(m.group(1)) for k in state_dict if (m := re.match(r"blocks\.(\d+)\.", k)))
-    return Rwkv4Config(
-        vocab_size=vocab,
-        hidden_size=width,
-        num_hidden_layers=layers,
-        intermediate_size=state_dict["blocks.0.ffn.key.weight"].shape[0],
-    )
-
-
-def expected_shapes(config: Rwkv4Config) -> dict[str, torch.Size]:
+def expected_shapes(arch: Architecture, config) -> dict[str, torch.Size]:
     with torch.device("meta"):
-        model = Rwkv4ForCausalLM(config)
+        model = arch.model_class(config)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def check_state_dict(
     state_dict: Mapping[str, torch.Tensor],
-    config: Rwkv4Config,
+    arch: Architecture,
+    config,
     source: str,
     source_name: Callable[[str], str] = lambda key: key,
-) -> dict:
-    """Return `state_dict` with BlinkDL's squeezable shapes fixed, or raise listing every bad key.
+) -> dict[str, torch.Tensor]:
+    """Return `state_dict` with squeezable shapes fixed, or raise listing every bad key.
 
-    Missing, unexpected and misshaped keys are all reported at once, named as the source file
-    names them (`source_name` maps our key back).
-    A tensor whose shape differs only by size-1 axes (e.g. time_mix stored as (C,) instead of
-    (1, 1, C)) is reshaped.
+    Missing, unexpected and misshaped keys are all reported at once, named as the source names
+    them (`source_name` maps our key back). A tensor whose shape differs only by size-1 axes (e.g.
+    time_mix stored as (C,) instead of (1, 1, C)) is reshaped.
     """
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(arch, config)
+    state_dict = {k: v for k, v in state_dict.items() if k in shapes or not arch.ignorable_keys(k)}
     missing = sorted(source_name(k) for k in set(shapes) - set(state_dict))
     unexpected = sorted(source_name(k) for k in set(state_dict) - set(shapes))
     misshaped, fixed = [], {}
@@ -135,248 +109,300 @@ def check_state_dict(
                 continue
         fixed[key] = tensor
     if missing or unexpected or misshaped:
-        lines = [f"{source}: the checkpoint does not match an RWKV-4 model of its shape ({_describe(config)})"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if misshaped:
-            lines.append(f"  misshaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
-        raise CheckpointError("\n".join(lines))
+        raise CheckpointError(_mismatch_report(source, arch.describe(config), missing, unexpected, misshaped))
     return fixed
 
 
-def _describe(config: Rwkv4Config) -> str:
-    return f"L={config.num_hidden_layers}, C={config.hidden_size}, F={config.intermediate_size}, V={config.vocab_size}"
+def _mismatch_report(source: str, described: str, missing, unexpected, misshaped) -> str:
+    lines = [f"{source}: the weights do not match the model its config describes ({described})"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if misshaped:
+        lines.append(f"  misshaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+    return "\n".join(lines)
 
 
-def _with_fp32_time_params(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: (v.float() if k.endswith(FP32_PARAMS) else v) for k, v in state_dict.items()}
+def cast_state_dict(
+    state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None, arch: Architecture | None = None
+) -> dict[str, torch.Tensor]:
+    """Cast floating tensors to `dtype` (None keeps them), then the architecture's fp32 tensors back to fp32."""
+    arch = arch or _architecture_of_keys(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if value.is_floating_point():
+            if arch.keeps_fp32(key):
+                value = value.float()
+            elif dtype is not None:
+                value = value.to(dtype)
+        out[key] = value
+    return out
 
 
-def cast_state_dict(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Cast floating tensors to `dtype` (None keeps them), then time_decay/time_first back to fp32."""
-    if dtype is not None:
-        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    return _with_fp32_time_params(state_dict)
+def _architecture_of_keys(state_dict: Mapping[str, torch.Tensor]) -> Architecture:
+    for arch in architectures():
+        if arch.matches_blinkdl(k.removeprefix("rwkv.") for k in state_dict):
+            return arch
+    raise CheckpointError("cannot tell the RWKV version of this state dict")
 
 
 # --------------------------------------------------------------------------------------------------
 # Reading
 
 
-def _require_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or directory: {path}")
-    return path
-
-
-def read_pth(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a `.pth` file, loaded safely (`weights_only=True`)."""
-    path = _require_path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many kinds for a file that is not a checkpoint
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a flat dict of tensors (a BlinkDL RWKV .pth)")
-    if "_strategy" in obj:
+def load_blinkdl(path: str | os.PathLike) -> Checkpoint:
+    """A BlinkDL `.pth` (or a bare `.safetensors` state dict with BlinkDL's names) of any supported version."""
+    path = require_path(path, "checkpoint file")
+    raw = read_safetensors(path) if path.suffix == ".safetensors" else read_pth(path)
+    if "_strategy" in raw:
         raise CheckpointError(
             f"{path}: this file was pre-converted for a strategy by rwkv's convert_model; use the original .pth"
         )
-    return dict(obj)
-
-
-def load_blinkdl(path: str | os.PathLike) -> tuple[Rwkv4Config, dict[str, torch.Tensor]]:
-    """Config and our-named state dict of a BlinkDL RWKV-4 `.pth` (Pile, Raven, World)."""
-    raw = read_pth(path)
-    version = detect_rwkv_version(raw)
-    if version != "4":
-        raise CheckpointError(f"{path}: this is an RWKV-{version} checkpoint; rwkv_ft loads RWKV-4 only for now")
-    config = config_from_blinkdl(raw, str(path))
-    state_dict = check_state_dict({blinkdl_to_ours(k): v for k, v in raw.items()}, config, str(path), ours_to_blinkdl)
-    return config, _with_fp32_time_params(state_dict)
+    found = detect_blinkdl(raw)
+    if isinstance(found, str):
+        supported = ", ".join(a.name for a in architectures())
+        raise CheckpointError(f"{path}: this is {found}; rwkv_ft loads {supported}")
+    arch = found
+    config = arch.config_from_blinkdl(raw, str(path))
+    state_dict = check_state_dict(arch.blinkdl_to_ours(raw, config), arch, config, str(path), arch.blinkdl_key)
+    return Checkpoint(arch, config, cast_state_dict(state_dict, None, arch), "pth")
 
 
 def read_hf_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a Hugging Face model directory: safetensors (single or sharded) or pytorch_model.bin."""
-    from safetensors.torch import load_file
-
-    directory = _require_path(directory)
+    directory = require_path(directory, "model directory")
     for index_name, reader in (
-        ("model.safetensors.index.json", load_file),
-        ("pytorch_model.bin.index.json", lambda p: torch.load(p, map_location="cpu", weights_only=True)),
+        ("model.safetensors.index.json", read_safetensors),
+        ("pytorch_model.bin.index.json", read_pth),
     ):
         index = directory / index_name
         if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = (read_json_object(index) or {}).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map' object; the index file is damaged")
             state_dict = {}
-            for shard in shards:
+            for shard in sorted(set(weight_map.values())):
                 state_dict.update(reader(directory / shard))
             return state_dict
     if (directory / "model.safetensors").exists():
-        return load_file(directory / "model.safetensors")
+        return read_safetensors(directory / "model.safetensors")
     if (directory / "pytorch_model.bin").exists():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return read_pth(directory / "pytorch_model.bin")
     raise CheckpointError(f"{directory}: no model.safetensors or pytorch_model.bin (sharded or not) found")
 
 
-def load_transformers_rwkv(directory: str | os.PathLike) -> tuple[Rwkv4Config, dict[str, torch.Tensor]]:
-    """Config and our-named state dict of a transformers `RwkvForCausalLM` directory."""
-    directory = _require_path(directory)
-    config_file = directory / "config.json"
-    if not config_file.exists():
-        raise CheckpointError(f"{directory}: no config.json; not a transformers model directory")
-    hf = json.loads(config_file.read_text())
-    if hf.get("model_type") != "rwkv":
-        raise CheckpointError(f"{config_file}: model_type is {hf.get('model_type')!r}, expected 'rwkv'")
-    width = hf["hidden_size"]
-    if hf.get("attention_hidden_size", width) not in (None, width):
-        raise CheckpointError(f"{config_file}: attention_hidden_size != hidden_size is not an RWKV-4 release shape")
-    config = Rwkv4Config(
-        vocab_size=hf["vocab_size"],
-        hidden_size=width,
-        num_hidden_layers=hf["num_hidden_layers"],
-        intermediate_size=hf.get("intermediate_size") or 4 * width,
-        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-        bos_token_id=hf.get("bos_token_id", 0),
-        eos_token_id=hf.get("eos_token_id", 0),
-        pad_token_id=hf.get("pad_token_id") if hf.get("pad_token_id") is not None else 0,
-    )
-    raw = read_hf_weights(directory)
-    if "head.weight" not in raw and hf.get("tie_word_embeddings"):
-        raw["head.weight"] = raw["rwkv.embeddings.weight"]
-    state_dict = check_state_dict(
-        {transformers_to_ours(k): v for k, v in raw.items()}, config, str(directory), ours_to_transformers
-    )
-    return config, _with_fp32_time_params(state_dict)
+def read_config_json(directory: Path) -> dict[str, Any]:
+    config = read_json_object(directory / "config.json")
+    if config is None:
+        raise CheckpointError(f"{directory}: no config.json; not a model directory")
+    return config
 
 
 def model_type_of(directory: str | os.PathLike) -> str | None:
     """The `model_type` in a model directory's config.json, or None when it has none."""
-    config = Path(directory) / "config.json"
-    return json.loads(config.read_text()).get("model_type") if config.exists() else None
+    config = read_json_object(Path(directory) / "config.json")
+    return None if config is None else config.get("model_type")
 
 
-def load_any_checkpoint(src: str | os.PathLike) -> tuple[Rwkv4Config, dict[str, torch.Tensor], str]:
-    """(config, state dict, kind) for a `.pth` file, a transformers RWKV directory, or one of ours."""
-    src = _require_path(src)
+def _config_from_ours(arch: Architecture, directory: Path):
+    try:
+        return arch.config_class.from_pretrained(directory)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"{directory / 'config.json'}: {exc}") from exc
+
+
+def load_any_checkpoint(src: str | os.PathLike) -> Checkpoint:
+    """A `.pth`/`.safetensors` file, one of our directories, or a foreign RWKV directory."""
+    src = require_path(src)
     if src.is_file():
-        return (*load_blinkdl(src), "pth")
-    if model_type_of(src) == Rwkv4Config.model_type:
-        config = Rwkv4Config.from_pretrained(src)
-        raw = read_hf_weights(src)
-        return config, check_state_dict(raw, config, str(src)), "rwkv_ft"
-    return (*load_transformers_rwkv(src), "transformers")
+        return load_blinkdl(src)
+    hf = read_config_json(src)
+    model_type = hf.get("model_type")
+    arch = architecture_for_model_type(model_type)
+    if arch is not None:
+        config = _config_from_ours(arch, src)
+        state_dict = check_state_dict(read_hf_weights(src), arch, config, str(src))
+        return Checkpoint(arch, config, cast_state_dict(state_dict, None, arch), "rwkv_ft")
+    for arch in architectures():
+        for fmt in arch.foreign_formats:
+            if fmt.model_type == model_type:
+                config, state_dict = fmt.load(src, hf)
+                state_dict = check_state_dict(state_dict, arch, config, str(src))
+                return Checkpoint(arch, config, cast_state_dict(state_dict, None, arch), fmt.name)
+    known = [a.model_type for a in architectures()] + [f.model_type for a in architectures() for f in a.foreign_formats]
+    raise CheckpointError(
+        f"{src / 'config.json'}: model_type {model_type!r} is not an RWKV model rwkv_ft reads "
+        f"(it reads model_type {', '.join(map(repr, known))} and BlinkDL .pth files)"
+    )
+
+
+def verify_model_dir(directory: str | os.PathLike) -> tuple[Architecture, Any]:
+    """Check that one of our directories is complete and its weights fit its config, without loading
+    the tensors (names and shapes from the safetensors headers). Returns (architecture, config)."""
+    from safetensors import safe_open
+
+    directory = require_path(directory, "model directory")
+    hf = read_config_json(directory)
+    arch = architecture_for_model_type(hf.get("model_type"))
+    if arch is None:
+        raise CheckpointError(
+            f"{directory / 'config.json'}: model_type {hf.get('model_type')!r} is not one of rwkv_ft's "
+            f"({', '.join(a.model_type for a in architectures())}); convert it first with `rwkv-ft convert`"
+        )
+    config = _config_from_ours(arch, directory)
+    files = _weight_files(directory)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        check_safetensors_header(file)
+        with safe_open(str(file), framework="pt") as f:
+            shapes.update({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})
+    expected = {k: tuple(v) for k, v in expected_shapes(arch, config).items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(k for k in set(shapes) - set(expected) if not arch.ignorable_keys(k))
+    common = sorted(set(shapes) & set(expected))
+    misshaped = [f"{k}: {shapes[k]}, expected {expected[k]}" for k in common if shapes[k] != expected[k]]
+    if missing or unexpected or misshaped:
+        raise CheckpointError(_mismatch_report(str(directory), arch.describe(config), missing, unexpected, misshaped))
+    return arch, config
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = (read_json_object(index) or {}).get("weight_map") or {}
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    if (directory / "model.safetensors").exists():
+        return [directory / "model.safetensors"]
+    raise CheckpointError(f"{directory}: no model.safetensors; the model directory is incomplete")
+
+
+def load_pretrained(directory: str | os.PathLike, **kwargs: Any) -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(directory, **kwargs)` for one of our directories, after
+    `verify_model_dir`: a config that disagrees with the weights is an error naming the keys."""
+    from transformers import AutoModelForCausalLM
+
+    verify_model_dir(directory)
+    model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True, **kwargs)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise CheckpointError(f"{directory}: weights do not match the model ({problems})")
+    return model
+
+
+def is_complete_model_dir(directory: Path) -> bool:
+    """True when `directory` holds a model of ours that `verify_model_dir` accepts."""
+    try:
+        verify_model_dir(directory)
+    except (CheckpointError, FileNotFoundError, OSError):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
-# Writing (atomically: into a temporary sibling, then renamed into place)
+# Writing
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and (out.is_file() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.is_dir():
-        shutil.rmtree(out)
-    elif out.exists():
-        out.unlink()
-    os.replace(tmp, out)
-
-
-def write_atomically(out: str | os.PathLike, write, *, overwrite: bool = False, is_dir: bool = True) -> Path:
-    """Call `write(tmp_path)` on a temporary sibling of `out`, then move it into place."""
-    out = Path(out)
-    _prepare_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-        os.close(fd)
-        tmp = Path(name)
-    try:
-        write(tmp)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
-        raise
-    return out
-
-
-def build_model(config: Rwkv4Config, state_dict: Mapping[str, torch.Tensor]) -> Rwkv4ForCausalLM:
+def build_model(config, state_dict: Mapping[str, torch.Tensor], arch: Architecture | None = None):
     """Our model holding exactly these tensors (no re-initialisation, dtypes kept)."""
+    arch = arch or architecture_for_model_type(config.model_type)
     with torch.device("meta"):
-        model = Rwkv4ForCausalLM(config)
+        model = arch.model_class(config)
     model.load_state_dict(dict(state_dict), strict=True, assign=True)
     return model.eval()
 
 
-def save_pth(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write our state dict as a BlinkDL `.pth` that BlinkDL's `rwkv` package loads."""
-    blink = {ours_to_blinkdl(k): v.contiguous() for k, v in state_dict.items()}
-    return write_atomically(path, lambda tmp: torch.save(blink, tmp), overwrite=overwrite, is_dir=False)
+def pth_path(out: str | os.PathLike) -> Path:
+    """`out`, with `.pth` added when it has no extension (so `export ... model` writes model.pth)."""
+    out = Path(out)
+    return out if out.suffix else out.with_name(out.name + ".pth")
 
 
-def save_transformers(
-    config: Rwkv4Config,
+def save_pth(
     state_dict: Mapping[str, torch.Tensor],
-    out_dir: str | os.PathLike,
+    path: str | os.PathLike,
     *,
+    arch: Architecture | None = None,
+    config=None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a directory that plain transformers loads with `RwkvForCausalLM.from_pretrained`."""
-    from transformers import RwkvConfig, RwkvForCausalLM
+    """Write our state dict as a BlinkDL `.pth` that BlinkDL's `rwkv` package loads."""
+    arch = arch or _architecture_of_keys(state_dict)
+    blink = {k: v.contiguous() for k, v in arch.ours_to_blinkdl(state_dict, config).items()}
+    return write_atomically(pth_path(path), lambda tmp: torch.save(blink, tmp), overwrite=overwrite, is_dir=False)
 
-    any_weight = state_dict["rwkv.emb.weight"]
-    hf_config = RwkvConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_hidden_layers,
-        attention_hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        layer_norm_epsilon=config.layer_norm_epsilon,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        # transformers halves activations every `rescale_every` layers at inference; that only
-        # guards fp16 against overflow, and changes nothing else, so we turn it on for fp16 only.
-        rescale_every=6 if any_weight.dtype == torch.float16 else 0,
-        tie_word_embeddings=False,
-    )
-    with torch.device("meta"):
-        model = RwkvForCausalLM(hf_config)
-    model.load_state_dict({ours_to_transformers(k): v for k, v in state_dict.items()}, strict=True, assign=True)
-    return write_atomically(out_dir, lambda tmp: model.save_pretrained(tmp), overwrite=overwrite)
+
+def save_model_dir(model, out: str | os.PathLike, *, tokenizer=None, overwrite: bool = False, extra=None) -> Path:
+    """`model.save_pretrained` (and the tokenizer) into `out`, atomically; `extra(tmp)` adds files."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
+
+    return write_atomically(out, write, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------------------------------
-# The two CLI operations
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Tokenizers beside converted models
 
 
-def _resolve_tokenizer(spec: str, src: Path, config: Rwkv4Config):
-    """The tokenizer to save beside a converted model, resolved before anything is written."""
+def resolve_tokenizer(spec: str, src: Path, arch: Architecture, config) -> tuple[Any, str]:
+    """(tokenizer or None, a sentence saying which one and why), resolved before anything is written.
+
+    "auto": the source directory's own tokenizer, else the one the vocabulary size means for this
+    version (World for 65,536 rows; GPT-NeoX only when it can be had without waiting on the network),
+    else none. A tokenizer whose ids do not fit the embedding is refused.
+    """
+    from rwkv_ft.tokenizers import TokenizerUnavailable, load_tokenizer
+
     if spec == "none":
-        return None
-    from rwkv_ft.tokenizers import load_tokenizer
-
+        return None, "no tokenizer written (--tokenizer none)"
     if spec == "auto":
         if src.is_dir() and any((src / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
-            spec = str(src)
+            spec, why = str(src), "the source directory's own"
         else:
-            spec = "world" if config.vocab_size == 65536 else "neox"
+            spec = arch.tokenizer_for_vocab(config.vocab_size)
+            if spec is None:
+                return None, (
+                    f"no tokenizer written: a vocabulary of {config.vocab_size} matches no tokenizer rwkv_ft knows; "
+                    "add one with `rwkv-ft convert ... --tokenizer PATH` (a tokenizer.json or World vocabulary file)"
+                    " or save one into the output directory with tokenizer.save_pretrained(OUT_DIR)"
+                )
+            why = f"the {spec} tokenizer, from the vocabulary size {config.vocab_size}"
+            try:
+                tokenizer = load_tokenizer(spec)
+            except TokenizerUnavailable as exc:
+                return None, f"no tokenizer written: {exc}; add it later with --tokenizer PATH"
+            check_tokenizer_fits(tokenizer, config.vocab_size, f"--tokenizer {spec}")
+            return tokenizer, f"tokenizer: {why}"
+    else:
+        why = spec
     try:
-        return load_tokenizer(spec)
-    except Exception as exc:
+        tokenizer = load_tokenizer(spec)
+    except (OSError, ValueError) as exc:
         raise ValueError(
             f"--tokenizer {spec}: {exc}\n(pass --tokenizer world, --tokenizer PATH to a tokenizer.json, "
             "or --tokenizer none to convert the weights alone)"
         ) from exc
+    check_tokenizer_fits(tokenizer, config.vocab_size, f"--tokenizer {spec}")
+    return tokenizer, f"tokenizer: {why}"
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, source: str) -> None:
+    """Refuse a tokenizer that can produce ids the model's embedding does not have."""
+    size = len(tokenizer)
+    if size > vocab_size:
+        raise ValueError(
+            f"{source}: the tokenizer has {size} ids but the model's embedding has only {vocab_size} rows; "
+            "it is not this model's tokenizer"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# The two CLI operations
 
 
 def convert_checkpoint(
@@ -386,24 +412,22 @@ def convert_checkpoint(
     tokenizer: str = "auto",
     dtype: str | None = None,
     overwrite: bool = False,
+    report: Callable[[str], None] = logger.info,
 ) -> Path:
-    """Convert a BlinkDL `.pth` or a transformers RWKV directory into a directory of ours.
+    """Convert a BlinkDL `.pth` or a foreign RWKV directory into a directory of ours.
 
-    The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)` and, unless
-    `tokenizer="none"`, `AutoTokenizer.from_pretrained(out_dir)` (after `import rwkv_ft`).
+    The result loads with `AutoModelForCausalLM.from_pretrained(out_dir)` and, when a tokenizer was
+    written, `AutoTokenizer.from_pretrained(out_dir)` (after `import rwkv_ft`). `report` receives the
+    sentence saying which tokenizer was written, or why none was.
     """
-    src = _require_path(src)
-    _prepare_output(Path(out_dir), overwrite)  # refuse before the (slow) load, not after it
-    config, state_dict, _ = load_any_checkpoint(src)
-    tok = _resolve_tokenizer(tokenizer, src, config)
-    model = build_model(config, cast_state_dict(state_dict, DTYPES[dtype] if dtype else None))
-
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        if tok is not None:
-            tok.save_pretrained(tmp)
-
-    return write_atomically(out_dir, write, overwrite=overwrite)
+    src = require_path(src)
+    prepare_output(Path(out_dir), overwrite)  # refuse before the (slow) load, not after it
+    ckpt = load_any_checkpoint(src)
+    tok, why = resolve_tokenizer(tokenizer, src, ckpt.arch, ckpt.config)
+    model = build_model(ckpt.config, cast_state_dict(ckpt.state_dict, DTYPES[dtype] if dtype else None, ckpt.arch))
+    out = save_model_dir(model, out_dir, tokenizer=tok, overwrite=overwrite)
+    report(why)
+    return out
 
 
 def export_model(
@@ -414,11 +438,29 @@ def export_model(
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write a model as a BlinkDL `.pth` (`format="pth"`) or a transformers RWKV directory."""
-    config, state_dict, _ = load_any_checkpoint(model_dir)
-    state_dict = cast_state_dict(state_dict, DTYPES[dtype] if dtype else None)
+    """Write a model as a BlinkDL `.pth` (`format="pth"`; `.pth` is added to an OUT without an
+    extension) or a foreign format of its version (`"transformers"` for RWKV-4), tokenizer included."""
+    ckpt = load_any_checkpoint(model_dir)
+    state_dict = cast_state_dict(ckpt.state_dict, DTYPES[dtype] if dtype else None, ckpt.arch)
     if format == "pth":
-        return save_pth(state_dict, out, overwrite=overwrite)
-    if format == "transformers":
-        return save_transformers(config, state_dict, out, overwrite=overwrite)
-    raise ValueError(f"--format must be 'pth' or 'transformers', got {format!r}")
+        return save_pth(state_dict, out, arch=ckpt.arch, config=ckpt.config, overwrite=overwrite)
+    fmt = next((f for f in ckpt.arch.foreign_formats if f.name == format and f.save is not None), None)
+    if fmt is None:
+        formats = ["pth"] + [f.name for f in ckpt.arch.foreign_formats if f.save is not None]
+        raise ValueError(f"--format {format}: {ckpt.arch.name} models export as {', '.join(formats)}")
+
+    def write(tmp: Path) -> None:
+        fmt.save(ckpt.config, state_dict, tmp)
+        copy_tokenizer(Path(model_dir), tmp)
+
+    return write_atomically(out, write, overwrite=overwrite)
+
+
+def copy_tokenizer(src: Path, out: Path) -> bool:
+    """Save the tokenizer of model directory `src` (if it has one) into `out`; True if one was saved."""
+    from rwkv_ft.tokenizers import load_tokenizer
+
+    if src.is_dir() and any((src / name).exists() for name in ("tokenizer_config.json", "tokenizer.json")):
+        load_tokenizer(str(src)).save_pretrained(out)
+        return True
+    return False

@@ -18,8 +18,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rwkv_ft.adapters.info import ADAPTER_INFO_FILE, read_adapter_info, read_json_object, trained_on_quantized_base
+from rwkv_ft.adapters.info import ADAPTER_INFO_FILE, read_adapter_info, trained_on_quantized_base
 from rwkv_ft.adapters.state_tuning import STATE_TUNING_FILE
+from rwkv_ft.io import read_json_object
 
 TRAINING_SUMMARY_FILE = "training_summary.json"
 _SKIP_NAMES = {"optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin"}
@@ -86,16 +87,37 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def model_card(directory: str | os.PathLike, repo_id: str) -> str:
-    """The README.md for `directory` uploaded as `repo_id`."""
+def _architecture_name(model_type: str | None) -> str:
+    from rwkv_ft.models.architecture import architecture_for_model_type
+
+    arch = architecture_for_model_type(model_type)
+    return arch.name if arch is not None else "RWKV"
+
+
+def model_card(
+    directory: str | os.PathLike,
+    repo_id: str | None = None,
+    *,
+    merged_from: tuple[str | os.PathLike, str | os.PathLike, list[str]] | None = None,
+) -> str:
+    """The README.md for `directory`: an adapter or a model, uploaded as `repo_id` (None: used locally).
+
+    `merged_from` = (base, adapter, merged kinds) for a folder written by `rwkv-ft merge`: the card
+    then describes the training recorded in the adapter and says what was folded in.
+    """
     root = Path(directory)
+    source = Path(merged_from[1]) if merged_from else root  # where the training record lives
     adapter_config = read_json_object(root / "adapter_config.json")
-    info = read_adapter_info(root) or {}
+    info = read_adapter_info(source) or {}
     model_config = read_json_object(root / "config.json")
     has_state = (root / STATE_TUNING_FILE).exists()
     is_adapter = adapter_config is not None or (has_state and model_config is None)
     base = info.get("base_model") or (adapter_config or {}).get("base_model_name_or_path")
+    if merged_from and not base:
+        base = str(merged_from[0])
     summary = training_summary(root)
+    arch_name = _architecture_name((model_config or {}).get("model_type") or info.get("base_model_type"))
+    name = repo_id or root.resolve().name
 
     kinds = []
     if adapter_config is not None:
@@ -103,19 +125,26 @@ def model_card(directory: str | os.PathLike, repo_id: str) -> str:
         kinds.append("DoRA" if adapter_config.get("use_dora") else _PEFT_NAMES.get(peft_type, peft_type))
     if has_state:
         kinds.append("state tuning")
-    tags = ["rwkv", "rwkv4", "rwkv_ft"] + [k.lower().replace(" ", "-") for k in kinds]
+    tags = ["rwkv", arch_name.lower().replace("-", ""), "rwkv_ft"] + [k.lower().replace(" ", "-") for k in kinds]
     front = ["---", f"library_name: {'peft' if adapter_config is not None else 'transformers'}"]
     if _is_hub_id(base):
         front.append(f"base_model: {base}")
     front += ["tags:"] + [f"- {t}" for t in tags] + ["---", _CARD_MARK, ""]
 
-    title = f"# {repo_id.split('/')[-1]}"
-    what = (
-        f"Adapter ({' + '.join(kinds)}) for the RWKV-4 model `{base or 'unknown'}`"
-        if is_adapter
-        else "RWKV-4 language model" + (f" fine-tuned from `{base}`" if base else "")
-    )
-    lines = [*front, title, "", what + ", trained with rwkv_ft (Hugging Face transformers + peft).", ""]
+    if is_adapter:
+        what = f"Adapter ({' + '.join(kinds)}) for the {arch_name} model `{base or 'unknown'}`"
+    else:
+        what = f"{arch_name} language model" + (f" fine-tuned from `{base}`" if base else "")
+    lines = [
+        *front,
+        f"# {name.split('/')[-1]}",
+        "",
+        what + ", trained with rwkv_ft (Hugging Face transformers + peft).",
+        "",
+    ]
+    if merged_from:
+        merged = " + ".join(merged_from[2]) or "nothing"
+        lines += [f"Merged with `rwkv-ft merge`: {merged} from `{merged_from[1]}` folded into `{merged_from[0]}`.", ""]
 
     lines += ["## Details", ""]
     if base:
@@ -147,6 +176,9 @@ def model_card(directory: str | os.PathLike, repo_id: str) -> str:
         for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size"):
             if key in model_config:
                 lines.append(f"- {key}: {model_config[key]}")
+    template = summary.get("chat_template") or info.get("chat_template")
+    if template:
+        lines.append(f"- Prompt template: `{template}` (saved as the tokenizer's chat_template)")
     for key, label in (("data", "Data"), ("recipe", "Recipe")):
         value = summary.get(key, info.get(key))
         if value:
@@ -165,12 +197,16 @@ def model_card(directory: str | os.PathLike, repo_id: str) -> str:
     if results:
         lines += ["## Results", "", "| | |", "|---|---|"] + [f"| {label} | {_fmt(v)} |" for label, v in results] + [""]
 
+    here = repo_id or str(root.resolve())
     lines += [
         "## How to use",
         "",
         "```python",
-        *_usage(repo_id, base if is_adapter else repo_id, adapter_config is not None and is_adapter, has_state),
+        *_usage(here, base if is_adapter else here, adapter_config is not None and is_adapter, has_state, repo_id),
         "```",
+        "",
+        "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives the prompt format the model "
+        'was trained with; generation should stop at the blank line that ends a turn (`stop_strings=["\\n\\n"]`).',
         "",
     ]
     if is_adapter and adapter_config is not None:
@@ -178,29 +214,43 @@ def model_card(directory: str | os.PathLike, repo_id: str) -> str:
     return "\n".join(lines)
 
 
-def _usage(repo_id: str, base: str | None, peft_adapter: bool, has_state: bool) -> list[str]:
-    """Python lines that load the uploaded repo."""
+def write_model_card(
+    directory: str | os.PathLike,
+    repo_id: str | None = None,
+    *,
+    merged_from: tuple[str | os.PathLike, str | os.PathLike, list[str]] | None = None,
+) -> Path:
+    """Write `model_card(...)` as `directory/README.md` (replacing peft's empty template)."""
+    from rwkv_ft.io import write_atomically
+
+    card = model_card(directory, repo_id, merged_from=merged_from)
+    path = Path(directory) / "README.md"
+    return write_atomically(path, lambda tmp: tmp.write_text(card, encoding="utf-8"), overwrite=True, is_dir=False)
+
+
+def _usage(here: str, base: str | None, peft_adapter: bool, has_state: bool, repo_id: str | None) -> list[str]:
+    """Python lines that load the adapter or model at `here` (a Hub id or a local path)."""
     base = base or "BASE_MODEL"
     lines = [
-        "import rwkv_ft  # registers RWKV-4 with transformers' Auto classes and peft",
+        "import rwkv_ft  # registers rwkv_ft's RWKV models with transformers' Auto classes and peft",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
     ]
     if peft_adapter:
         lines.append("from peft import PeftModel")
     if has_state:
-        lines += [
-            "from huggingface_hub import snapshot_download",
-            "from rwkv_ft.adapters import load_state_tuning",
-        ]
+        if repo_id:
+            lines.append("from huggingface_hub import snapshot_download")
+        lines.append("from rwkv_ft.adapters import load_state_tuning")
     lines += [
         "",
         f'model = AutoModelForCausalLM.from_pretrained("{base}")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{base}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{here if peft_adapter or has_state else base}")',
     ]
     if peft_adapter:
-        lines.append(f'model = PeftModel.from_pretrained(model, "{repo_id}")')
+        lines.append(f'model = PeftModel.from_pretrained(model, "{here}")')
     if has_state:
-        lines.append(f'load_state_tuning(model, snapshot_download("{repo_id}"))  # the learned initial state')
+        where = f'snapshot_download("{repo_id}")' if repo_id else f'"{here}"'
+        lines.append(f"load_state_tuning(model, {where})  # the learned initial state")
     return lines
 
 

@@ -24,8 +24,9 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelSection:
-    path: str | None = None  # our directory, a BlinkDL .pth, a transformers RWKV dir, or a Hub id
-    config: dict[str, Any] | None = None  # Rwkv4Config kwargs for a from-scratch model when path is null
+    path: str | None = None  # our directory, a BlinkDL .pth, another library's RWKV dir, or a Hub id
+    model_type: str | None = None  # rwkv4 | rwkv7_ft: the architecture of a model built from `config`
+    config: dict[str, Any] | None = None  # config kwargs (e.g. Rwkv4Config) for a from-scratch model
     dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the (frozen) base weights
     quantization: str | None = None  # null | int8 | nf4 | fp4 (bitsandbytes; QLoRA)
     wkv_backend: str = "auto"  # auto | triton | torch
@@ -218,11 +219,48 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] | None = No
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"{path}: not UTF-8 text ({exc})") from exc
         values = _numeric_strings_to_floats(values)
     if overrides:
         values = _merge(values, parse_overrides(overrides))
         where += " + command-line overrides"
-    return _build(Recipe, values, where)
+    recipe = _build(Recipe, values, where)
+    _check_ranges(recipe, where)
+    return recipe
+
+
+# Keys that must be >= 1 (when set), and keys that must be >= 0.
+AT_LEAST_ONE = (
+    "data.max_length",
+    "adapter.r",
+    "training.batch_size",
+    "training.grad_accum",
+    "training.logging_steps",
+    "training.eval_batch_size",
+    "training.eval_steps",
+    "training.save_steps",
+    "training.save_total_limit",
+    "generate.max_new_tokens",
+)
+NON_NEGATIVE = (
+    "training.lr",
+    "training.weight_decay",
+    "training.warmup_steps",
+    "generate.temperature",
+    "adapter.dropout",
+)
+
+
+def _check_ranges(recipe: Recipe, where: str) -> None:
+    for key in AT_LEAST_ONE + NON_NEGATIVE:
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        low = 1 if key in AT_LEAST_ONE else 0
+        if value is not None and not value >= low:  # `not >=` also catches nan
+            raise RecipeError(f"{where}: {key} must be >= {low}, got {value!r}")
+    if recipe.model.path is None and recipe.model.config is not None and recipe.model.model_type is None:
+        raise RecipeError(f"{where}: model.model_type must name the architecture of the model built from model.config")
 
 
 def _numeric_strings_to_floats(values: Any) -> Any:

@@ -90,3 +90,19 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             value = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
         p.copy_(value.to(p.dtype))
     return model
+
+
+def random_ids(batch: int, length: int, vocab: int = 97, seed: int = 0) -> torch.Tensor:
+    """(batch, length) random token ids in 1..vocab-1 (0 is RWKV's end-of-text/padding id)."""
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_rwkv4():
+    """A tiny RWKV-4 causal LM with every parameter random."""
+    from rwkv_ft.models.rwkv4 import Rwkv4ForCausalLM
+
+    return randomize_(Rwkv4ForCausalLM(tiny_config()), seed=1)
+
+
+# Every model version the shared tests (generation, padding, packing, adapters) run on.
+MODEL_FACTORIES = {"rwkv4": tiny_rwkv4}

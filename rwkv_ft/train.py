@@ -4,11 +4,17 @@ Also reachable as `rwkv-ft train RECIPE`. Builds the base model (from a checkpoi
 wraps it with the recipe's adapter (LoRA, QLoRA on an 8-/4-bit base, state tuning, or none), loads
 and masks the data, trains with the Hugging Face `Trainer`, and leaves in `training.output_dir`:
 
-    adapter/ (or model/ for full fine-tuning)   the result, safetensors
+    adapter/ (or model/ for full fine-tuning)   the result, safetensors, tokenizer with its chat
+                                              template, model card, training summary
     checkpoint-N/                             resumable checkpoints, each written atomically
     runs/                                     tensorboard logs
-    loss_curve.png, training_summary.json     the loss curve and final numbers
+    loss_curve.png, training_summary.json     the loss curve and the whole run's numbers
     merged/                                   the merged model, when merge.enabled
+
+Guarantees: paths are checked before any slow work; one run at a time per output folder (a lock);
+a non-finite loss or weight stops training before anything poisoned is saved, naming the last
+good checkpoint, which `--resume` then continues from; `--resume` on a finished run changes
+nothing; the adapter's initialisation does not depend on what a restart skipped.
 """
 
 from __future__ import annotations
@@ -16,74 +22,145 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-import rwkv_ft  # noqa: F401  (registers the Auto classes)
-from rwkv_ft.convert import DTYPES, model_type_of
 from rwkv_ft.recipe import Recipe, RecipeError, load_recipe
 
 logger = logging.getLogger("rwkv_ft.train")
+
+PROGRESS_FILE = "rwkv_ft_progress.json"  # in every checkpoint: the run's time so far
+SUMMARY_FILE = "training_summary.json"
+REJECTED_DIR = "rejected-checkpoints"
+CHECKPOINT_PREFIX = "checkpoint"
+
+
+class RunComplete(Exception):
+    """`--resume` found a finished run whose targets were not raised: nothing to do."""
 
 
 # --------------------------------------------------------------------------------------------------
 # Model, tokenizer, adapter
 
 
-def prepare_base_model(recipe: Recipe, output_dir: Path) -> Path:
-    """A directory of ours holding the base model: the recipe's own, or one we write once to output_dir/base.
+def prepare_base_model(recipe: Recipe, output_dir: Path, tokenizer) -> tuple[Path, str]:
+    """(a directory of ours holding the base model, what to record as the base's origin).
 
-    A BlinkDL `.pth` or transformers directory is converted; a `model.config` builds a fresh random
-    model (seeded), so a resumed run and the merge step see exactly the same base.
+    Our own directory is used in place; a BlinkDL `.pth` or foreign directory is converted, and a
+    `model.config` builds a fresh random model (seeded), once, into output_dir/base, so that a
+    resumed run and the merge see exactly the same base. That folder is written atomically and
+    reused only when complete.
     """
-    from rwkv_ft.convert import convert_checkpoint
+    from rwkv_ft.convert import is_complete_model_dir, model_type_of, save_model_dir
+    from rwkv_ft.io import resolve_model_source
+    from rwkv_ft.models.architecture import architecture_for_model_type
 
-    spec = recipe.model
-    base = output_dir / "base"
+    spec, base = recipe.model, output_dir / "base"
     if spec.path is None:
-        if spec.config is None:
-            raise RecipeError("recipe: set model.path (a checkpoint) or model.config (a model built from scratch)")
-        if _is_main_process() and not (base / "config.json").exists():
-            from rwkv_ft import Rwkv4Config, Rwkv4ForCausalLM
-
-            torch.manual_seed(recipe.training.seed)
-            Rwkv4ForCausalLM(Rwkv4Config(**spec.config)).save_pretrained(base)
+        arch = architecture_for_model_type(spec.model_type)
+        if _is_main_process() and not is_complete_model_dir(base):
+            _discard_incomplete(base)
+            with torch_rng_isolated(recipe.training.seed):
+                model = arch.model_class(arch.config_class(**spec.config))
+            save_model_dir(model, base, tokenizer=tokenizer, overwrite=True)
         _wait_for_everyone()  # every rank, unconditionally: a rank that skipped it would hang the others
-        return base
-    path = Path(spec.path)
-    if path.is_dir() and model_type_of(path) == "rwkv4":
-        return path
-    if path.exists():
-        if _is_main_process() and not (base / "config.json").exists():
-            convert_checkpoint(path, base, tokenizer="none", overwrite=True)
-        _wait_for_everyone()
-        return base
-    return Path(spec.path)  # a Hub model id: from_pretrained fetches it
+        return base, f"random {arch.name} from model.config {json.dumps(spec.config, sort_keys=True)}"
+    source = resolve_model_source(spec.path, what="model.path")
+    if source.path.is_dir() and architecture_for_model_type(model_type_of(source.path)) is not None:
+        return source.path, source.record
+    if _is_main_process() and not is_complete_model_dir(base):
+        from rwkv_ft.convert import convert_checkpoint
+
+        _discard_incomplete(base)
+        convert_checkpoint(source.path, base, tokenizer="none", overwrite=True)
+    _wait_for_everyone()
+    return base, source.record
 
 
-def load_tokenizer_for(recipe: Recipe, base: Path):
+def _discard_incomplete(base: Path) -> None:
+    if base.exists():
+        logger.warning("%s is incomplete (an interrupted write); building it again", base)
+        shutil.rmtree(base) if base.is_dir() else base.unlink()
+
+
+class torch_rng_isolated:
+    """Seed torch's RNG for a block without consuming the global RNG stream outside it."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def __enter__(self):
+        import torch
+
+        self._fork = torch.random.fork_rng()
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        return self._fork.__exit__(*exc)
+
+
+def load_tokenizer_for(recipe: Recipe, model_source: Path | None, vocab_size: int):
+    """The recipe's tokenizer (or the model's own), checked against the embedding, with the recipe's
+    prompt template as its chat template."""
+    from rwkv_ft.convert import check_tokenizer_fits
+    from rwkv_ft.data import get_template
     from rwkv_ft.tokenizers import load_tokenizer
 
     if recipe.tokenizer is not None:
-        return load_tokenizer(recipe.tokenizer)
-    if base.is_dir() and any((base / f).exists() for f in ("tokenizer_config.json", "tokenizer.json")):
-        return load_tokenizer(str(base))
-    vocab = json.loads((base / "config.json").read_text())["vocab_size"] if base.is_dir() else None
-    if vocab == 65536:
-        return load_tokenizer("world")
-    raise RecipeError(f"recipe: the base model {base} has no tokenizer; set `tokenizer:` (world, neox or a path)")
+        tokenizer, where = load_tokenizer(recipe.tokenizer), f"tokenizer: {recipe.tokenizer}"
+    elif model_source is not None and model_source.is_dir() and _has_tokenizer(model_source):
+        tokenizer, where = load_tokenizer(str(model_source)), f"the tokenizer of {model_source}"
+    elif vocab_size == 65536:
+        tokenizer, where = load_tokenizer("world"), "the World tokenizer (65,536-row embedding)"
+    else:
+        raise RecipeError(
+            f"model.path {recipe.model.path}: the model has no tokenizer; set `tokenizer:` (world, neox or a path)"
+        )
+    check_tokenizer_fits(tokenizer, vocab_size, where)
+    tokenizer.chat_template = get_template(recipe.data.template).chat_template()
+    return tokenizer
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return any((directory / f).exists() for f in ("tokenizer_config.json", "tokenizer.json"))
+
+
+def model_vocab_size(recipe: Recipe) -> tuple[int, Path | None]:
+    """The embedding size the recipe's model will have, and the local model source (None: from config)."""
+    from rwkv_ft.convert import load_any_checkpoint, model_type_of
+    from rwkv_ft.io import read_json_object, resolve_model_source
+    from rwkv_ft.models.architecture import architecture_for_model_type
+
+    spec = recipe.model
+    if spec.path is None:
+        arch = architecture_for_model_type(spec.model_type)
+        if arch is None:
+            from rwkv_ft.models.architecture import architectures
+
+            known = ", ".join(a.model_type for a in architectures())
+            raise RecipeError(f"recipe: model.model_type must be one of {known} for a model built from model.config")
+        try:
+            return arch.config_class(**spec.config).vocab_size, None
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(f"recipe: model.config: {exc}") from exc
+    source = resolve_model_source(spec.path, what="model.path")
+    if source.path.is_dir() and architecture_for_model_type(model_type_of(source.path)) is not None:
+        config = read_json_object(source.path / "config.json") or {}
+        return int(config.get("vocab_size", 0)), source.path
+    return load_any_checkpoint(source.path).config.vocab_size, source.path
 
 
 def load_model(recipe: Recipe, base: Path):
-    """The base model in the recipe's dtype, quantized with bitsandbytes when asked."""
-    from transformers import AutoModelForCausalLM
+    """The base model in the recipe's dtype (quantized with bitsandbytes when asked), its config
+    and weights checked against each other first."""
+    from rwkv_ft.convert import load_pretrained
+    from rwkv_ft.io import DTYPES
 
     spec = recipe.model
     kwargs: dict[str, Any] = {"dtype": DTYPES[spec.dtype]}
@@ -91,18 +168,28 @@ def load_model(recipe: Recipe, base: Path):
         from rwkv_ft.quantization import bnb_config
 
         kwargs["quantization_config"] = bnb_config(spec.quantization, compute_dtype=DTYPES[spec.dtype])
-    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
-    model.config.wkv_backend = spec.wkv_backend
-    for block in model.rwkv.blocks:
-        block.att.wkv_backend = spec.wkv_backend
+    model = load_pretrained(base, **kwargs)
+    set_kernel_backend(model, spec.wkv_backend)
     return model
 
 
+def set_kernel_backend(model, backend: str) -> None:
+    """Point every block's WKV at `backend` ("auto", "triton" or "torch")."""
+    model.config.wkv_backend = backend
+    for module in model.modules():
+        if hasattr(module, "wkv_backend"):
+            module.wkv_backend = backend
+
+
 def attach_adapter(model, recipe: Recipe):
-    """Wrap `model` as the recipe says; everything not trained is frozen."""
+    """Wrap `model` as the recipe says; everything not trained is frozen. The adapter's initial
+    values are drawn from a generator seeded by training.seed alone, whatever ran before."""
+    from rwkv_ft.models.modeling_utils import enable_activation_checkpointing
+
     spec, quantized = recipe.adapter, recipe.model.quantization is not None
     gradient_checkpointing = recipe.training.gradient_checkpointing
     if quantized:
+        from rwkv_ft.io import DTYPES
         from rwkv_ft.quantization import prepare_for_kbit_training
 
         frozen_dtype = DTYPES[recipe.model.dtype] if recipe.model.dtype != "fp32" else None
@@ -110,92 +197,245 @@ def attach_adapter(model, recipe: Recipe):
             model, gradient_checkpointing=gradient_checkpointing, frozen_dtype=frozen_dtype
         )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if spec.type != "none":
             model.enable_input_require_grads()
     if spec.type == "none":
         if quantized:
             raise RecipeError("recipe: adapter.type none (full fine-tuning) cannot train a quantized base")
         return model
-    if spec.type == "state":
-        from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
+    with torch_rng_isolated(recipe.training.seed):
+        if spec.type == "state":
+            from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
 
-        add_state_tuning(model, StateTuningConfig(train_token_shift=spec.train_token_shift))
-        return model
-    from peft import LoraConfig, get_peft_model
+            add_state_tuning(model, StateTuningConfig(train_token_shift=spec.train_token_shift))
+            return model
+        from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=spec.target_modules,
-        modules_to_save=spec.modules_to_save,
-        use_dora=spec.use_dora,
-        use_rslora=spec.use_rslora,
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+        config = LoraConfig(
+            r=spec.r,
+            lora_alpha=spec.alpha,
+            lora_dropout=spec.dropout,
+            target_modules=spec.target_modules,
+            modules_to_save=spec.modules_to_save,
+            use_dora=spec.use_dora,
+            use_rslora=spec.use_rslora,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, config)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders holding a trainer_state.json, oldest first."""
+    found = []
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}-*"):
+        suffix = path.name.rsplit("-", 1)[-1]
+        if suffix.isdigit() and (path / "trainer_state.json").exists():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.rsplit("-", 1)[-1])
+
+
+def reject_checkpoint_before(output_dir: Path, step: int) -> tuple[Path | None, Path | None]:
+    """After a non-finite loss at `step`, move the checkpoint saved right before it (its weights
+    produced that loss) aside into rejected-checkpoints/. Returns (moved to, last good checkpoint)."""
+    moved = None
+    for path in complete_checkpoints(output_dir):
+        if checkpoint_step(path) == step - 1:
+            target = output_dir / REJECTED_DIR / path.name
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(path, target)
+            moved = target
+    remaining = complete_checkpoints(output_dir)
+    return moved, remaining[-1] if remaining else None
+
+
+def _nonfinite_tensors(named) -> list[str]:
+    import torch
+
+    return [
+        name
+        for name, t in named
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
+    ]
+
+
+def _optimizer_tensors(optimizer):
+    for group_index, state in enumerate(optimizer.state.values()):
+        for key, value in state.items():
+            yield f"optimizer state {group_index}.{key}", value
 
 
 # --------------------------------------------------------------------------------------------------
 # Trainer pieces
 
 
-class RwkvTrainer(Trainer):
-    """The HF Trainer with two guarantees: a non-finite loss stops training at once, naming the
-    step, before the optimizer sees it; and checkpoints appear only complete (written to a staging
-    folder, then renamed), so a crash mid-save never leaves a checkpoint that `--resume` would pick."""
+def _make_trainer_class():
+    """RwkvTrainer, built on first use so that importing this module does not import transformers."""
+    import torch
+    from transformers import Trainer
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            step = self.state.global_step + 1
-            raise FloatingPointError(
-                f"loss is {loss.item()} at step {step} (epoch {self.state.epoch:.2f}); training stopped before "
-                f"the optimizer step. The last checkpoint is intact. Try a lower training.lr, "
-                f"training.precision=bf16 instead of fp16, or check the data around this step."
-            )
-        return loss
+    class RwkvTrainer(Trainer):
+        """The HF Trainer with these guarantees:
 
-    def _get_output_dir(self, trial):
-        staging = getattr(self, "_staging_dir", None)
-        return staging if staging is not None else super()._get_output_dir(trial)
+        - a non-finite loss on any rank stops training at once on every rank, naming the step,
+          before the optimizer sees it; non-finite trainable weights or optimizer state are never saved;
+        - checkpoints appear only complete (written to a staging folder, then renamed), so a crash
+          mid-save never leaves a checkpoint that `--resume` would pick; each carries the run's time
+          so far, and the newest `save_total_limit` are kept;
+        - the eval loss is the token-weighted mean over the whole eval set, the same with one
+          process or many (each example is scored exactly once).
+        """
 
-    def _save_checkpoint(self, model, trial):
-        run_dir = super()._get_output_dir(trial)
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        self._staging_dir = os.path.join(run_dir, ".staging")
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_dir = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            final = os.path.join(run_dir, name)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(os.path.join(run_dir, ".staging", name), final)
-            shutil.rmtree(os.path.join(run_dir, ".staging"), ignore_errors=True)
-            self._keep_latest_checkpoints(run_dir)
-        self.accelerator.wait_for_everyone()
+        prior_runtime_s: float = 0.0
+        session_start: float = 0.0
 
-    def _keep_latest_checkpoints(self, run_dir: str) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        for old in complete_checkpoints(Path(run_dir))[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+            if self.accelerator.num_processes > 1:
+                bad = self.accelerator.reduce(bad, reduction="sum")
+            if bad.item() > 0:
+                step = self.state.global_step + 1
+                raise FloatingPointError(
+                    f"the loss is not finite ({loss.item()} on this process) at step {step} "
+                    f"(epoch {self.state.epoch:.2f}); training stopped before the optimizer step"
+                )
+            return loss
+
+        def _get_output_dir(self, trial):
+            staging = getattr(self, "_staging_dir", None)
+            return staging if staging is not None else super()._get_output_dir(trial)
+
+        def _save_checkpoint(self, model, trial):
+            step = self.state.global_step
+            bad = _nonfinite_tensors((n, p) for n, p in model.named_parameters() if p.requires_grad)
+            if self.optimizer is not None:
+                bad += _nonfinite_tensors(_optimizer_tensors(self.optimizer))
+            if bad:
+                raise FloatingPointError(
+                    f"after step {step} these trained tensors are not finite: {', '.join(bad[:5])}"
+                    f"{' ...' if len(bad) > 5 else ''}; checkpoint-{step} was not saved"
+                )
+            run_dir = super()._get_output_dir(trial)
+            name = f"{CHECKPOINT_PREFIX}-{step}"
+            self._staging_dir = os.path.join(run_dir, ".staging")
+            try:
+                super()._save_checkpoint(model, trial)
+                if self.args.should_save:
+                    progress = {"runtime_s": self.runtime_s(), "step": step}
+                    Path(self._staging_dir, name, PROGRESS_FILE).write_text(json.dumps(progress))
+            finally:
+                self._staging_dir = None
+            self.accelerator.wait_for_everyone()
+            if self.args.should_save:
+                from rwkv_ft.io import apply_umask
+
+                final = os.path.join(run_dir, name)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(os.path.join(run_dir, ".staging", name), final)
+                apply_umask(Path(final))
+                shutil.rmtree(os.path.join(run_dir, ".staging"), ignore_errors=True)
+                self._keep_latest_checkpoints(Path(run_dir))
+            self.accelerator.wait_for_everyone()
+
+        def _keep_latest_checkpoints(self, run_dir: Path) -> None:
+            limit = self.args.save_total_limit
+            if limit:
+                for old in complete_checkpoints(run_dir)[:-limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+        def runtime_s(self) -> float:
+            return self.prior_runtime_s + (time.time() - self.session_start if self.session_start else 0.0)
+
+        def train(self, *args, **kwargs):
+            self.session_start = time.time()
+            return super().train(*args, **kwargs)
+
+        # -- evaluation -----------------------------------------------------------------------
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+            dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+            start = time.time()
+            loss_sum, tokens = self._scored_tokens(dataset)
+            loss = (loss_sum / tokens) if tokens > 0 else float("nan")
+            metrics = {
+                f"{metric_key_prefix}_loss": loss,
+                f"{metric_key_prefix}_tokens": int(tokens),
+                f"{metric_key_prefix}_runtime": round(time.time() - start, 4),
+            }
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+        @torch.no_grad()
+        def _scored_tokens(self, dataset) -> tuple[float, float]:
+            """(sum of token losses, number of scored tokens) over `dataset`, all ranks together.
+
+            Rank r scores examples r, r + world, r + 2 world, ...; every rank runs the same number
+            of batches (a rank out of examples runs an all-masked one), so sharded models that
+            communicate in forward stay in step."""
+            world, rank = self.accelerator.num_processes, self.accelerator.process_index
+            indices = list(range(rank, len(dataset), world))
+            batch_size = self.args.per_device_eval_batch_size
+            per_rank = math.ceil(len(dataset) / world)
+            n_batches = math.ceil(per_rank / batch_size) if per_rank else 0
+            model = self.model_wrapped if self.model_wrapped is not None else self.model
+            was_training = model.training
+            model.eval()
+            totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+            for b in range(n_batches):
+                chunk = indices[b * batch_size : (b + 1) * batch_size]
+                features = [dataset[i] for i in chunk] or [dataset[0]]
+                batch = self._prepare_inputs(self.data_collator(features))
+                labels = batch["labels"]
+                if not chunk:
+                    labels = torch.full_like(labels, -100)
+                    batch["labels"] = labels
+                scored = (labels[:, 1:] != -100).sum()
+                with self.compute_loss_context_manager():
+                    loss = model(**batch).loss
+                if scored > 0:
+                    totals[0] += loss.double() * scored
+                    totals[1] += scored
+            if was_training:
+                model.train()
+            if world > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            return float(totals[0]), float(totals[1])
+
+    return RwkvTrainer
 
 
-class LossCurveCallback(TrainerCallback):
-    """Writes loss_curve.png (train and eval loss against the step) whenever training ends."""
+def _callbacks(output_dir: Path):
+    from transformers import TrainerCallback
 
-    def __init__(self, output_dir: Path):
-        self.output_dir = output_dir
+    class LossCurveCallback(TrainerCallback):
+        """Writes loss_curve.png (train and eval loss against the step) whenever training ends."""
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            plot_loss_curve(state.log_history, self.output_dir / "loss_curve.png")
+        def on_train_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                plot_loss_curve(state.log_history, output_dir / "loss_curve.png")
+
+    class SaveAtEndCallback(TrainerCallback):
+        """A checkpoint at the last step too, so a later `--resume` with more steps can continue."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.max_steps > 0 and state.global_step >= state.max_steps:
+                control.should_save = True
+            return control
+
+    return [LossCurveCallback(), SaveAtEndCallback()]
 
 
 def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path:
@@ -215,22 +455,17 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    from rwkv_ft.io import write_atomically
+
+    write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), overwrite=True, is_dir=False)
     plt.close(fig)
     return path
 
 
-def complete_checkpoints(output_dir: Path) -> list[Path]:
-    """checkpoint-N folders holding a trainer_state.json, oldest first."""
-    found = []
-    for path in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        suffix = path.name.rsplit("-", 1)[-1]
-        if suffix.isdigit() and (path / "trainer_state.json").exists():
-            found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
+def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
 
-
-def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool) -> TrainingArguments:
     t = recipe.training
     eval_strategy = "no" if not has_eval else ("steps" if t.eval_steps else "epoch")
     save_strategy = "steps" if t.save_steps else "epoch"
@@ -253,7 +488,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool) -> Trai
         eval_steps=t.eval_steps,
         save_strategy=save_strategy,
         save_steps=t.save_steps,
-        save_total_limit=None,  # RwkvTrainer keeps the newest `training.save_total_limit` itself
+        save_total_limit=t.save_total_limit,  # applied by RwkvTrainer to complete checkpoints
         seed=t.seed,
         data_seed=t.seed,
         report_to=["tensorboard"],
@@ -272,24 +507,55 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool) -> Trai
 # The run
 
 
-def run(recipe: Recipe, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None) -> dict[str, Any]:
-    """Train as `recipe` says. Returns the training summary (also written to training_summary.json)."""
-    from rwkv_ft.data import SFTDataCollator, prepare_sft_data
+def _targets(recipe: Recipe) -> dict[str, float]:
+    return {"max_steps": recipe.training.max_steps, "epochs": recipe.training.epochs}
 
+
+def _raised(old: dict[str, Any], new: dict[str, float]) -> bool:
+    """Whether the new recipe asks for more training than the finished run did."""
+    if new["max_steps"] > 0 or old.get("max_steps", -1) > 0:
+        return new["max_steps"] > old.get("max_steps", -1)
+    return new["epochs"] > old.get("epochs", 0)
+
+
+def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) -> dict[str, Any]:
+    """Train as `recipe` says. Returns the training summary (also written to training_summary.json)."""
     output_dir = Path(recipe.training.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = _checkpoint_to_resume(output_dir) if resume else None
-    if not resume and complete_checkpoints(output_dir):
+    with OutputLock(output_dir, enabled=_is_main_process()):
+        return _run_locked(recipe, output_dir, resume=resume, callbacks=callbacks)
+
+
+def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) -> dict[str, Any]:
+    import torch
+    from transformers import set_seed
+
+    from rwkv_ft.data import SFTDataCollator, check_data_source, prepare_sft_data
+    from rwkv_ft.io import read_json_object
+
+    previous = read_json_object(output_dir / SUMMARY_FILE) or {}
+    if resume and previous.get("completed") and not _raised(previous.get("targets", {}), _targets(recipe)):
+        raise RunComplete(
+            f"{output_dir}: this run is complete ({previous.get('steps')} steps); nothing changed. "
+            "Raise training.max_steps or training.epochs to train further."
+        )
+    checkpoints = complete_checkpoints(output_dir)
+    if not resume and checkpoints:
         raise RecipeError(
             f"{output_dir} already holds checkpoints; pass --resume to continue that run, "
             "or choose another training.output_dir"
         )
+    resume_from = checkpoints[-1] if resume and checkpoints else None
+    if resume and resume_from is None:
+        logger.warning("--resume: no good checkpoint in %s; training starts from step 0", output_dir)
+
+    # Cheap checks first: paths, vocabulary, tokenizer, data file. Nothing slow runs before these.
+    vocab_size, model_source = model_vocab_size(recipe)
+    tokenizer = load_tokenizer_for(recipe, model_source, vocab_size)
+    check_data_source(recipe.data.path)
+
     set_seed(recipe.training.seed)
-    base = prepare_base_model(recipe, output_dir)
-    tokenizer = load_tokenizer_for(recipe, base)
-    if _is_main_process() and base == output_dir / "base" and not (base / "tokenizer_config.json").exists():
-        tokenizer.save_pretrained(base)  # so the merged model, built from base, carries it too
-    _wait_for_everyone()
+    base, base_record = prepare_base_model(recipe, output_dir, tokenizer)
     data = prepare_sft_data(
         recipe.data.path,
         tokenizer,
@@ -306,59 +572,101 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list[TrainerCallback
     )
     if data.skipped:
         logger.warning("skipped rows: %s", ", ".join(f"{n} {reason}" for reason, n in sorted(data.skipped.items())))
-    if len(data.train) == 0:
-        raise RecipeError(f"data.path {recipe.data.path}: no training examples left after validation and truncation")
 
     model = attach_adapter(load_model(recipe, base), recipe)
     _log_trainable(model)
     has_eval = data.eval is not None and len(data.eval) > 0
-    trainer = RwkvTrainer(
+    trainer = _make_trainer_class()(
         model=model,
         args=training_arguments(recipe, output_dir, has_eval),
         train_dataset=data.train,
         eval_dataset=data.eval if has_eval else None,
         data_collator=SFTDataCollator.from_tokenizer(tokenizer),
         processing_class=tokenizer,
-        callbacks=[LossCurveCallback(output_dir), *(callbacks or [])],
+        callbacks=[*_callbacks(output_dir), *(callbacks or [])],
     )
-    train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if resume_from is not None:
+        trainer.prior_runtime_s = float((read_json_object(resume_from / PROGRESS_FILE) or {}).get("runtime_s", 0.0))
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except FloatingPointError as exc:
+        raise FloatingPointError(_nonfinite_message(exc, output_dir, trainer.state.global_step + 1)) from exc
     metrics = trainer.evaluate() if has_eval else {}
 
     summary = {
-        "base_model": str(recipe.model.path or base),
+        "completed": True,
+        "base_model": base_record,
+        "base_model_type": load_model_type(base),
         "adapter": recipe.adapter.type,
         "quantization": recipe.model.quantization,
         "data": recipe.data.path,
+        "chat_template": recipe.data.template,
         "steps": trainer.state.global_step,
+        "targets": _targets(recipe),
+        "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
+        "sessions": int(previous.get("sessions", 0)) + 1 if resume_from else 1,
         "tokens_seen": trainer.state.num_input_tokens_seen,
-        "train_runtime_s": train_output.metrics.get("train_runtime"),
+        "train_runtime_s": round(trainer.runtime_s(), 3),
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "train_loss": train_output.training_loss,
+        "train_loss": whole_run_train_loss(trainer.state.log_history),
         "eval_loss": metrics.get("eval_loss"),
+        "eval_tokens": metrics.get("eval_tokens"),
         "skipped_rows": data.skipped,
         "recipe": recipe.to_dict(),
     }
     if trainer.is_world_process_zero():
         result_dir = save_result(trainer.model, tokenizer, recipe, output_dir, summary)
         summary["result_dir"] = str(result_dir)
-        (output_dir / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
         if recipe.merge.enabled and recipe.adapter.type != "none":
             summary["merged_dir"] = str(merge_result(base, result_dir, recipe, output_dir))
+        from rwkv_ft.io import write_json_atomically
+
+        write_json_atomically(output_dir / SUMMARY_FILE, summary)
     trainer.accelerator.wait_for_everyone()
     return summary
 
 
-def _checkpoint_to_resume(output_dir: Path) -> Path:
-    checkpoints = complete_checkpoints(output_dir)
-    if not checkpoints:
-        raise RecipeError(f"--resume: no complete checkpoint in {output_dir} to resume from")
-    return checkpoints[-1]
+def load_model_type(directory: Path) -> str | None:
+    from rwkv_ft.convert import model_type_of
+
+    return model_type_of(directory)
+
+
+def _nonfinite_message(exc: FloatingPointError, output_dir: Path, step: int) -> str:
+    moved, good = reject_checkpoint_before(output_dir, step) if _is_main_process() else (None, None)
+    lines = [str(exc) + "."]
+    if moved is not None:
+        lines.append(f"{moved.name} holds the weights that produced it and was moved to {moved.parent}.")
+    if good is not None:
+        lines.append(f"The last good checkpoint is {good}; --resume continues from it.")
+    else:
+        lines.append("There is no good checkpoint yet; --resume starts again from step 0.")
+    lines.append(
+        "Try a lower training.lr, training.precision=bf16 instead of fp16, or check the data around this step."
+    )
+    return " ".join(lines)
+
+
+def whole_run_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The mean train loss over every step of the run (all sessions), from the logged losses, each
+    weighted by the number of steps it averages."""
+    total = weight = 0.0
+    last = 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            span = max(int(entry["step"]) - last, 1)
+            total += float(entry["loss"]) * span
+            weight += span
+            last = int(entry["step"])
+    return total / weight if weight else None
 
 
 def save_result(model, tokenizer, recipe: Recipe, output_dir: Path, summary: dict[str, Any]) -> Path:
-    """Save the adapter (or the full model) with the tokenizer and the training summary."""
-    from rwkv_ft.convert import write_atomically
+    """Save the adapter (or the full model) with the tokenizer (chat template included), the training
+    summary and a model card."""
+    from rwkv_ft.hub import write_model_card
+    from rwkv_ft.io import write_atomically
 
     result_dir = output_dir / ("model" if recipe.adapter.type == "none" else "adapter")
 
@@ -372,10 +680,16 @@ def save_result(model, tokenizer, recipe: Recipe, output_dir: Path, summary: dic
                 model,
                 tmp,
                 base_model=summary["base_model"],
-                extra={"data": summary["data"], "recipe": summary["recipe"]},
+                extra={
+                    "data": summary["data"],
+                    "recipe": summary["recipe"],
+                    "base_model_type": summary["base_model_type"],
+                    "chat_template": summary["chat_template"],
+                },
             )
         tokenizer.save_pretrained(tmp)
-        (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+        write_model_card(tmp)
 
     return write_atomically(result_dir, write, overwrite=True)
 
@@ -401,9 +715,58 @@ def _log_trainable(model) -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# One run per output folder
+
+
+class OutputLock:
+    """An exclusive lock on `output_dir` for the length of a run (fcntl.flock on `.rwkv_ft.lock`).
+
+    The kernel drops the lock when its process ends, however it ends, so a lock left by a killed
+    run never blocks the next one. The file records the holder's pid for the error message.
+    """
+
+    NAME = ".rwkv_ft.lock"
+
+    def __init__(self, output_dir: Path, *, enabled: bool = True):
+        self.path = output_dir / self.NAME
+        self.enabled = enabled
+        self._fd: int | None = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, and say so
+            logger.warning("no file locking on this platform: do not start two runs on %s", self.path.parent)
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RecipeError(
+                f"{self.path.parent} is in use by another rwkv_ft run (pid {holder}); wait for it to finish, "
+                "or choose another training.output_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+        return False
+
+
 def _distributed_state():
     """accelerate's process state, set up before anything touches the disk, so that rank 0 alone
     writes shared files (the base model) while the others wait. CPU-only machines train with gloo."""
+    import torch
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
@@ -422,40 +785,33 @@ def _wait_for_everyone() -> None:
 
 
 def sample_generation(model_dir: Path, recipe: Recipe) -> str:
-    """Greedy answer of the merged model to `generate.prompt`, rendered with the recipe's template."""
-    from transformers import AutoModelForCausalLM
+    """The merged model's answer to `generate.prompt`, prompted through the saved chat template and
+    stopped at the end of its turn."""
+    from rwkv_ft.generation import generate_text
 
-    from rwkv_ft.data import get_template
-    from rwkv_ft.tokenizers import load_tokenizer
-
-    tokenizer = load_tokenizer(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    prompt = get_template(recipe.data.template).generation_prompt([{"role": "user", "content": recipe.generate.prompt}])
-    inputs = tokenizer(prompt, return_tensors="pt")
-    temperature = recipe.generate.temperature
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": 0.9} if temperature > 0 else {"do_sample": False}
+    return generate_text(
+        model_dir,
+        recipe.generate.prompt,
+        chat=True,
+        max_new_tokens=recipe.generate.max_new_tokens,
+        temperature=recipe.generate.temperature,
+        seed=recipe.training.seed,
     )
-    torch.manual_seed(recipe.training.seed)
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=recipe.generate.max_new_tokens, **sampling)
-    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return answer.split("\n\n")[0].strip() or answer  # the template ends every turn with a blank line
 
 
 # --------------------------------------------------------------------------------------------------
 # Command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "rwkv-ft train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rwkv_ft.train",
+        prog=prog,
         description="Fine-tune an RWKV model from a recipe. Example: "
         "accelerate launch -m rwkv_ft.train recipes/rwkv4_alpaca_lora.yaml training.lr=1e-4",
     )
     parser.add_argument("recipe", help="a recipe YAML file (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in output_dir")
     strict = parser.add_mutually_exclusive_group()
     strict.add_argument(
         "--strict", dest="strict", action="store_true", default=None, help="stop at the first bad data row"
@@ -464,19 +820,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "rwkv-ft train") -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_intermixed_args(argv)
+    args = build_parser(prog).parse_intermixed_args(argv)
     overrides = list(args.overrides)
     if args.strict is not None:
         overrides.append(f"data.strict={str(args.strict).lower()}")
+    from rwkv_ft.cli import user_errors
+
     try:
         recipe = load_recipe(args.recipe, overrides)
         summary = run(recipe, resume=args.resume)
         if _is_main_process():
             _report(summary, recipe)
-    except (RecipeError, FileNotFoundError, FloatingPointError, ValueError) as exc:
-        print(f"rwkv_ft.train: error: {exc}", file=sys.stderr)
+    except RunComplete as done:
+        print(f"{prog}: {done}")
+        return 0
+    except user_errors() as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return 0
 
@@ -485,10 +846,12 @@ def _report(summary: dict[str, Any], recipe: Recipe) -> None:
     out = Path(recipe.training.output_dir)
     lines = [
         f"train loss {summary['train_loss']:.4f}"
-        + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] else ""),
+        + (f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""),
         f"result: {summary.get('result_dir')}",
         f"loss curve: {out / 'loss_curve.png'}; tensorboard --logdir {out / 'runs'}",
     ]
+    if summary.get("resumed_from_step") is not None:
+        lines.insert(1, f"resumed from step {summary['resumed_from_step']}; {summary['steps']} steps in all")
     if "merged_dir" in summary:
         lines.append(f"merged model: {summary['merged_dir']}")
         if recipe.generate.prompt and recipe.merge.format == "hf":
@@ -498,4 +861,4 @@ def _report(summary: dict[str, Any], recipe: Recipe) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m rwkv_ft.train"))

@@ -11,14 +11,9 @@ from transformers import AutoModelForCausalLM
 import rwkv_ft  # noqa: F401
 from rwkv_ft import Rwkv4ForCausalLM
 from rwkv_ft.cli import main
-from rwkv_ft.convert import (
-    CheckpointError,
-    convert_checkpoint,
-    export_model,
-    load_blinkdl,
-    ours_to_blinkdl,
-    save_transformers,
-)
+from rwkv_ft.convert import CheckpointError, convert_checkpoint, export_model, load_blinkdl
+from rwkv_ft.models.rwkv4.conversion_rwkv4 import ours_key_to_blinkdl as ours_to_blinkdl
+from rwkv_ft.models.rwkv4.conversion_rwkv4 import save_transformers_dir
 from rwkv_ft.testing import randomize_, tiny_config
 
 
@@ -53,7 +48,7 @@ def test_pth_to_ours_to_pth_is_exact(model, pth, tmp_path):
 
 
 def test_transformers_dir_to_ours_and_back_is_exact(model, tmp_path):
-    save_transformers(model.config, model.state_dict(), tmp_path / "hf")
+    save_transformers_dir(model.config, model.state_dict(), tmp_path / "hf")
     out = convert_checkpoint(tmp_path / "hf", tmp_path / "ours", tokenizer="none")
     assert_same_weights(AutoModelForCausalLM.from_pretrained(out), model)
     export_model(out, tmp_path / "hf2", format="transformers")
@@ -68,7 +63,8 @@ def test_blinkdl_shapes_with_squeezed_time_mix_are_accepted(model, tmp_path):
     state_dict = {ours_to_blinkdl(k): v.clone() for k, v in model.state_dict().items()}
     state_dict["blocks.0.att.time_mix_k"] = state_dict["blocks.0.att.time_mix_k"].flatten()  # (C,)
     torch.save(state_dict, tmp_path / "m.pth")
-    config, loaded = load_blinkdl(tmp_path / "m.pth")
+    ckpt = load_blinkdl(tmp_path / "m.pth")
+    config, loaded = ckpt.config, ckpt.state_dict
     assert loaded["rwkv.blocks.0.att.time_mix_k"].shape == (1, 1, 40)
     assert config.num_hidden_layers == 2 and config.hidden_size == 40 and config.intermediate_size == 72
 
@@ -76,7 +72,7 @@ def test_blinkdl_shapes_with_squeezed_time_mix_are_accepted(model, tmp_path):
 def test_bf16_checkpoint_keeps_time_params_fp32(model, tmp_path):
     state_dict = {ours_to_blinkdl(k): v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     torch.save(state_dict, tmp_path / "m.pth")
-    _, loaded = load_blinkdl(tmp_path / "m.pth")
+    loaded = load_blinkdl(tmp_path / "m.pth").state_dict
     assert loaded["rwkv.blocks.1.att.time_decay"].dtype == torch.float32
     assert loaded["rwkv.blocks.1.att.key.weight"].dtype == torch.bfloat16
 
@@ -97,17 +93,17 @@ def test_missing_unexpected_and_misshaped_keys_are_all_listed(model, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "version,keys",
+    "name,keys",
     [
-        ("5", ["blocks.0.att.ln_x.weight", "blocks.0.att.time_faaaa", "blocks.0.att.gate.weight"]),
-        ("6", ["blocks.0.att.time_maa_x", "blocks.0.att.time_faaaa", "blocks.0.att.ln_x.weight"]),
-        ("7", ["blocks.0.att.x_r", "blocks.0.att.w0", "blocks.0.att.k_k", "blocks.0.att.r_k"]),
+        ("RWKV-5", ["blocks.0.att.ln_x.weight", "blocks.0.att.time_faaaa", "blocks.0.att.gate.weight"]),
+        ("RWKV-6", ["blocks.0.att.time_maa_x", "blocks.0.att.time_faaaa", "blocks.0.att.ln_x.weight"]),
+        ("RWKV-7 DeepEmbed", ["blocks.0.att.x_r", "blocks.0.att.w0", "blocks.0.ffn.s_emb.weight", "blocks.0.ffn.s1"]),
     ],
 )
-def test_newer_rwkv_versions_are_named(tmp_path, version, keys):
+def test_unsupported_rwkv_relatives_are_named(tmp_path, name, keys):
     state_dict = {"emb.weight": torch.zeros(4, 8), **{k: torch.zeros(8) for k in keys}}
     torch.save(state_dict, tmp_path / "new.pth")
-    with pytest.raises(CheckpointError, match=f"RWKV-{version} checkpoint"):
+    with pytest.raises(CheckpointError, match=f"this is {name}"):
         load_blinkdl(tmp_path / "new.pth")
 
 

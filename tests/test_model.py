@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import rwkv_ft  # noqa: F401  (registers the Auto classes)
 from rwkv_ft import Rwkv4ForCausalLM
-from rwkv_ft.convert import build_model, export_model, save_pth, save_transformers
+from rwkv_ft.convert import build_model, export_model, save_pth
+from rwkv_ft.models.rwkv4.conversion_rwkv4 import save_transformers_dir
 from rwkv_ft.testing import assert_close, randomize_, tiny_config
 
 
@@ -43,7 +44,7 @@ def rnn_logits(model, ids: torch.Tensor, state=None) -> tuple[torch.Tensor, torc
 def test_logits_match_transformers_rwkv(model, tmp_path, batch, length):
     from transformers import RwkvForCausalLM
 
-    save_transformers(model.config, model.state_dict(), tmp_path / "hf")
+    save_transformers_dir(model.config, model.state_dict(), tmp_path / "hf")
     reference = RwkvForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = random_ids(batch, length)
     with torch.no_grad():
@@ -110,62 +111,7 @@ def test_gradient_flows_through_carried_state(model):
 
 
 # ------------------------------------------------------------------------------------------------
-# Generation
-
-
-def test_generate_equals_greedy_loop(model):
-    ids = random_ids(2, 6, seed=7)
-    with torch.no_grad():
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-        tokens, finished = ids, torch.zeros(2, 1, dtype=torch.bool)
-        for _ in range(8):
-            next_token = model(tokens).logits[:, -1].argmax(-1, keepdim=True)
-            next_token = next_token.masked_fill(finished, model.config.pad_token_id)  # rows past EOS get padding
-            finished |= next_token == model.config.eos_token_id
-            tokens = torch.cat([tokens, next_token], dim=1)
-    assert torch.equal(generated, tokens)
-
-
-def test_generate_does_constant_work_per_token(model, monkeypatch):
-    """After the prompt, every forward call sees exactly one new token."""
-    seen = []
-    original = model.rwkv.forward
-
-    def spy(input_ids=None, *args, **kwargs):
-        seen.append(input_ids.shape[1])
-        return original(input_ids, *args, **kwargs)
-
-    monkeypatch.setattr(model.rwkv, "forward", spy)
-    ids = random_ids(1, 5, seed=8)
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-    assert seen[0] == 5 and seen[1:] == [1] * (len(seen) - 1) and len(seen) >= 5
-
-
-def test_sampling_generate_runs_and_is_seeded(model):
-    ids = random_ids(2, 4, seed=9)
-    torch.manual_seed(0)
-    a = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=True, top_k=10)
-    torch.manual_seed(0)
-    b = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=True, top_k=10)
-    assert a.shape == (2, 10) and torch.equal(a, b)
-
-
-def test_left_padded_batch_generates_like_each_row_alone(model):
-    prompts = [random_ids(1, 3, seed=10)[0], random_ids(1, 9, seed=11)[0], random_ids(1, 6, seed=12)[0]]
-    width = max(len(p) for p in prompts)
-    pad = 0
-    ids = torch.stack([torch.cat([torch.full((width - len(p),), pad), p]) for p in prompts])
-    mask = torch.stack([torch.cat([torch.zeros(width - len(p)), torch.ones(len(p))]) for p in prompts]).long()
-    with torch.no_grad():
-        batched = model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False, pad_token_id=pad)
-        for row, prompt in enumerate(prompts):
-            alone = model.generate(
-                prompt[None],
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=7,
-                do_sample=False,
-            )
-            assert torch.equal(batched[row, width:], alone[0, len(prompt) :]), f"row {row} differs"
+# Padding and packing (generation: tests/test_generation.py)
 
 
 def test_left_padding_gives_same_logits_and_state(model):

@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import rwkv_ft  # noqa: F401  (registers the Auto classes and the peft defaults)
 from rwkv_ft import Rwkv4ForCausalLM
-from rwkv_ft.adapters import RWKV4_LORA_TARGET_MODULES
+from rwkv_ft.models import RWKV4
 from rwkv_ft.testing import assert_close, randomize_, tiny_config
 
 
@@ -48,7 +48,7 @@ def test_default_targets_are_the_block_linears():
     assert adapted == expected
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    assert set(model.peft_config["default"].target_modules) == set(RWKV4_LORA_TARGET_MODULES)
+    assert set(model.peft_config["default"].target_modules) == set(RWKV4.lora_target_modules)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"use_dora": True}, {"use_rslora": True}], ids=["lora", "dora", "rslora"])

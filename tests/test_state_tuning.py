@@ -136,7 +136,7 @@ def test_load_onto_the_wrong_model_names_the_file(tmp_path):
     model = base_model()
     add_state_tuning(model)
     save_state_tuning(model, tmp_path)
-    with pytest.raises(ValueError, match=r"state_tuning\.safetensors.*L=2, C=40.*C=48"):
+    with pytest.raises(ValueError, match=r"state_tuning\.safetensors.*\(2, 40\).*needs.*\(2, 48\)"):
         load_state_tuning(base_model(hidden_size=48), tmp_path)
     with pytest.raises(FileNotFoundError, match="no state-tuning file"):
         load_state_tuning(model, tmp_path / "missing")

@@ -53,7 +53,7 @@ def test_every_recipe_loads_and_names_its_command(path):
     assert any("rwkv_ft.train" in line or "rwkv-ft train" in line for line in header), "header must give the command"
     assert recipe.training.output_dir.startswith("outputs/")
     if recipe.model.path is None:
-        assert recipe.model.config, "a recipe without model.path must build a model from model.config"
+        assert recipe.model.config and recipe.model.model_type, "a recipe without model.path builds from model.config"
 
 
 def test_recipe_set_covers_lora_qlora_and_state_tuning():
@@ -144,10 +144,16 @@ class PoisonAfter(TrainerCallback):
                 next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
 
 
-def test_nan_loss_stops_naming_the_step(tmp_path):
-    with pytest.raises(FloatingPointError, match="at step 3"):
-        run(tiny_recipe(tmp_path, "training.max_steps=6", "training.save_steps=2"), callbacks=[PoisonAfter(2)])
+def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(FloatingPointError, match="at step 4.*last good checkpoint is .*checkpoint-2"):
+        run(tiny_recipe(tmp_path, "training.max_steps=6", "training.save_steps=2"), callbacks=[PoisonAfter(3)])
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-2"]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    with pytest.raises(FloatingPointError, match="after step 2 .* not finite.*checkpoint-2 was not saved"):
+        run(tiny_recipe(tmp_path, "training.max_steps=6", "training.save_steps=2"), callbacks=[PoisonAfter(2)])
+    assert complete_checkpoints(tmp_path) == []
 
 
 def test_length_grouped_packed_and_gradient_checkpointed_run(tmp_path):

@@ -1,5 +1,5 @@
-"""Adapters for RWKV-4: LoRA-family through peft (default targets registered on import), state
-tuning, and the `rwkv_ft_adapter.json` record the merge and the Hub card read."""
+"""Adapters for every RWKV version: LoRA-family through peft (default targets registered when peft
+is imported), state tuning, and the `rwkv_ft_adapter.json` record the merge and the Hub card read."""
 
 from __future__ import annotations
 
@@ -15,21 +15,18 @@ from rwkv_ft.adapters.info import (
     trained_on_quantized_base,
     write_adapter_info,
 )
-from rwkv_ft.adapters.lora import RWKV4_LORA_TARGET_MODULES, register_peft_defaults
 from rwkv_ft.adapters.state_tuning import (
     STATE_TUNING_FILE,
-    Rwkv4InitialState,
     StateTuningConfig,
     add_state_tuning,
     blinkdl_state,
+    find_base_model,
     find_initial_state,
     load_initial_state,
     load_state_tuning,
     remove_state_tuning,
     save_state_tuning,
 )
-
-register_peft_defaults()
 
 
 def save_adapter(
@@ -54,13 +51,12 @@ def save_adapter(
 
 __all__ = [
     "ADAPTER_INFO_FILE",
-    "RWKV4_LORA_TARGET_MODULES",
     "STATE_TUNING_FILE",
-    "Rwkv4InitialState",
     "StateTuningConfig",
     "add_state_tuning",
     "blinkdl_state",
     "describe_adapters",
+    "find_base_model",
     "find_initial_state",
     "load_initial_state",
     "load_state_tuning",

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from rwkv_ft.io import read_json_object, write_json_atomically
+
 ADAPTER_INFO_FILE = "rwkv_ft_adapter.json"
 ADAPTER_INFO_VERSION = 1
 
@@ -68,28 +70,11 @@ def write_adapter_info(
         base_model = base_model or getattr(config, "_name_or_path", None) or None
         quantization = quantization if quantization is not None else quantization_info(model)
         info["adapters"] = describe_adapters(model)
+        info["base_model_type"] = getattr(config, "model_type", None)
     info["base_model"] = base_model
     info["quantization"] = quantization
     info.update(extra or {})
-    path = Path(adapter_dir) / ADAPTER_INFO_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def read_json_object(path: Path) -> dict[str, Any] | None:
-    """The JSON object stored at `path`, None if there is no such file; an error naming the file otherwise."""
-    if not path.exists():
-        return None
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); fix or delete it") from exc
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return value
+    return write_json_atomically(Path(adapter_dir) / ADAPTER_INFO_FILE, info)
 
 
 def read_adapter_info(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -1,9 +1,10 @@
-"""LoRA-family adapters on RWKV-4 through peft: default targets and checks peft does not make.
+"""LoRA-family adapters through peft: default targets and checks peft does not make.
 
-peft chooses the modules to adapt from `config.model_type` when a `LoraConfig` names none; our
-model type "rwkv4" is registered here, so `get_peft_model(model, LoraConfig())` adapts the large
-Linear layers (att and ffn `key`, `value`, `receptance`, att `output`). The time_* vectors, layer
-norms, embeddings and the head stay frozen; ask for the head with `modules_to_save=["head"]`.
+peft chooses the modules to adapt from `config.model_type` when a `LoraConfig` names none; each of
+our model types is registered here with its architecture's `lora_target_modules` (the large Linear
+layers of every block), so `get_peft_model(model, LoraConfig())` does the right thing. Small
+vectors, layer norms, embeddings and the head stay frozen; ask for the head with
+`modules_to_save=["head"]`.
 """
 
 from __future__ import annotations
@@ -12,31 +13,32 @@ import json
 import os
 from pathlib import Path
 
-from peft.utils import constants as peft_constants
-
-from rwkv_ft.models.rwkv4 import Rwkv4Config
-
-# Module-name suffixes of every Linear inside a block (`head` is deliberately not one of them).
-RWKV4_LORA_TARGET_MODULES: list[str] = ["key", "value", "receptance", "output"]
+from rwkv_ft.models.architecture import architectures
 
 # Initialisations that rewrite the base weights (the adapter then only fits the rewritten base).
 BASE_REWRITING_INITS = ("pissa", "olora", "corda")
 
 
 def register_peft_defaults() -> list[str]:
-    """Add "rwkv4" to every peft default-target mapping that knows RWKV; return the mapping names.
+    """Add our model types to every peft default-target mapping that knows RWKV; return the mapping names.
 
     peft keeps one dict per tuner (LoRA, LoHa, LoKr, OFT, BOFT, VeRA, ...), most of them copies of
     the LoRA one made at import time, so each is updated. Idempotent.
     """
+    import sys
+
+    peft_constants = sys.modules.get("peft.utils.constants")
+    if peft_constants is None:
+        from peft.utils import constants as peft_constants
     updated = []
     for name in dir(peft_constants):
         if not (name.startswith("TRANSFORMERS_MODELS_TO_") and name.endswith("_TARGET_MODULES_MAPPING")):
             continue
         mapping = getattr(peft_constants, name)
-        # Only tuners that adapt Linear layers by name and already list RWKV get our (same) targets.
+        # Only tuners that adapt Linear layers by name and already list RWKV get our targets.
         if isinstance(mapping, dict) and "rwkv" in mapping:
-            mapping.setdefault(Rwkv4Config.model_type, list(RWKV4_LORA_TARGET_MODULES))
+            for arch in architectures():
+                mapping.setdefault(arch.model_type, list(arch.lora_target_modules))
             updated.append(name)
     return updated
 

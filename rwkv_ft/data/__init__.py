@@ -34,7 +34,7 @@ from rwkv_ft.data.messages import (
     validate_conversation,
 )
 from rwkv_ft.data.pipeline import SFTData, prepare_sft_data
-from rwkv_ft.data.sources import DataResult, convert_rows, load_conversations, open_source
+from rwkv_ft.data.sources import DataResult, check_data_source, convert_rows, load_conversations, open_source
 from rwkv_ft.data.templates import (
     PromptTemplate,
     Segment,
@@ -61,6 +61,7 @@ __all__ = [
     "Segment",
     "TemplateError",
     "alpaca_to_messages",
+    "check_data_source",
     "convert_rows",
     "detect_format",
     "get_template",

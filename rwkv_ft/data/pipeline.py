@@ -10,6 +10,7 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from rwkv_ft.data.collate import pack_examples, train_eval_split
+from rwkv_ft.data.messages import DataError
 from rwkv_ft.data.sources import load_conversations
 from rwkv_ft.data.templates import PromptTemplate
 from rwkv_ft.data.tokenize import tokenize_dataset
@@ -46,6 +47,17 @@ def prepare_sft_data(
     sets, and the eval set is never packed (per-example losses stay comparable across runs).
     """
     loaded = load_conversations(source, format=format, split=split, strict=strict)
+    if len(loaded.dataset) == 0:
+        if not loaded.skipped:
+            raise DataError(
+                "empty_file", "no data rows: the file is empty or holds only blank lines", source=str(source)
+            )
+        counts = ", ".join(f"{reason}={count}" for reason, count in sorted(loaded.skipped.items()))
+        raise DataError(
+            "all_rows_rejected",
+            f"all {loaded.num_skipped} rows were rejected ({counts}); first: {loaded.problems[0]}",
+            source=str(source),
+        )
     tokenized = tokenize_dataset(
         loaded.dataset,
         tokenizer,
@@ -56,6 +68,13 @@ def prepare_sft_data(
         strict=strict,
     )
     skipped = Counter(loaded.skipped) + Counter(tokenized.skipped)
+    if len(tokenized.dataset) == 0:
+        counts = ", ".join(f"{reason}={count}" for reason, count in sorted(tokenized.skipped.items()))
+        raise DataError(
+            "no_examples_left",
+            f"{source}: none of the {len(loaded.dataset)} conversations is left after tokenization ({counts}); "
+            f"raise data.max_length (now {max_length}) or check the template ({getattr(template, 'name', template)})",
+        )
     train, eval_ = tokenized.dataset, None
     if eval_fraction is not None or eval_size is not None:
         train, eval_ = train_eval_split(train, eval_fraction=eval_fraction, eval_size=eval_size, seed=seed)

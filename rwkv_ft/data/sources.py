@@ -133,34 +133,100 @@ def convert_rows(
             yield None, origin, error.at(source, raw.location)
 
 
+def _is_local(source: str | Path) -> bool:
+    text = str(source)
+    path = Path(text)
+    return path.suffix in LOCAL_SUFFIXES or path.exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
+def check_data_source(source: str | Path) -> None:
+    """Fail fast (before a model is loaded) on a data path that cannot be read."""
+    if not _is_local(source):
+        from rwkv_ft.io import hub_is_offline
+
+        if hub_is_offline():
+            # datasets reads its own cache offline; only a local file is certain to be there.
+            logger.info("data.path %s is a Hub dataset name; HF_HUB_OFFLINE=1: using the local cache only", source)
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError("missing_file", f"data.path {str(source)!r}: no such data file")
+    if not path.is_file():
+        raise DataError(
+            "missing_file", f"data.path {str(source)!r} is a directory; give a .json, .jsonl or .parquet file"
+        )
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise DataError("unknown_format", f"{path}: unsupported file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
 def open_source(
     source: str | Path, *, split: str = "train", hub_kwargs: Mapping[str, Any] | None = None
 ) -> tuple[str, Iterator[RawRow]]:
     """A display name for `source` and an iterator over its rows."""
-    path = Path(source)
-    if path.suffix in LOCAL_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise DataError("missing_file", f"no such data file: {str(path)!r}")
+    if _is_local(source):
+        check_data_source(source)
+        path = Path(source).expanduser()
         readers = {".jsonl": read_jsonl, ".json": read_json_array, ".parquet": read_parquet}
-        if path.suffix not in readers:
-            raise DataError("unknown_format", f"{path}: unsupported file type; use one of {LOCAL_SUFFIXES}")
         return str(path), readers[path.suffix](path)
     return f"{source}[{split}]", read_hub(str(source), split, hub_kwargs or {})
 
 
+_BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) of a UTF-8 file (a UTF-8 byte-order mark is allowed); a file in
+    another encoding is refused naming the line and byte where decoding failed."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+        for bom, name in _BOMS.items():
+            if head.startswith(bom):
+                raise DataError(
+                    "not_utf8",
+                    f"the file is {name} text (it starts with a {name} byte-order mark); save it as UTF-8, "
+                    f"e.g. iconv -f {name} -t UTF-8 {path} > {path.stem}.utf8{path.suffix}",
+                    source=str(path),
+                )
+        handle.seek(len(_UTF8_BOM) if head.startswith(_UTF8_BOM) else 0)
+        offset = handle.tell()
+        for number, raw in enumerate(handle, start=1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    "not_utf8",
+                    f"not UTF-8 text: byte 0x{raw[error.start]:02x} at byte {offset + error.start} of the file "
+                    f"(column {error.start + 1}) cannot be decoded; convert the file to UTF-8 "
+                    "(e.g. iconv -f LATIN1 -t UTF-8)",
+                    source=str(path),
+                    location=f"line {number}",
+                ) from None
+            offset += len(raw)
+
+
+def _parse_json(text: str) -> tuple[Any, DataError | None]:
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as error:
+        return None, DataError("malformed_json", f"malformed JSON: {error.msg} (column {error.colno})")
+    except RecursionError:
+        return None, DataError("malformed_json", "JSON nested too deeply (more than about 1,000 levels) to read")
+
+
 def read_jsonl(path: Path) -> Iterator[RawRow]:
     """Rows of a JSON-lines file, located by 1-based line number; blank lines are ignored."""
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            location = f"line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield RawRow(location, error=DataError("malformed_json", f"malformed JSON: {error.msg}"))
-                continue
-            yield _checked_object(location, row)
+    for number, line in _decoded_lines(path):
+        if not line.strip():
+            continue
+        location = f"line {number}"
+        row, error = _parse_json(line)
+        yield RawRow(location, error=error) if error else _checked_object(location, row)
 
 
 def read_json_array(path: Path) -> Iterator[RawRow]:
@@ -168,15 +234,21 @@ def read_json_array(path: Path) -> Iterator[RawRow]:
 
     A file that is not valid JSON cannot be split into rows, so it always raises.
     """
+    text = "".join(line for _, line in _decoded_lines(path))
+    if not text.strip():
+        return
     try:
-        with path.open(encoding="utf-8") as handle:
-            data = json.load(handle)
+        data = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(
             "malformed_json",
-            f"malformed JSON: {error.msg}",
+            f"malformed JSON: {error.msg} (column {error.colno})",
             source=str(path),
             location=f"line {error.lineno}",
+        ) from None
+    except RecursionError:
+        raise DataError(
+            "malformed_json", "JSON nested too deeply (more than about 1,000 levels)", source=str(path)
         ) from None
     if not isinstance(data, list):
         raise DataError(

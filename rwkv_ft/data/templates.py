@@ -17,22 +17,27 @@ Registered templates (pick one by name in a recipe):
 ``raven_chat``
     Raven chat ``Bob: ...\\n\\nAlice: ...\\n\\n``; the model cards warn against this for World models.
 
-In every template ``\\n\\n`` ends a turn, so runs of blank lines inside a message are collapsed to a
-single ``\\n`` and contents are stripped of surrounding whitespace. The assistant prefix is untrained
-and ends without a space (``Assistant:``); the trained text starts with the space (``" Hi\\n\\n"``),
-which matches how RWKV prompts are written for generation (a prompt must not end with a space).
+In every template ``\\n\\n`` ends a turn, so runs of newlines inside a message are collapsed to a
+single ``\\n`` and contents are stripped of surrounding whitespace.
+
+Every template also renders itself as a Jinja chat template (:meth:`PromptTemplate.chat_template`),
+saved as the tokenizer's ``chat_template`` beside every model and adapter we write, so that
+``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` returns exactly the prompt
+the model was trained with, and so does anything else that reads Hugging Face tokenizers.
+
+The assistant prefix is untrained and ends without a space (``Assistant:``); the trained text
+starts with the space (``" Hi\\n\\n"``), which matches how RWKV prompts are written for
+generation (a prompt must not end with a space).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 from rwkv_ft.data.messages import user_text
 
 TURN_END = "\n\n"
-_BLANK_LINES = re.compile(r"\n\s*\n")
 
 
 class Segment(NamedTuple):
@@ -49,10 +54,31 @@ class TemplateError(ValueError):
 
 
 def flatten_turn(text: str) -> str:
-    """Normalize a message for a template where ``\\n\\n`` ends a turn: strip it, use ``\\n`` line
-    ends and collapse every blank-line run into one ``\\n``."""
+    """Normalize a message for a template where ``\\n\\n`` ends a turn: use ``\\n`` line ends, strip
+    it and collapse every run of newlines into one ``\\n`` (the `_FLAT` Jinja macro does the same)."""
     text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
-    return _BLANK_LINES.sub("\n", text)
+    while TURN_END in text:
+        text = text.replace(TURN_END, "\n")
+    return text
+
+
+# Jinja twins of the Python helpers, for chat templates (transformers' sandbox has no regex).
+# 16 halvings collapse any newline run up to 65,536 long, as `flatten_turn` does.
+_FLAT = (
+    "{%- macro flat(text) -%}"
+    "{%- set ns = namespace(t=text.replace('\\r\\n', '\\n').replace('\\r', '\\n').strip()) -%}"
+    "{%- for i in range(16) -%}{%- set ns.t = ns.t.replace('\\n\\n', '\\n') -%}{%- endfor -%}"
+    "{{- ns.t -}}"
+    "{%- endmacro -%}"
+    "{%- macro user_text(m) -%}"
+    "{{- m['content'] ~ ('\\n\\n' ~ m['input'] if m.get('input') else '') -}}"
+    "{%- endmacro -%}"
+)
+
+
+def _jinja_str(text: str) -> str:
+    """A Python string as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 class PromptTemplate:
@@ -77,6 +103,12 @@ class PromptTemplate:
         """The rendered conversation as one string (for inspection and tests)."""
         return "".join(segment.text for segment in self.render(messages))
 
+    def chat_template(self) -> str:
+        """This template as a Jinja chat template for ``tokenizer.chat_template``: rendering a
+        conversation gives :meth:`render_text`, ``add_generation_prompt=True`` after a user turn
+        gives :meth:`generation_prompt`."""
+        raise NotImplementedError
+
 
 class ChatTemplate(PromptTemplate):
     """``{Name}: content\\n\\n`` per turn, with a per-role speaker name."""
@@ -97,6 +129,27 @@ class ChatTemplate(PromptTemplate):
 
     def format_prompt_turn(self, role: str, content: str) -> str:
         return f"{self.speakers[role]}: {content}{TURN_END}"
+
+    def chat_template(self) -> str:
+        turn = _jinja_str(TURN_END)
+        branches = []
+        for role in ("system", "user"):
+            text = "user_text(message)" if role == "user" else "message['content']"
+            if role in self.speakers:
+                body = f"{{{{- {_jinja_str(self.speakers[role] + ': ')} ~ flat({text}) ~ {turn} -}}}}"
+            else:  # no speaker for this role: a plain first paragraph (Raven's system prompt)
+                body = f"{{{{- flat({text}) ~ {turn} -}}}}"
+            branches.append(f"{{%- {'if' if not branches else 'elif'} message['role'] == '{role}' -%}}{body}")
+        assistant = _jinja_str(self.speakers["assistant"] + ":")
+        answer = f"{{{{- {assistant} ~ ' ' ~ flat(message['content']) ~ {turn} -}}}}"
+        branches.append(f"{{%- elif message['role'] == 'assistant' -%}}{answer}")
+        return (
+            _FLAT
+            + "{%- for message in messages -%}"
+            + "".join(branches)
+            + "{%- endif -%}{%- endfor -%}"
+            + f"{{%- if add_generation_prompt -%}}{{{{- {assistant} -}}}}{{%- endif -%}}"
+        )
 
 
 class WorldChatTemplate(ChatTemplate):
@@ -139,6 +192,36 @@ class InstructionTemplate(PromptTemplate):
         prompt += self.response_header
         answer = f"{self.answer_prefix}{flatten_turn(assistant['content'])}{TURN_END}"
         return [Segment(prompt, False), Segment(answer, True)]
+
+    def chat_template(self) -> str:
+        turn = _jinja_str(TURN_END)
+        one_exchange = (
+            "{%- set ns = namespace(system='', users=[], answers=[]) -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['role'] == 'system' and loop.first -%}{%- set ns.system = message['content'] -%}"
+            "{%- elif message['role'] == 'user' -%}{%- set ns.users = ns.users + [message] -%}"
+            "{%- elif message['role'] == 'assistant' -%}{%- set ns.answers = ns.answers + [message] -%}"
+            "{%- else -%}{{- raise_exception('a system message may only come first') -}}"
+            "{%- endif -%}{%- endfor -%}"
+            f"{{%- if ns.users | length != 1 or ns.answers | length > 1 -%}}"
+            f"{{{{- raise_exception('template {self.name} renders one user turn and at most one assistant turn; "
+            "use the world chat template for multi-turn conversations') -}}"
+            "{%- endif -%}"
+        )
+        header = (
+            f"{{%- if ns.system -%}}{{{{- flat(ns.system) ~ {turn} -}}}}{{%- endif -%}}"
+            f"{{{{- {_jinja_str(self.instruction_header)} ~ flat(ns.users[0]['content']) ~ {turn} -}}}}"
+            f"{{%- if ns.users[0].get('input') -%}}"
+            f"{{{{- {_jinja_str(self.input_header)} ~ flat(ns.users[0]['input']) ~ {turn} -}}}}{{%- endif -%}}"
+        )
+        response = _jinja_str(self.response_header + self.answer_prefix)
+        answer = (
+            "{%- if ns.answers -%}"
+            f"{{{{- {response} ~ flat(ns.answers[0]['content']) ~ {turn} -}}}}"
+            f"{{%- elif add_generation_prompt -%}}{{{{- {_jinja_str(self.response_header)} -}}}}"
+            "{%- endif -%}"
+        )
+        return _FLAT + one_exchange + header + answer
 
 
 class WorldInstructionTemplate(InstructionTemplate):

@@ -119,6 +119,8 @@ def tokenize_dataset(
         example = example or {"input_ids": [], "labels": []}
         return {**example, "length": len(example["input_ids"]), "drop_reason": reason or ""}
 
+    if len(dataset) == 0:
+        return DataResult(dataset=dataset, skipped={})
     keep = {"origin"} if has_origin else set()
     mapped = dataset.map(
         tokenize_row,

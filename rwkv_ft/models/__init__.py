@@ -1,0 +1,22 @@
+"""Model code, one folder per RWKV version.
+
+Each version package (`rwkv_ft.models.rwkvN`) exposes `CONFIG_CLASS` (cheap to import) and, on
+demand, `base_model_class()` / `causal_lm_class()`; its `conversion_rwkvN.py` registers the
+version's `Architecture` (see `architecture.py`) with everything the version-free code asks.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+VERSION_PACKAGES = ("rwkv_ft.models.rwkv4",)
+
+# Each version's Architecture, by the name tests and tools use (imported on first use).
+_ARCHITECTURE_NAMES = {"RWKV4": "rwkv_ft.models.rwkv4.conversion_rwkv4"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ARCHITECTURE_NAMES:
+        return getattr(importlib.import_module(_ARCHITECTURE_NAMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

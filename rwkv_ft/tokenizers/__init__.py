@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from .neox import NEOX_HUB_REPO, load_neox_tokenizer
+from .neox import NEOX_HUB_REPO, TokenizerUnavailable, load_neox_tokenizer
 from .world import DEFAULT_VOCAB_FILE, VOCAB_FILE_NAME, RwkvWorldTokenizer
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "NEOX_HUB_REPO",
     "VOCAB_FILE_NAME",
     "RwkvWorldTokenizer",
+    "TokenizerUnavailable",
     "load_neox_tokenizer",
     "load_tokenizer",
 ]

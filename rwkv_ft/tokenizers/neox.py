@@ -11,6 +11,28 @@ NEOX_HUB_REPO = "EleutherAI/gpt-neox-20b"
 NEOX_END_OF_TEXT = "<|endoftext|>"
 
 
+class TokenizerUnavailable(OSError):
+    """A named tokenizer that cannot be had right now (offline, no network), with what to do instead."""
+
+
+def _fetch_neox_tokenizer_json() -> Path:
+    """tokenizer.json of the Hub's GPT-NeoX-20B repo: one request (no retries), or the local cache only
+    with HF_HUB_OFFLINE=1. transformers' own from_pretrained would retry for minutes without network."""
+    from huggingface_hub import hf_hub_download
+
+    from rwkv_ft.io import hub_is_offline
+
+    offline = hub_is_offline()
+    try:
+        return Path(hf_hub_download(NEOX_HUB_REPO, "tokenizer.json", local_files_only=offline, etag_timeout=10))
+    except Exception as exc:  # no network, offline without a cached copy, repo moved
+        where = "in the local Hub cache (HF_HUB_OFFLINE=1)" if offline else "from the Hugging Face Hub"
+        raise TokenizerUnavailable(
+            f"the GPT-NeoX-20B tokenizer is not available {where} ({type(exc).__name__}); pass a local "
+            "tokenizer.json instead (e.g. 20B_tokenizer.json from BlinkDL/ChatRWKV)"
+        ) from exc
+
+
 def _from_tokenizer_json(path: Path) -> PreTrainedTokenizerFast:
     try:
         return PreTrainedTokenizerFast(tokenizer_file=str(path))
@@ -43,19 +65,11 @@ def load_neox_tokenizer(source: str | os.PathLike[str] | None = None) -> PreTrai
 
     Raises:
         FileNotFoundError: ``source`` does not exist, or is a directory without ``tokenizer.json``.
-        OSError: ``source`` is None and the Hub cannot be reached.
+        TokenizerUnavailable: ``source`` is None and the Hub cannot be reached (one try, no retries).
         ValueError: the file is not a valid ``tokenizers`` JSON file.
     """
     if source is None:
-        try:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(NEOX_HUB_REPO)
-        except (OSError, ValueError) as exc:  # hub/network errors are OSError subclasses
-            raise OSError(
-                f"could not load the GPT-NeoX-20B tokenizer from the Hugging Face Hub repo "
-                f"{NEOX_HUB_REPO!r} ({type(exc).__name__}: {exc}). Without network access, pass a local "
-                "tokenizer.json path instead (e.g. 20B_tokenizer.json from BlinkDL/ChatRWKV), or a "
-                "directory containing one."
-            ) from exc
+        tokenizer = _from_tokenizer_json(_fetch_neox_tokenizer_json())
     else:
         path = Path(source)
         if path.is_dir():

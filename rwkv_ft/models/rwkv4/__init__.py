@@ -1,4 +1,29 @@
-from .configuration_rwkv4 import Rwkv4Config
-from .modeling_rwkv4 import Rwkv4CausalLMOutput, Rwkv4ForCausalLM, Rwkv4Model, Rwkv4PreTrainedModel
+"""RWKV-4: configuration, model and conversion. The model classes are imported on first use."""
 
-__all__ = ["Rwkv4CausalLMOutput", "Rwkv4Config", "Rwkv4ForCausalLM", "Rwkv4Model", "Rwkv4PreTrainedModel"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .configuration_rwkv4 import Rwkv4Config
+
+CONFIG_CLASS = Rwkv4Config
+_MODELING = "rwkv_ft.models.rwkv4.modeling_rwkv4"
+_LAZY = ("Rwkv4CausalLMOutput", "Rwkv4ForCausalLM", "Rwkv4Model", "Rwkv4PreTrainedModel")
+
+
+def base_model_class():
+    return importlib.import_module(_MODELING).Rwkv4Model
+
+
+def causal_lm_class():
+    return importlib.import_module(_MODELING).Rwkv4ForCausalLM
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_MODELING), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["CONFIG_CLASS", "Rwkv4Config", *_LAZY]

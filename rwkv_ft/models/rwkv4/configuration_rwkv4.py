@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from rwkv_ft.models.config_checks import check_positive_fields
+
 
 class Rwkv4Config(PretrainedConfig):
     """Configuration of an RWKV-4 language model (Pile, Raven and World checkpoints).
@@ -35,12 +37,20 @@ class Rwkv4Config(PretrainedConfig):
         use_cache: bool = True,
         **kwargs,
     ):
+        intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
+        check_positive_fields(
+            "Rwkv4Config",
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_hidden_layers,
+            intermediate_size=intermediate_size,
+        )
         if wkv_backend not in ("auto", "triton", "torch"):
             raise ValueError(f"wkv_backend must be 'auto', 'triton' or 'torch', got {wkv_backend!r}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
-        self.intermediate_size = intermediate_size if intermediate_size is not None else 4 * hidden_size
+        self.intermediate_size = intermediate_size
         self.layer_norm_epsilon = layer_norm_epsilon
         self.wkv_backend = wkv_backend
         self.use_cache = use_cache

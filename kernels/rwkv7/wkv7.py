@@ -1,0 +1,105 @@
+"""Public entry point of the RWKV-7 WKV operator: validation and backend dispatch.
+
+The Triton backend lives in `triton_wkv7.py`; it is imported lazily so that CPU-only use of the
+reference never imports triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import wkv7_reference
+
+_BACKENDS = ("auto", "triton", "torch")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_HEAD_SIZES = (32, 64, 128)
+_NAMES = ("r", "w", "k", "v", "a", "b")
+
+
+def _check_inputs(tensors, state, reset) -> None:
+    r = tensors[0]
+    if r.dim() != 4:
+        raise ValueError(f"wkv7: r must be (B, T, H, N), got shape {tuple(r.shape)}")
+    B, T, H, N = r.shape
+    if T < 1:
+        raise ValueError("wkv7: the sequence must hold at least one token (T >= 1)")
+    for name, x in zip(_NAMES, tensors):
+        if x.shape != r.shape:
+            raise ValueError(f"wkv7: {name} shape {tuple(x.shape)} != r shape {tuple(r.shape)}")
+        if x.dtype != r.dtype:
+            raise ValueError(f"wkv7: {name} dtype {x.dtype} != r dtype {r.dtype}")
+    if not r.is_floating_point():
+        raise ValueError(f"wkv7: inputs must be floating point, got {r.dtype}")
+    if state is not None and tuple(state.shape) != (B, H, N, N):
+        raise ValueError(f"wkv7: state must be (B, H, N, N) = ({B}, {H}, {N}, {N}), got {tuple(state.shape)}")
+    if reset is not None:
+        if tuple(reset.shape) != (B, T):
+            raise ValueError(f"wkv7: reset must be (B, T) = ({B}, {T}), got {tuple(reset.shape)}")
+        if reset.dtype != torch.bool:
+            raise ValueError(f"wkv7: reset must be a bool tensor, got {reset.dtype}")
+    others = (state, reset)
+    devices = {t.device for t in (*tensors, *(x for x in others if x is not None))}
+    if len(devices) > 1:
+        raise ValueError(f"wkv7: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+def _triton_available_for(x: torch.Tensor) -> bool:
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def wkv7(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+    *,
+    reset: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RWKV-7 WKV over a whole sequence.
+
+    Per head, with S the (N, N) state in BlinkDL's [value, key] layout:
+    ``S_t = S_{t-1} diag(exp(w_t)) + (S_{t-1} a_t) b_t^T + v_t k_t^T`` and ``y_t = S_t r_t``
+    (the model passes ``a = -kk`` and ``b = kk * a_gate``).
+
+    Args:
+        r, w, k, v, a, b: (B, T, H, N), all fp32, bf16 or fp16 (one dtype). ``w`` is the log of the
+            per-step decay (<= 0): the model passes ``-exp(w_raw)``. Any T >= 1, B, H.
+        state: None (zeros) or (B, H, N, N) fp32, the state before the first token.
+        reset: None or (B, T) bool; where true the state is zeroed before that token (packed
+            examples in one row).
+        backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton" or "torch".
+
+    Returns:
+        y: (B, T, H, N) in the inputs' dtype; new_state: (B, H, N, N) fp32, the state after the
+        last token. All accumulation is fp32.
+
+    Differentiable w.r.t. all six inputs and ``state``; the loss may depend on ``new_state``.
+    "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported).
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"wkv7: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    tensors = (r, w, k, v, a, b)
+    _check_inputs(tensors, state, reset)
+    if backend == "auto":
+        use_triton = r.is_cuda and r.dtype in _KERNEL_DTYPES and r.shape[-1] in _KERNEL_HEAD_SIZES
+        backend = "triton" if use_triton else "torch"
+    if backend == "torch":
+        return wkv7_reference(*tensors, state, reset)
+    if r.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"wkv7: the triton backend takes fp32, bf16 or fp16 inputs, got {r.dtype}")
+    if r.shape[-1] not in _KERNEL_HEAD_SIZES:
+        raise ValueError(f"wkv7: the triton backend takes head size N in {_KERNEL_HEAD_SIZES}, got {r.shape[-1]}")
+    if not _triton_available_for(r):
+        raise RuntimeError(
+            "wkv7: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
+            "imported) to run on CPU under the Triton interpreter"
+        )
+    from .triton_wkv7 import wkv7_triton
+
+    return wkv7_triton(*tensors, state, reset)

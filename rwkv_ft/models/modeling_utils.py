@@ -1,0 +1,494 @@
+"""What every RWKV model of ours shares with transformers: generation with a recurrent state, the
+activation-checkpointing switches, and a few input checks. Nothing here knows an RWKV version.
+
+Generation. An RWKV model's whole history is a fixed-size state, returned by `forward` as
+`output.state` and taken back as `forward(..., state=...)`. Which key `generate()` uses to carry a
+cache between steps has moved between transformers releases (`past_key_values`, `cache_params`,
+`state`, `cache`). We do not rely on any of them: `_update_model_kwargs_for_generation` stores the
+returned state under our own key, and `prepare_inputs_for_generation` (ours, not the base class's)
+feeds the model only the newest token when it has a current state. Both hooks are the ones
+transformers documents for models with their own cache handling, with signatures that have been
+stable across the releases we support. Every step is O(1) in the sequence length.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+# model_kwargs key set once the state in model_kwargs["state"] covers every token of input_ids.
+_STATE_IS_CURRENT = "rwkv_state_is_current"
+
+
+def select_state_rows(state: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The state of the given batch rows (beam search reorders beams with this)."""
+    return state.index_select(0, rows.to(state.device))
+
+
+class RwkvGenerationMixin(GenerationMixin):
+    """`generate()` for our stateful RWKV models: greedy, sampling and beam search, batched, left padding."""
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        state: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The inputs of one generation step.
+
+        With a current state (every step after the first, when `use_cache`), only the newest token is
+        fed. Otherwise the whole sequence is: on the first step (from `state`, if the caller passed
+        one to `generate`, else from the empty or learned initial state), and on every step with
+        `use_cache=False`. Keys transformers passes that an RWKV model has no use for (caches,
+        position ids, cache positions) are dropped: the state carries all the history.
+        """
+        current = bool(kwargs.get(_STATE_IS_CURRENT)) and state is not None and use_cache is not False
+        inputs: dict[str, Any] = {"state": state, "use_cache": use_cache, "attention_mask": attention_mask}
+        if current:
+            inputs["input_ids"] = input_ids[:, -1:]
+        elif inputs_embeds is not None:
+            if input_ids.shape[1] > 0:  # generated tokens that the embeddings do not cover
+                raise ValueError("generate() with inputs_embeds needs use_cache=True (the state carries the prompt)")
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
+        if output_hidden_states is not None:
+            inputs["output_hidden_states"] = output_hidden_states
+        return inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False, num_new_tokens: int = 1
+    ) -> dict[str, Any]:
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        state = getattr(outputs, "state", None)
+        if state is not None and model_kwargs.get("use_cache", True) is not False:
+            model_kwargs["state"] = state
+            model_kwargs[_STATE_IS_CURRENT] = True
+        # The base class may also have copied the state under a cache name it forwards; ours does not.
+        return model_kwargs
+
+    def _reorder_cache(self, state: torch.Tensor | None, beam_idx: torch.Tensor) -> torch.Tensor | None:
+        """Beam search: the state of the beams kept for the next step."""
+        return None if state is None else select_state_rows(state, beam_idx)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # A DynamicCache (attention keys/values) has no meaning for an RNN state.
+        return False
+
+
+class RwkvPreTrainedModelMixin:
+    """Activation checkpointing through the current transformers API, without deprecation noise.
+
+    peft (0.17-0.21) still calls the deprecated `gradient_checkpointing_enable` and reads
+    `is_gradient_checkpointing`; on transformers releases that deprecate them every train and merge
+    would print a FutureWarning the user can do nothing about. We answer both names ourselves.
+    """
+
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        kwargs_ = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*gradient_checkpointing_enable.*deprecated", category=FutureWarning
+            )
+            PreTrainedModel.gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=kwargs_, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=".*gradient_checkpointing_disable.*deprecated", category=FutureWarning
+            )
+            PreTrainedModel.gradient_checkpointing_disable(self)
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on non-reentrant activation checkpointing on a transformers model (or a peft wrapper),
+    through whichever name this transformers release offers."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """A clear error for ids outside the embedding (instead of an IndexError or a CUDA assert)."""
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"token id {bad} is outside the model's vocabulary of {vocab_size} ids (0..{vocab_size - 1}); "
+            "the tokenizer does not match this model's embedding"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class RwkvOutput(ModelOutput):
+    """Output of an RWKV base model. `state` is the (B, L, ...) fp32 state when `use_cache`, else None."""
+
+    last_hidden_state: torch.Tensor | None = None
+    state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class RwkvCausalLMOutput(ModelOutput):
+    """Output of an RWKV causal LM. Pass `state` back in to continue the sequence."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Token shift, masks and packed rows
+
+
+def token_shift(x: torch.Tensor, previous: torch.Tensor | None, reset: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, C) shifted one step right in time: position t sees x[t-1], t=0 sees `previous` (B, C)
+    (zeros if None), and a packed example's first token (`reset`, (B, T) bool) sees zeros."""
+    if previous is None:
+        shifted = torch.nn.functional.pad(x, (0, 0, 1, -1))
+    else:
+        shifted = torch.cat([previous.to(x.dtype).unsqueeze(1), x[:, :-1]], dim=1)
+    return shifted if reset is None else shifted.masked_fill(reset.unsqueeze(-1), 0.0)
+
+
+def masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x (B, T, C) with padded positions zeroed: a pad must look like "no previous token" to the
+    token shift of the next one."""
+    return x if mask is None else x.masked_fill(~mask.unsqueeze(-1), 0.0)
+
+
+def is_left_padded(mask: torch.Tensor) -> bool:
+    """Every row is padding followed by real tokens."""
+    return bool((mask[:, 1:] >= mask[:, :-1]).all())
+
+
+def is_right_padded(mask: torch.Tensor) -> bool:
+    """Every row is real tokens followed by padding."""
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+def segment_starts(position_ids: torch.Tensor | None, mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """(B, T) bool: True where a packed example starts after column 0, or None when no row restarts.
+
+    A packed example starts at a real token with position id 0 that follows another real token.
+    (generate() may pass position ids that are 0 on left padding and on the first real token:
+    those are not restarts.)
+    """
+    if position_ids is None:
+        return None
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    starts = position_ids[:, -T:] == 0
+    if mask is not None:
+        starts[:, 1:] &= mask[:, 1:] & mask[:, :-1]
+    starts[:, 0] = False
+    return starts if bool(starts.any()) else None
+
+
+def packed_segments(starts: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(row, start, length) of every packed example, from the (B, T) restart flags."""
+    B, T = starts.shape
+    segments = []
+    for row, row_starts in enumerate(starts.cpu()):
+        begin = [0] + row_starts.nonzero().flatten().tolist() + [T]
+        segments += [(row, s, e - s) for s, e in zip(begin[:-1], begin[1:])]
+    return segments
+
+
+# --------------------------------------------------------------------------------------------------
+# The base model: embeddings -> blocks -> ln_out, with every way through the blocks
+
+
+class RwkvModelBase:
+    """Forward plumbing shared by every RWKV version: masks, left/right/inner padding, packed rows,
+    the carried state and the learned initial state (state tuning).
+
+    Mixed into a version's `PreTrainedModel` (`class Rwkv4Model(RwkvModelBase, Rwkv4PreTrainedModel)`),
+    which sets `self.emb`, `self.blocks`, `self.ln_out`, calls `_post_init_state()` and implements
+    `empty_state` and `state_shape`. Each block is called as `block(hidden, layer_state, mask, reset, carry)` and
+    returns `(hidden, new_layer_state, carry)`: `layer_state` is `state[:, i]` (None: empty),
+    `mask` the (B, T) real-token mask or None, `reset` the (B, T) packed-example starts or None
+    (only passed when the class sets `supports_reset`), and `carry` whatever a block hands to the
+    next one (RWKV-7's value residual) or None.
+    """
+
+    # True when the blocks reset their state at `reset` flags themselves; otherwise packed rows are
+    # re-laid out one example per row (exact, but each example is padded to the longest).
+    supports_reset: bool = False
+
+    def _post_init_state(self) -> None:
+        self.gradient_checkpointing = False
+        # State tuning (rwkv_ft.adapters.state_tuning) attaches a module here; called with a batch size
+        # it returns the learned (B, L, ...) fp32 initial state, used wherever no `state` is given.
+        self.initial_state: nn.Module | None = None
+
+    def empty_state(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_shape(self, batch: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.emb
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.emb = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> RwkvOutput | tuple:
+        """Run the blocks over a (B, T) sequence, optionally continuing from `state`.
+
+        Args:
+            attention_mask: (B, T_total) with 1 for real tokens and 0 for padding; only its last T columns
+                are read (generation passes the whole history). A padded token does not touch the state.
+            state: the (B, L, ...) fp32 state from a previous call; None means an empty history (or the
+                learned initial state, when state tuning is attached).
+            position_ids: only their zeros are read: a 0 after column 0 starts a new packed sequence,
+                and the recurrent state is reset there (nothing flows between packed examples).
+            use_cache: return the state after the last token. Defaults to `config.use_cache` outside
+                training, unless the mask has padding that is not left padding (computing the exact
+                state then needs a token-by-token pass; ask for it explicitly with use_cache=True).
+        """
+        name = type(self).__name__
+        output_hidden_states = bool(output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{name}: pass exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.emb.num_embeddings)
+        hidden = self.emb(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        # The residual stream runs in the layer norms' dtype (fp32 after peft's kbit preparation,
+        # which may leave the frozen embedding in bf16 to save memory).
+        hidden = hidden.to(self.ln_out.weight.dtype)
+        B, T, _ = hidden.shape
+        if T == 0:
+            raise ValueError(f"{name}: the input sequence is empty (T=0)")
+        mask = _token_mask(attention_mask, B, T)
+        if state is not None and tuple(state.shape) != self.state_shape(B):
+            raise ValueError(f"{name}: state must have shape {self.state_shape(B)}, got {tuple(state.shape)}")
+
+        explicit_cache = use_cache is not None
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if mask is not None and not explicit_cache and not is_left_padded(mask):
+            use_cache = False
+
+        starts = segment_starts(position_ids, mask, T)
+        if starts is not None:
+            if state is not None:
+                raise ValueError(f"{name}: packed sequences (position_ids restarting at 0) cannot take a state")
+            if self.supports_reset and self.initial_state is None:
+                hidden, new_state, all_hidden = self._run_blocks(hidden, None, mask, starts, output_hidden_states)
+            else:
+                hidden, all_hidden = self._forward_packed(hidden, packed_segments(starts), output_hidden_states)
+                new_state = None
+        else:
+            if state is None:
+                state = self._learned_initial_state(B)
+            if (
+                mask is not None
+                and (state is not None or not is_left_padded(mask))
+                and (use_cache or not is_right_padded(mask))
+            ):
+                hidden, new_state, all_hidden = self._forward_stepwise(hidden, state, mask, output_hidden_states)
+            else:
+                hidden, new_state, all_hidden = self._run_blocks(hidden, state, mask, None, output_hidden_states)
+
+        hidden = self.ln_out(hidden)
+        if output_hidden_states:
+            all_hidden = all_hidden + (hidden,)
+        out = RwkvOutput(
+            last_hidden_state=hidden,
+            state=new_state if use_cache else None,
+            hidden_states=all_hidden if output_hidden_states else None,
+        )
+        return out if return_dict else out.to_tuple()
+
+    # -- the three ways through the blocks ---------------------------------------------------------
+
+    def _run_blocks(
+        self,
+        hidden: torch.Tensor,
+        state: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        reset: torch.Tensor | None,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Parallel mode: every block over the whole sequence. Returns hidden, state (B, L, ...), hiddens."""
+        all_hidden: tuple[torch.Tensor, ...] = ()
+        layer_states, carry = [], None
+        for i, block in enumerate(self.blocks):
+            if output_hidden_states:
+                all_hidden += (hidden,)
+            hidden, layer_state, carry = block(hidden, None if state is None else state[:, i], mask, reset, carry)
+            layer_states.append(layer_state)
+        return hidden, torch.stack(layer_states, dim=1), all_hidden
+
+    def _forward_stepwise(
+        self,
+        hidden: torch.Tensor,
+        state: torch.Tensor | None,
+        mask: torch.Tensor,
+        output_hidden_states: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """RNN mode with a mask: one token at a time, keeping the state unchanged on padded tokens."""
+        B = hidden.shape[0]
+        current = state if state is not None else self.empty_state(B, hidden.device)
+        outputs, per_step_hidden = [], []
+        for t in range(hidden.shape[1]):
+            out, new_state, step_hidden = self._run_blocks(
+                hidden[:, t : t + 1], current, None, None, output_hidden_states
+            )
+            keep = mask[:, t].view(B, *([1] * (current.dim() - 1)))
+            current = torch.where(keep, new_state, current)
+            outputs.append(out)
+            per_step_hidden.append(step_hidden)
+        all_hidden = tuple(torch.cat(layer, dim=1) for layer in zip(*per_step_hidden)) if output_hidden_states else ()
+        return torch.cat(outputs, dim=1), current, all_hidden
+
+    def _forward_packed(
+        self, hidden: torch.Tensor, segments: list[tuple[int, int, int]], output_hidden_states: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Packed rows: lay every packed example out as its own row, run them fresh, scatter back."""
+        B, T, C = hidden.shape
+        longest = max(length for _, _, length in segments)
+        rows, cols, seg_rows, seg_cols = [], [], [], []
+        for i, (row, start, length) in enumerate(segments):
+            rows += [row] * length
+            cols += range(start, start + length)
+            seg_rows += [i] * length
+            seg_cols += range(length)
+        index = [torch.tensor(ix, device=hidden.device) for ix in (rows, cols, seg_rows, seg_cols)]
+        unpacked = hidden.new_zeros(len(segments), longest, C)  # right-padded: padding follows each example
+        unpacked[index[2], index[3]] = hidden[index[0], index[1]]
+        initial = self._learned_initial_state(len(segments))
+        out, _, seg_hidden = self._run_blocks(unpacked, initial, None, None, output_hidden_states)
+
+        def repack(x: torch.Tensor) -> torch.Tensor:
+            packed = x.new_zeros(B, T, C)
+            packed[index[0], index[1]] = x[index[2], index[3]]
+            return packed
+
+        return repack(out), tuple(repack(h) for h in seg_hidden)
+
+    def _learned_initial_state(self, batch: int) -> torch.Tensor | None:
+        """The state-tuned initial state for `batch` rows, or None (empty history) when none is attached."""
+        return None if self.initial_state is None else self.initial_state(batch)
+
+
+def _token_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+    """(B, T) bool mask of real tokens, or None when there is no padding."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != B or attention_mask.shape[1] < T:
+        raise ValueError(
+            f"attention_mask must be (batch, >= seq_len) = ({B}, >={T}), got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask[:, -T:].bool()
+    return None if bool(mask.all()) else mask
+
+
+class RwkvForCausalLMBase(RwkvGenerationMixin):
+    """The language-model head over an RWKV base model (`self.rwkv`), shared by every version."""
+
+    _tied_weights_keys = {"head.weight": "rwkv.emb.weight"}
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        # transformers looks for GenerationMixin among the direct bases; ours is one level down.
+        return True
+
+    def _init_head(self, config) -> None:
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.head = new_embeddings
+
+    def get_decoder(self) -> RwkvModelBase:
+        return self.rwkv
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        state: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> RwkvCausalLMOutput | tuple:
+        """Logits for every position (or the last `logits_to_keep`), the loss when `labels` are given
+        (shifted inside, -100 ignored), and the state after the last token. See the base model's
+        `forward` for the other arguments."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        out = self.rwkv(
+            input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            state=state,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.head(hidden.to(self.head.weight.dtype))  # (B, T, V)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        result = RwkvCausalLMOutput(loss=loss, logits=logits, state=out.state, hidden_states=out.hidden_states)
+        return result if return_dict else result.to_tuple()
