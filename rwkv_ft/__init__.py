@@ -10,6 +10,7 @@ The registrations run as soon as the transformers / peft modules they extend are
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from rwkv_ft._post_import import when_imported
@@ -31,29 +32,34 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rwkv_ft' has no attribute {name!r}")
 
 
-def _version_packages():
+def _version_packages(part: str) -> None:
+    """Import every version's configuration or modeling module (which register themselves with the
+    Auto classes as their last step), except one already being imported: that one registers when
+    it finishes. transformers may import its Auto modules in the middle of importing ours."""
+    import sys
+
     from rwkv_ft.models import VERSION_PACKAGES
 
-    return [importlib.import_module(name) for name in VERSION_PACKAGES]
+    for package in VERSION_PACKAGES:
+        name = f"{package}.{part}_{package.rsplit('.', 1)[-1]}"
+        module = sys.modules.get(name)
+        if module is None or not getattr(getattr(module, "__spec__", None), "_initializing", False):
+            importlib.import_module(name)
 
 
-def _register_configs(auto) -> None:
-    for package in _version_packages():
-        auto.AutoConfig.register(package.CONFIG_CLASS.model_type, package.CONFIG_CLASS, exist_ok=True)
+def _register_configs(_auto) -> None:
+    _version_packages("configuration")
 
 
-def _register_models(auto) -> None:
-    for package in _version_packages():
-        auto.AutoModel.register(package.CONFIG_CLASS, package.base_model_class(), exist_ok=True)
-        auto.AutoModelForCausalLM.register(package.CONFIG_CLASS, package.causal_lm_class(), exist_ok=True)
+def _register_models(_auto) -> None:
+    _version_packages("modeling")
 
 
 def _register_tokenizers(auto) -> None:
     # A directory's tokenizer_config.json names its class; World-vocabulary models name ours.
-    from rwkv_ft.tokenizers import RwkvWorldTokenizer
+    from rwkv_ft.models.registration import register_tokenizer
 
-    for package in _version_packages():
-        auto.AutoTokenizer.register(package.CONFIG_CLASS, tokenizer_class=RwkvWorldTokenizer, exist_ok=True)
+    register_tokenizer()
 
 
 def _register_peft_defaults(_constants) -> None:
@@ -61,6 +67,13 @@ def _register_peft_defaults(_constants) -> None:
 
     register_peft_defaults()
 
+
+# On a machine without CUDA, bitsandbytes (imported by peft) warns that an optional Hub kernel for
+# its CPU 4-bit matmul is missing and falls back to its own, which works: keep that out of logs
+# unless the user configured that logger themselves.
+_bnb_cpu_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+if _bnb_cpu_logger.level == logging.NOTSET:
+    _bnb_cpu_logger.setLevel(logging.ERROR)
 
 when_imported("transformers.models.auto.configuration_auto", _register_configs)
 when_imported("transformers.models.auto.modeling_auto", _register_models)

@@ -41,12 +41,13 @@ def _adapter_base(adapter: Path) -> str:
 
 def load_for_generation(path: str | os.PathLike, *, dtype: str = "auto", device: str = "auto"):
     """(model in eval mode, tokenizer) for a model directory or an adapter directory."""
-    from rwkv_ft.convert import check_tokenizer_fits, load_pretrained
+    from rwkv_ft.convert import check_tokenizer_fits, load_pretrained, verify_model_dir
     from rwkv_ft.tokenizers import load_tokenizer
 
     path = resolve_model_source(path, what="model").path
     adapter = path if path.is_dir() and _is_adapter_dir(path) else None
     base = resolve_model_source(_adapter_base(adapter), what="the adapter's base model").path if adapter else path
+    verify_model_dir(base)
     tokenizer_dir = next((d for d in (adapter, base) if d is not None and _has_tokenizer(d)), None)
     if tokenizer_dir is None:
         raise CheckpointError(

@@ -282,6 +282,23 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+HUB_TIMEOUT_ENV = "RWKV_FT_HUB_TIMEOUT"
+
+
+def ensure_network_timeouts() -> float:
+    """Give huggingface_hub's shared HTTP client connect/read timeouts where it has none (its 2.x
+    default waits forever on a server that accepts the connection and never answers). The read
+    timeout is `RWKV_FT_HUB_TIMEOUT` seconds (default 60); a timeout the user configured is kept."""
+    from huggingface_hub import get_session
+
+    seconds = float(os.environ.get(HUB_TIMEOUT_ENV, "60"))
+    session = get_session()
+    timeout = session.timeout
+    if timeout.read is None or timeout.connect is None:
+        session.timeout = type(timeout)(seconds, connect=min(seconds, 10.0), write=max(seconds, 300.0))
+    return float(session.timeout.read)
+
+
 def push_to_hub(
     directory: str | os.PathLike,
     repo_id: str,
@@ -325,7 +342,13 @@ def push_to_hub(
     else:
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
 
+    if api is None:
+        from rwkv_ft.io import hub_is_offline
+
+        if hub_is_offline():
+            raise HubError("HF_HUB_OFFLINE is set: not uploading; unset it to push to the Hub")
     api = api or HfApi(endpoint=endpoint, token=token)
+    read_timeout = ensure_network_timeouts()
     message = (
         commit_message or f"Upload {'adapter' if (root / 'adapter_config.json').exists() else 'model'} with rwkv_ft"
     )
@@ -351,9 +374,14 @@ def push_to_hub(
         }.get(status, "the Hub refused the upload")
         raise HubError(f"uploading {root} to {repo_id} failed (HTTP {status}): {hint} ({_first_line(exc)})") from exc
     except _connection_errors() as exc:
+        waited = (
+            f" (no answer within {read_timeout:g} s; set {HUB_TIMEOUT_ENV} to wait longer)"
+            if "Timeout" in type(exc).__name__
+            else ""
+        )
         raise HubError(
             f"cannot reach the Hugging Face Hub ({api_endpoint(api)}): "
-            f"{type(exc).__name__}: {_first_line(exc)}. "
+            f"{type(exc).__name__}: {_first_line(exc)}{waited}. "
             "Check the network (and HF_ENDPOINT / HF_HUB_OFFLINE) and try again"
         ) from exc
     return str(getattr(info, "commit_url", None) or info)

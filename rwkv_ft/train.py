@@ -49,7 +49,8 @@ class RunComplete(Exception):
 
 
 def prepare_base_model(recipe: Recipe, output_dir: Path, tokenizer) -> tuple[Path, str]:
-    """(a directory of ours holding the base model, what to record as the base's origin).
+    """(a directory of ours holding the base model, what adapters record as their base: its Hub
+    id, or the directory's absolute path, so that they load from any working directory).
 
     Our own directory is used in place; a BlinkDL `.pth` or foreign directory is converted, and a
     `model.config` builds a fresh random model (seeded), once, into output_dir/base, so that a
@@ -69,7 +70,7 @@ def prepare_base_model(recipe: Recipe, output_dir: Path, tokenizer) -> tuple[Pat
                 model = arch.model_class(arch.config_class(**spec.config))
             save_model_dir(model, base, tokenizer=tokenizer, overwrite=True)
         _wait_for_everyone()  # every rank, unconditionally: a rank that skipped it would hang the others
-        return base, f"random {arch.name} from model.config {json.dumps(spec.config, sort_keys=True)}"
+        return base, str(base.resolve())
     source = resolve_model_source(spec.path, what="model.path")
     if source.path.is_dir() and architecture_for_model_type(model_type_of(source.path)) is not None:
         return source.path, source.record
@@ -79,7 +80,7 @@ def prepare_base_model(recipe: Recipe, output_dir: Path, tokenizer) -> tuple[Pat
         _discard_incomplete(base)
         convert_checkpoint(source.path, base, tokenizer="none", overwrite=True)
     _wait_for_everyone()
-    return base, source.record
+    return base, str(base.resolve())
 
 
 def _discard_incomplete(base: Path) -> None:
@@ -133,8 +134,8 @@ def _has_tokenizer(directory: Path) -> bool:
 
 def model_vocab_size(recipe: Recipe) -> tuple[int, Path | None]:
     """The embedding size the recipe's model will have, and the local model source (None: from config)."""
-    from rwkv_ft.convert import load_any_checkpoint, model_type_of
-    from rwkv_ft.io import read_json_object, resolve_model_source
+    from rwkv_ft.convert import load_any_checkpoint, model_type_of, verify_model_dir
+    from rwkv_ft.io import resolve_model_source
     from rwkv_ft.models.architecture import architecture_for_model_type
 
     spec = recipe.model
@@ -151,14 +152,13 @@ def model_vocab_size(recipe: Recipe) -> tuple[int, Path | None]:
             raise RecipeError(f"recipe: model.config: {exc}") from exc
     source = resolve_model_source(spec.path, what="model.path")
     if source.path.is_dir() and architecture_for_model_type(model_type_of(source.path)) is not None:
-        config = read_json_object(source.path / "config.json") or {}
-        return int(config.get("vocab_size", 0)), source.path
+        return verify_model_dir(source.path)[1].vocab_size, source.path  # names a config/weights mismatch
     return load_any_checkpoint(source.path).config.vocab_size, source.path
 
 
-def load_model(recipe: Recipe, base: Path):
+def load_model(recipe: Recipe, base: Path, record: str):
     """The base model in the recipe's dtype (quantized with bitsandbytes when asked), its config
-    and weights checked against each other first."""
+    and weights checked against each other first. `record` is what peft writes down as the base."""
     from rwkv_ft.convert import load_pretrained
     from rwkv_ft.io import DTYPES
 
@@ -169,6 +169,7 @@ def load_model(recipe: Recipe, base: Path):
 
         kwargs["quantization_config"] = bnb_config(spec.quantization, compute_dtype=DTYPES[spec.dtype])
     model = load_pretrained(base, **kwargs)
+    model.name_or_path = model.config._name_or_path = record  # peft writes it as base_model_name_or_path
     set_kernel_backend(model, spec.wkv_backend)
     return model
 
@@ -297,6 +298,7 @@ def _make_trainer_class():
         """
 
         prior_runtime_s: float = 0.0
+        prior_sessions: int = 0
         session_start: float = 0.0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
@@ -332,7 +334,7 @@ def _make_trainer_class():
             try:
                 super()._save_checkpoint(model, trial)
                 if self.args.should_save:
-                    progress = {"runtime_s": self.runtime_s(), "step": step}
+                    progress = {"runtime_s": self.runtime_s(), "step": step, "sessions": self.prior_sessions + 1}
                     Path(self._staging_dir, name, PROGRESS_FILE).write_text(json.dumps(progress))
             finally:
                 self._staging_dir = None
@@ -573,7 +575,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     if data.skipped:
         logger.warning("skipped rows: %s", ", ".join(f"{n} {reason}" for reason, n in sorted(data.skipped.items())))
 
-    model = attach_adapter(load_model(recipe, base), recipe)
+    model = attach_adapter(load_model(recipe, base, base_record), recipe)
     _log_trainable(model)
     has_eval = data.eval is not None and len(data.eval) > 0
     trainer = _make_trainer_class()(
@@ -586,9 +588,11 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         callbacks=[*_callbacks(output_dir), *(callbacks or [])],
     )
     if resume_from is not None:
-        trainer.prior_runtime_s = float((read_json_object(resume_from / PROGRESS_FILE) or {}).get("runtime_s", 0.0))
+        progress = read_json_object(resume_from / PROGRESS_FILE) or {}
+        trainer.prior_runtime_s = float(progress.get("runtime_s", 0.0))
+        trainer.prior_sessions = int(progress.get("sessions", 1))
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except FloatingPointError as exc:
         raise FloatingPointError(_nonfinite_message(exc, output_dir, trainer.state.global_step + 1)) from exc
     metrics = trainer.evaluate() if has_eval else {}
@@ -596,6 +600,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     summary = {
         "completed": True,
         "base_model": base_record,
+        "base_source": recipe.model.path or "model.config",
         "base_model_type": load_model_type(base),
         "adapter": recipe.adapter.type,
         "quantization": recipe.model.quantization,
@@ -604,11 +609,11 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         "steps": trainer.state.global_step,
         "targets": _targets(recipe),
         "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
-        "sessions": int(previous.get("sessions", 0)) + 1 if resume_from else 1,
+        "sessions": trainer.prior_sessions + 1,
         "tokens_seen": trainer.state.num_input_tokens_seen,
         "train_runtime_s": round(trainer.runtime_s(), 3),
         "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "train_loss": whole_run_train_loss(trainer.state.log_history),
+        "train_loss": whole_run_train_loss(trainer.state.log_history) or train_output.training_loss,
         "eval_loss": metrics.get("eval_loss"),
         "eval_tokens": metrics.get("eval_tokens"),
         "skipped_rows": data.skipped,

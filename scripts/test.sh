@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Sets up ./.venv (see setup.sh) and runs the test suite. Extra arguments go to pytest.
+# Sets up the virtual environment (see setup.sh) and runs the test suite. Extra arguments go to pytest.
+# VENV and CONSTRAINTS are passed on to setup.sh (CI runs this twice: newest releases, lower bounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+venv=${VENV:-.venv}
+"$venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null \
+    | grep -iE '^(torch|transformers|peft|accelerate|datasets|bitsandbytes|safetensors|tokenizers|triton) ' \
+    | tr -s ' ' | paste -sd ',' | sed 's/^/testing with: /'
+exec "$venv/bin/python" -m pytest "$@"

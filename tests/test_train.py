@@ -180,9 +180,11 @@ def test_cli_entry_point_reports_errors_cleanly(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    """`accelerate launch --num_processes 2` (CPU, gloo) gives the adapter a single process gives."""
+    """`accelerate launch --num_processes 2` (CPU, gloo) gives the adapter a single process gives, and
+    the same eval loss on an eval set that does not split evenly over the two (3 examples)."""
     args = [*TINY, "training.max_steps=3", "training.save_steps=100", "training.eval_steps=100"]
-    run(load_recipe(ROOT / "recipes" / "quickstart.yaml", [*args, f"training.output_dir={tmp_path / 'one'}"]))
+    args += ["data.eval_fraction=null", "data.eval_size=3"]
+    single = run(load_recipe(ROOT / "recipes" / "quickstart.yaml", [*args, f"training.output_dir={tmp_path / 'one'}"]))
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"),
@@ -202,6 +204,55 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one, two = adapter_weights(tmp_path / "one"), adapter_weights(tmp_path / "two")
     for key in one:
         assert_close(two[key], one[key], rel=1e-4, name=key)
+    double = json.loads((tmp_path / "two" / "training_summary.json").read_text())
+    assert double["eval_tokens"] == single["eval_tokens"] > 0
+    assert double["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
+
+
+def test_eval_loss_is_the_token_weighted_mean(tmp_path):
+    """eval_loss = sum of token losses / scored tokens over the eval set, whatever the batch size."""
+    from transformers import AutoModelForCausalLM
+
+    args = ["training.max_steps=1", "training.lr=0", "data.eval_fraction=null", "data.eval_size=5"]
+    summaries = [run(tiny_recipe(tmp_path / f"b{bs}", *args, f"training.eval_batch_size={bs}")) for bs in (1, 2)]
+    assert summaries[0]["eval_loss"] == pytest.approx(summaries[1]["eval_loss"], rel=1e-5)
+    # By hand, with the untrained base (lr=0 leaves the LoRA product at zero).
+    from rwkv_ft.data import SFTDataCollator, prepare_sft_data
+    from rwkv_ft.tokenizers import load_tokenizer
+
+    recipe = tiny_recipe(tmp_path / "b1", *args)
+    tokenizer = load_tokenizer("world")
+    data = prepare_sft_data(recipe.data.path, tokenizer, max_length=64, eval_size=5, seed=recipe.training.seed)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b1" / "base").eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for example in data.eval:
+            batch = SFTDataCollator.from_tokenizer(tokenizer)([example])
+            logits = model(batch["input_ids"]).logits[0, :-1]
+            labels = batch["labels"][0, 1:]
+            total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+            tokens += (labels != -100).sum().item()
+    assert summaries[0]["eval_tokens"] == tokens
+    assert summaries[0]["eval_loss"] == pytest.approx(total / tokens, rel=1e-5)
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tmp_path):
+    run(tiny_recipe(tmp_path, "training.max_steps=5", "training.save_steps=1", "training.save_total_limit=2"))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-4", "checkpoint-5"]
+
+
+def test_summary_of_a_resumed_run_covers_the_whole_run(tmp_path):
+    args = ["training.max_steps=6", "training.save_steps=3", "training.eval_steps=100"]
+    straight = run(tiny_recipe(tmp_path / "straight", *args))
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_recipe(tmp_path / "crashed", *args), callbacks=[CrashAt(5)])
+    resumed = run(tiny_recipe(tmp_path / "crashed", *args), resume=True)
+    assert resumed["steps"] == straight["steps"] == 6
+    assert resumed["resumed_from_step"] == 3 and resumed["sessions"] == 2
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], rel=1e-6)
+    assert resumed["tokens_seen"] == straight["tokens_seen"]
+    first_session = json.loads((tmp_path / "crashed" / "checkpoint-3" / "rwkv_ft_progress.json").read_text())
+    assert resumed["train_runtime_s"] > first_session["runtime_s"] > 0
 
 
 # bitsandbytes' CPU 4-bit kernels need in_features >= 64.

@@ -34,7 +34,15 @@ TOO_LONG = "too_long"
 
 
 def encode_segment(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of `text` alone, without BOS/EOS or other special tokens."""
+    """Token ids of `text` alone, without BOS/EOS or other special tokens.
+
+    Tokenizers with a plain-text fast path (`encode_plain`: the World tokenizer's compiled
+    encoder) use it when the text contains no added token, skipping transformers' per-call
+    overhead, which costs more than the encoding itself on short segments; the ids are the same.
+    """
+    encode_plain = getattr(tokenizer, "encode_plain", None)
+    if encode_plain is not None and not any(token in text for token in tokenizer.get_added_vocab()):
+        return encode_plain(text)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

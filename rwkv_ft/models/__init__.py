@@ -1,8 +1,9 @@
 """Model code, one folder per RWKV version.
 
-Each version package (`rwkv_ft.models.rwkvN`) exposes `CONFIG_CLASS` (cheap to import) and, on
-demand, `base_model_class()` / `causal_lm_class()`; its `conversion_rwkvN.py` registers the
-version's `Architecture` (see `architecture.py`) with everything the version-free code asks.
+A version package `rwkv_ft.models.rwkvN` holds `configuration_rwkvN.py` and `modeling_rwkvN.py`
+(each registers its classes with transformers' Auto classes when imported, see `registration.py`)
+and `conversion_rwkvN.py`, which registers the version's `Architecture` (see `architecture.py`)
+with everything the version-free code asks.
 """
 
 from __future__ import annotations

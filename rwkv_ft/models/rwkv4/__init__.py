@@ -7,17 +7,8 @@ from typing import Any
 
 from .configuration_rwkv4 import Rwkv4Config
 
-CONFIG_CLASS = Rwkv4Config
 _MODELING = "rwkv_ft.models.rwkv4.modeling_rwkv4"
 _LAZY = ("Rwkv4CausalLMOutput", "Rwkv4ForCausalLM", "Rwkv4Model", "Rwkv4PreTrainedModel")
-
-
-def base_model_class():
-    return importlib.import_module(_MODELING).Rwkv4Model
-
-
-def causal_lm_class():
-    return importlib.import_module(_MODELING).Rwkv4ForCausalLM
 
 
 def __getattr__(name: str) -> Any:
@@ -26,4 +17,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["CONFIG_CLASS", "Rwkv4Config", *_LAZY]
+__all__ = ["Rwkv4Config", *_LAZY]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 from rwkv_ft.models.config_checks import check_positive_fields
+from rwkv_ft.models.registration import register_config
 
 
 class Rwkv4Config(PretrainedConfig):
@@ -61,3 +62,6 @@ class Rwkv4Config(PretrainedConfig):
             tie_word_embeddings=tie_word_embeddings,
             **kwargs,
         )
+
+
+register_config(Rwkv4Config)

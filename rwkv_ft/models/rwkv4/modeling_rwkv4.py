@@ -35,6 +35,7 @@ from rwkv_ft.models.modeling_utils import (
     masked,
     token_shift,
 )
+from rwkv_ft.models.registration import register_models
 
 from .configuration_rwkv4 import Rwkv4Config
 from .initial_state_rwkv4 import Rwkv4InitialState
@@ -221,3 +222,6 @@ class Rwkv4ForCausalLM(RwkvForCausalLMBase, Rwkv4PreTrainedModel):
         self.rwkv = Rwkv4Model(config)
         self._init_head(config)
         self.post_init()
+
+
+register_models(Rwkv4Config, Rwkv4Model, Rwkv4ForCausalLM)
