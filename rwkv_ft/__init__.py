@@ -22,6 +22,9 @@ _LAZY = {
     "Rwkv4Config": "rwkv_ft.models.rwkv4",
     "Rwkv4ForCausalLM": "rwkv_ft.models.rwkv4",
     "Rwkv4Model": "rwkv_ft.models.rwkv4",
+    "Rwkv7Config": "rwkv_ft.models.rwkv7",
+    "Rwkv7ForCausalLM": "rwkv_ft.models.rwkv7",
+    "Rwkv7Model": "rwkv_ft.models.rwkv7",
     "RwkvWorldTokenizer": "rwkv_ft.tokenizers",
 }
 
@@ -32,27 +35,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'rwkv_ft' has no attribute {name!r}")
 
 
-def _version_packages(part: str) -> None:
-    """Import every version's configuration or modeling module (which register themselves with the
-    Auto classes as their last step), except one already being imported: that one registers when
-    it finishes. transformers may import its Auto modules in the middle of importing ours."""
-    import sys
-
-    from rwkv_ft.models import VERSION_PACKAGES
-
-    for package in VERSION_PACKAGES:
-        name = f"{package}.{part}_{package.rsplit('.', 1)[-1]}"
-        module = sys.modules.get(name)
-        if module is None or not getattr(getattr(module, "__spec__", None), "_initializing", False):
-            importlib.import_module(name)
-
-
 def _register_configs(_auto) -> None:
-    _version_packages("configuration")
+    from rwkv_ft.models.registration import import_all_versions
+
+    import_all_versions("configuration", needs="transformers.configuration_utils")
 
 
 def _register_models(_auto) -> None:
-    _version_packages("modeling")
+    from rwkv_ft.models.registration import import_all_versions
+
+    import_all_versions("modeling", needs="transformers.modeling_layers")
 
 
 def _register_tokenizers(auto) -> None:

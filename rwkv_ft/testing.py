@@ -76,7 +76,20 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         shape = p.shape
-        if name.endswith("time_decay"):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "w0":  # RWKV-7 decay offset: per-step decays from ~0.55 to ~1
+            value = torch.rand(shape, generator=gen) * 8 - 6
+        elif leaf in ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "k_a"):
+            value = torch.rand(shape, generator=gen)
+        elif leaf == "k_k":
+            value = 0.85 + 0.2 * torch.randn(shape, generator=gen)
+        elif leaf in ("a0", "v0"):
+            value = torch.randn(shape, generator=gen)
+        elif leaf == "r_k":
+            value = 0.5 * torch.randn(shape, generator=gen)
+        elif ".ln_x" in name and leaf == "weight":
+            value = 1 + 0.2 * torch.randn(shape, generator=gen)
+        elif name.endswith("time_decay"):
             value = torch.rand(shape, generator=gen) * 6 - 4  # exp(-exp(.)) spans fast and slow decay
         elif name.endswith("time_first"):
             value = torch.randn(shape, generator=gen)
@@ -104,5 +117,55 @@ def tiny_rwkv4():
     return randomize_(Rwkv4ForCausalLM(tiny_config()), seed=1)
 
 
+def tiny_rwkv7_config(**overrides):
+    """A small RWKV-7 config for tests: L=2, C=48 in 3 heads of 16, V=97, small low-rank maps."""
+    from rwkv_ft.models.rwkv7 import Rwkv7Config
+
+    kwargs = dict(
+        vocab_size=97, hidden_size=48, num_hidden_layers=2, head_size=16, intermediate_size=80,
+        decay_low_rank=8, a_low_rank=8, v_low_rank=4, gate_low_rank=12, wkv_backend="torch",
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return Rwkv7Config(**kwargs)
+
+
+def tiny_rwkv7():
+    """A tiny RWKV-7 causal LM with every parameter random."""
+    from rwkv_ft.models.rwkv7 import Rwkv7ForCausalLM
+
+    return randomize_(Rwkv7ForCausalLM(tiny_rwkv7_config()), seed=1)
+
+
 # Every model version the shared tests (generation, padding, packing, adapters) run on.
-MODEL_FACTORIES = {"rwkv4": tiny_rwkv4}
+MODEL_FACTORIES = {"rwkv4": tiny_rwkv4, "rwkv7": tiny_rwkv7}
+
+
+def rwkv_package_model(version: int = 4):
+    """BlinkDL's `rwkv` package's `rwkv.model` module, loaded for RWKV-`version` (the oracle).
+
+    The package decides at import time whether `RWKV` is the RWKV-7 class (env RWKV_V7_ON=1), so
+    each version gets its own fresh copy of the module, with JIT and CUDA off.
+    """
+    import importlib.util
+    import os
+    import sys
+
+    name = f"_rwkv_oracle_v{version}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("rwkv.model")
+    if spec is None:
+        raise ImportError("BlinkDL's rwkv package is not installed (it is in the dev extras)")
+    saved = {k: os.environ.get(k) for k in ("RWKV_V7_ON", "RWKV_JIT_ON", "RWKV_CUDA_ON")}
+    os.environ.update(RWKV_V7_ON="1" if version == 7 else "0", RWKV_JIT_ON="0", RWKV_CUDA_ON="0")
+    try:
+        module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, spec.origin))
+        sys.modules[name] = module
+        module.__spec__.loader.exec_module(module)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return module

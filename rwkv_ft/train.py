@@ -464,6 +464,17 @@ def plot_loss_curve(log_history: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _length_grouping(enabled: bool) -> dict[str, Any]:
+    """Length-grouped batches, under the name this transformers release uses."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {"train_sampling_strategy": "group_by_length" if enabled else "random"}
+    return {"group_by_length": enabled}
+
+
 def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool):
     import torch
     from transformers import TrainingArguments
@@ -495,7 +506,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool):
         data_seed=t.seed,
         report_to=["tensorboard"],
         remove_unused_columns=False,
-        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        **_length_grouping(t.group_by_length),
         length_column_name="length",
         dataloader_num_workers=t.dataloader_workers,
         disable_tqdm=False,

@@ -304,3 +304,27 @@ def test_reference_gradcheck():
 
 def test_tolerance_table_covers_kernel_dtypes():
     assert all(dt in TOLERANCES for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+
+
+def _round_toward_zero_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 by dropping the low 16 bits: the conversion the Triton interpreter does."""
+    bits = x.float().contiguous().view(torch.int32) & ~0xFFFF
+    return bits.view(torch.float32)
+
+
+def test_bf16_error_under_the_interpreter_is_its_rounding_not_the_kernel():
+    """Under TRITON_INTERPRET=1, bf16 outputs carry about twice the error of round-to-nearest
+    (`torch.to(bfloat16)`): the interpreter truncates fp32 -> bf16. Against the float64 result
+    truncated the same way, the kernel's y is at that floor: its fp32 accumulation adds nothing.
+    (On a GPU, stores round to nearest; benchmarks/gpu_model_check.py measures the same there.)"""
+    if DEV != "cpu":
+        pytest.skip("about the interpreter's conversion; the GPU check script covers CUDA")
+    from rwkv_ft.testing import relative_error
+
+    args = make_inputs(2, 200, 64, torch.bfloat16, seed=3)
+    y = wkv4(*args, backend="triton")[0]
+    exact = ref64(*args)[0]
+    truncated_floor = relative_error(_round_toward_zero_bf16(exact), exact)
+    nearest_floor = relative_error(exact.to(torch.bfloat16), exact)
+    assert truncated_floor > 1.6 * nearest_floor  # the interpreter's conversion doubles the floor ...
+    assert relative_error(y, exact) <= 1.05 * truncated_floor  # ... and the kernel sits on it

@@ -28,8 +28,8 @@ def _check_inputs(tensors, state, reset) -> None:
     for name, x in zip(_NAMES, tensors):
         if x.shape != r.shape:
             raise ValueError(f"wkv7: {name} shape {tuple(x.shape)} != r shape {tuple(r.shape)}")
-        if x.dtype != r.dtype:
-            raise ValueError(f"wkv7: {name} dtype {x.dtype} != r dtype {r.dtype}")
+        if x.dtype != r.dtype and not (name == "w" and x.dtype == torch.float32):
+            raise ValueError(f"wkv7: {name} dtype {x.dtype} != r dtype {r.dtype} (only w may be fp32 instead)")
     if not r.is_floating_point():
         raise ValueError(f"wkv7: inputs must be floating point, got {r.dtype}")
     if state is not None and tuple(state.shape) != (B, H, N, N):
@@ -68,7 +68,8 @@ def wkv7(
     (the model passes ``a = -kk`` and ``b = kk * a_gate``).
 
     Args:
-        r, w, k, v, a, b: (B, T, H, N), all fp32, bf16 or fp16 (one dtype). ``w`` is the log of the
+        r, w, k, v, a, b: (B, T, H, N), all fp32, bf16 or fp16 (one dtype; ``w`` may be fp32 with
+            the others in bf16/fp16, so that the decay loses nothing). ``w`` is the log of the
             per-step decay (<= 0): the model passes ``-exp(w_raw)``. Any T >= 1, B, H.
         state: None (zeros) or (B, H, N, N) fp32, the state before the first token.
         reset: None or (B, T) bool; where true the state is zeroed before that token (packed

@@ -9,6 +9,8 @@ Registered templates (pick one by name in a recipe):
 ``world``
     RWKV World chat: ``System: ...\\n\\n`` (optional), then ``User: ...\\n\\nAssistant: ...\\n\\n`` per
     exchange. The model learns the trailing ``\\n\\n`` of each assistant turn as end-of-turn.
+``g1``
+    RWKV-7 G-series chat: the ``world`` form under the name the G-series model cards use.
 ``world_instruction``
     World instruction form ``Instruction: ...\\n\\nInput: ...\\n\\nResponse: ...\\n\\n`` (single turn).
 ``raven_instruction``
@@ -157,6 +159,13 @@ class WorldChatTemplate(ChatTemplate):
     speakers = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
+class G1ChatTemplate(WorldChatTemplate):
+    """RWKV-7 G-series chat: ``System: ...\\n\\nUser: ...\\n\\nAssistant: ...`` (the World chat form;
+    reasoning replies start with ``<think``, trained like any other reply text)."""
+
+    name = "g1"
+
+
 class RavenChatTemplate(ChatTemplate):
     """Raven chat; Raven has no system speaker, so a system message is a plain first paragraph."""
 
@@ -266,7 +275,13 @@ def list_templates() -> list[str]:
     return sorted(_REGISTRY)
 
 
-for _template in (WorldChatTemplate, WorldInstructionTemplate, RavenInstructionTemplate, RavenChatTemplate):
+for _template in (
+    WorldChatTemplate,
+    G1ChatTemplate,
+    WorldInstructionTemplate,
+    RavenInstructionTemplate,
+    RavenChatTemplate,
+):
     register_template(_template)
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-VERSION_PACKAGES = ("rwkv_ft.models.rwkv4",)
+VERSION_PACKAGES = ("rwkv_ft.models.rwkv4", "rwkv_ft.models.rwkv7")
 
 # Each version's Architecture, by the name tests and tools use (imported on first use).
-_ARCHITECTURE_NAMES = {"RWKV4": "rwkv_ft.models.rwkv4.conversion_rwkv4"}
+_ARCHITECTURE_NAMES = {
+    "RWKV4": "rwkv_ft.models.rwkv4.conversion_rwkv4",
+    "RWKV7": "rwkv_ft.models.rwkv7.conversion_rwkv7",
+}
 
 
 def __getattr__(name: str) -> Any:

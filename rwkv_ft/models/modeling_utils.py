@@ -115,6 +115,19 @@ class RwkvPreTrainedModelMixin:
             )
             PreTrainedModel.gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=kwargs_, **kwargs)
 
+    def save_pretrained(self, *args: Any, **kwargs: Any):
+        """The model's own weights; an attached learned initial state (state tuning) is an adapter,
+        saved by `rwkv_ft.adapters.save_adapter` / `save_state_tuning`, not part of the model."""
+        inner = self if isinstance(self, RwkvModelBase) else getattr(self, "rwkv", None)
+        initial = getattr(inner, "initial_state", None)
+        if initial is None:
+            return PreTrainedModel.save_pretrained(self, *args, **kwargs)
+        inner.initial_state = None
+        try:
+            return PreTrainedModel.save_pretrained(self, *args, **kwargs)
+        finally:
+            inner.initial_state = initial
+
     def gradient_checkpointing_disable(self) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings(
