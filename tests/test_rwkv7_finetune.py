@@ -167,8 +167,14 @@ def test_rwkv7_recipes_cover_chat_alpaca_qlora_and_state_tuning():
     assert any(template == "g1" for *_, template in kinds)
 
 
-@pytest.mark.parametrize("extra", [[], ["adapter.type=state"], ["data.pack=true", "training.gradient_checkpointing=true"]],
-                         ids=["lora", "state", "packed_checkpointed"])  # fmt: skip
+QUICKSTART_VARIANTS = {
+    "lora": [],
+    "state": ["adapter.type=state"],
+    "packed_checkpointed": ["data.pack=true", "training.gradient_checkpointing=true"],
+}
+
+
+@pytest.mark.parametrize("extra", QUICKSTART_VARIANTS.values(), ids=QUICKSTART_VARIANTS.keys())
 def test_rwkv7_quickstart_trains_merges_and_generates(tmp_path, capsys, extra):
     recipe = ROOT / "recipes" / "quickstart_rwkv7.yaml"
     args = ["model.config={vocab_size: 65536, hidden_size: 64, num_hidden_layers: 2, head_size: 32}",
