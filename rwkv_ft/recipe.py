@@ -34,8 +34,8 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    path: str = "data/alpaca_sample.jsonl"  # local .json/.jsonl/.parquet or a Hub dataset name
-    format: str = "auto"  # auto | alpaca | sharegpt | openai
+    path: str = "data/alpaca_sample.jsonl"  # local .json/.jsonl/.parquet/.txt or a Hub dataset name
+    format: str = "auto"  # auto | alpaca | sharegpt | openai | document ({"text": ...} rows or .txt files)
     split: str = "train"
     template: str = "world"
     max_length: int = 1024
@@ -75,6 +75,7 @@ class TrainingSection:
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
     gradient_checkpointing: bool = False
+    chunk_len: int | None = None  # long-context training: run samples in chunks of this many tokens (exact gradient)
     logging_steps: int = 1
     eval_steps: int | None = None  # null: evaluate at the end of each epoch
     save_steps: int | None = None  # null: save at the end of each epoch
@@ -116,7 +117,7 @@ CHOICES = {
     "model.dtype": ("fp32", "bf16", "fp16"),
     "model.quantization": (None, "int8", "nf4", "fp4"),
     "model.wkv_backend": ("auto", "triton", "torch"),
-    "data.format": ("auto", "alpaca", "sharegpt", "openai"),
+    "data.format": ("auto", "alpaca", "sharegpt", "openai", "document"),
     "adapter.type": ("lora", "state", "none"),
     "training.schedule": ("cosine", "linear", "constant_with_warmup", "constant"),
     "training.precision": ("fp32", "bf16", "fp16"),
@@ -241,6 +242,7 @@ AT_LEAST_ONE = (
     "training.eval_steps",
     "training.save_steps",
     "training.save_total_limit",
+    "training.chunk_len",
     "generate.max_new_tokens",
 )
 NON_NEGATIVE = (

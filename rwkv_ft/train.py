@@ -182,6 +182,16 @@ def set_kernel_backend(model, backend: str) -> None:
             module.wkv_backend = backend
 
 
+def set_chunk_len(model, chunk_len: int | None) -> None:
+    """Long-context training: the causal LM inside `model` (peft-wrapped or not) runs sequences
+    longer than `chunk_len` in chunks with the exact gradient (`RwkvForCausalLMBase._chunked_loss`)."""
+    from rwkv_ft.models.modeling_utils import RwkvForCausalLMBase
+
+    for module in model.modules():
+        if isinstance(module, RwkvForCausalLMBase):
+            module.train_chunk_len = chunk_len
+
+
 def attach_adapter(model, recipe: Recipe):
     """Wrap `model` as the recipe says; everything not trained is frozen. The adapter's initial
     values are drawn from a generator seeded by training.seed alone, whatever ran before."""
@@ -587,6 +597,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         logger.warning("skipped rows: %s", ", ".join(f"{n} {reason}" for reason, n in sorted(data.skipped.items())))
 
     model = attach_adapter(load_model(recipe, base, base_record), recipe)
+    set_chunk_len(model, recipe.training.chunk_len)
     _log_trainable(model)
     has_eval = data.eval is not None and len(data.eval) > 0
     trainer = _make_trainer_class()(

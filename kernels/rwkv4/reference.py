@@ -45,8 +45,8 @@ def wkv4_reference(
     num, den, max_ = state.to(compute_dtype).unbind(1)  # each (B, C)
 
     ys = []
-    for t in range(T):
-        kt, vt = k[:, t], v[:, t]
+    # unbind, not k[:, t]: the backward of T separate selects would fill T full-size zero tensors.
+    for kt, vt in zip(k.unbind(1), v.unbind(1)):
         # Output: history plus the current token with its bonus u.
         m = torch.maximum(max_, u + kt)
         e_hist, e_cur = torch.exp(max_ - m), torch.exp(u + kt - m)

@@ -37,12 +37,16 @@ def wkv7_reference(
     r, w, k, v, a, b = (x.to(compute) for x in (r, w, k, v, a, b))
     S = r.new_zeros(B, H, N, N) if state is None else state.to(compute)
     decay = torch.exp(w)  # (B, T, H, N)
+    zero = torch.zeros((), dtype=compute, device=S.device)
+    resets = reset.unbind(1) if reset is not None else [None] * T
     ys = []
-    for t in range(T):
-        if reset is not None:
-            S = torch.where(reset[:, t].view(B, 1, 1, 1), torch.zeros((), dtype=compute, device=S.device), S)
-        sa = S @ a[:, t].unsqueeze(-1)  # (B, H, N, 1)
-        S = S * decay[:, t].unsqueeze(-2) + sa * b[:, t].unsqueeze(-2) + v[:, t].unsqueeze(-1) * k[:, t].unsqueeze(-2)
-        ys.append((S @ r[:, t].unsqueeze(-1)).squeeze(-1))  # (B, H, N)
+    # unbind, not x[:, t]: the backward of T separate selects would fill T full-size zero tensors.
+    steps = zip(r.unbind(1), decay.unbind(1), k.unbind(1), v.unbind(1), a.unbind(1), b.unbind(1), resets)
+    for rt, dt, kt, vt, at, bt, reset_t in steps:
+        if reset_t is not None:
+            S = torch.where(reset_t.view(B, 1, 1, 1), zero, S)
+        sa = S @ at.unsqueeze(-1)  # (B, H, N, 1)
+        S = S * dt.unsqueeze(-2) + sa * bt.unsqueeze(-2) + vt.unsqueeze(-1) * kt.unsqueeze(-2)
+        ys.append((S @ rt.unsqueeze(-1)).squeeze(-1))  # (B, H, N)
     y = torch.stack(ys, dim=1)  # (B, T, H, N)
     return y.to(in_dtype), S

@@ -20,7 +20,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "openai")
+FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "openai", "document")
 
 # ShareGPT dumps name speakers in several ways; everything else is rejected as an unknown role.
 SHAREGPT_ROLES: dict[str, str] = {
@@ -164,10 +164,18 @@ def openai_to_messages(row: Mapping[str, Any]) -> Conversation:
     return validate_conversation(messages, key="messages")
 
 
+def document_to_messages(row: Mapping[str, Any]) -> Conversation:
+    """A plain document ``{"text": str}`` (long-context and continued pre-training data): one
+    assistant message holding the whole text, every token of it trained (with the ``plain`` template)."""
+    text = _require(row, "text", str)
+    return validate_conversation([{"role": "assistant", "content": text}], key="text")
+
+
 CONVERTERS: dict[str, Callable[[Mapping[str, Any]], Conversation]] = {
     "alpaca": alpaca_to_messages,
     "sharegpt": sharegpt_to_messages,
     "openai": openai_to_messages,
+    "document": document_to_messages,
 }
 
 
@@ -179,10 +187,13 @@ def detect_format(row: Mapping[str, Any]) -> str:
         return "sharegpt"
     if "instruction" in row and "output" in row:
         return "alpaca"
+    if "text" in row:
+        return "document"
     raise DataError(
         "unknown_format",
         f"cannot tell the format from keys {sorted(row)}: expected 'messages' (openai), "
-        "'conversations' (sharegpt) or 'instruction' + 'output' (alpaca); pass format= explicitly",
+        "'conversations' (sharegpt), 'instruction' + 'output' (alpaca) or 'text' (document); "
+        "pass format= explicitly",
     )
 
 

@@ -22,7 +22,7 @@ from datasets import Dataset, Features, List, Value
 from rwkv_ft.data.messages import FORMATS, Conversation, DataError, detect_format, to_messages
 
 logger = logging.getLogger("rwkv_ft.data")
-LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 # How many problems a non-strict load keeps verbatim (the counts cover all of them).
 MAX_KEPT_PROBLEMS = 100
 
@@ -166,7 +166,7 @@ def open_source(
     if _is_local(source):
         check_data_source(source)
         path = Path(source).expanduser()
-        readers = {".jsonl": read_jsonl, ".json": read_json_array, ".parquet": read_parquet}
+        readers = {".jsonl": read_jsonl, ".json": read_json_array, ".parquet": read_parquet, ".txt": read_text}
         return str(path), readers[path.suffix](path)
     return f"{source}[{split}]", read_hub(str(source), split, hub_kwargs or {})
 
@@ -258,6 +258,13 @@ def read_json_array(path: Path) -> Iterator[RawRow]:
         )
     for index, row in enumerate(data):
         yield _checked_object(f"element {index}", row)
+
+
+def read_text(path: Path) -> Iterator[RawRow]:
+    """A plain-text file as one document row ``{"text": ...}`` (the `document` format)."""
+    text = "".join(line for _, line in _decoded_lines(path))
+    if text.strip():
+        yield RawRow("the whole file", row={"text": text})
 
 
 def read_parquet(path: Path) -> Iterator[RawRow]:

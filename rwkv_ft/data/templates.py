@@ -11,6 +11,8 @@ Registered templates (pick one by name in a recipe):
     exchange. The model learns the trailing ``\\n\\n`` of each assistant turn as end-of-turn.
 ``g1``
     RWKV-7 G-series chat: the ``world`` form under the name the G-series model cards use.
+``plain``
+    Contents verbatim (documents for long-context training); assistant text is trained.
 ``world_instruction``
     World instruction form ``Instruction: ...\\n\\nInput: ...\\n\\nResponse: ...\\n\\n`` (single turn).
 ``raven_instruction``
@@ -166,6 +168,24 @@ class G1ChatTemplate(WorldChatTemplate):
     name = "g1"
 
 
+class PlainTemplate(PromptTemplate):
+    """Contents verbatim, nothing added or normalised: documents for long-context training (the
+    `document` format gives one assistant message, all of it trained); in conversations only the
+    assistant messages are trained."""
+
+    name = "plain"
+
+    def render(self, messages: Sequence[Mapping[str, Any]]) -> list[Segment]:
+        segments = [Segment(m["content"], m["role"] == "assistant") for m in messages]
+        return _merge_adjacent([s for s in segments if s.text])
+
+    def generation_prompt(self, messages: Sequence[Mapping[str, Any]]) -> str:
+        return "".join(m["content"] for m in messages)
+
+    def chat_template(self) -> str:
+        return "{%- for message in messages -%}{{- message['content'] -}}{%- endfor -%}"
+
+
 class RavenChatTemplate(ChatTemplate):
     """Raven chat; Raven has no system speaker, so a system message is a plain first paragraph."""
 
@@ -281,6 +301,7 @@ for _template in (
     WorldInstructionTemplate,
     RavenInstructionTemplate,
     RavenChatTemplate,
+    PlainTemplate,
 ):
     register_template(_template)
 

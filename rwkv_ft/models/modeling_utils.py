@@ -2,13 +2,15 @@
 activation-checkpointing switches, and a few input checks. Nothing here knows an RWKV version.
 
 Generation. An RWKV model's whole history is a fixed-size state, returned by `forward` as
-`output.state` and taken back as `forward(..., state=...)`. Which key `generate()` uses to carry a
-cache between steps has moved between transformers releases (`past_key_values`, `cache_params`,
-`state`, `cache`). We do not rely on any of them: `_update_model_kwargs_for_generation` stores the
-returned state under our own key, and `prepare_inputs_for_generation` (ours, not the base class's)
-feeds the model only the newest token when it has a current state. Both hooks are the ones
-transformers documents for models with their own cache handling, with signatures that have been
-stable across the releases we support. Every step is O(1) in the sequence length.
+`output.state` and taken back as `forward(..., state=...)`. Which key `generate()` carries a cache
+under, and whether and how beam search reorders it, have moved between transformers releases
+(`past_key_values`, `cache_params`, `state`, `cache`; 5.0 reorders only `past_key_values`). We rely
+on none of it: `_update_model_kwargs_for_generation` keeps the state in an object of our own under
+our own key (which no release treats as a cache), `prepare_inputs_for_generation` (ours, not the
+base class's) feeds only the newest token, and matches every sequence to the state of the
+sequence it continues, so beam search's reordering of sequences is followed exactly whatever the
+release does with caches. Both hooks have had the same signatures across the releases we support.
+Every step is O(1) in the sequence length.
 """
 
 from __future__ import annotations
@@ -22,13 +24,35 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-# model_kwargs key set once the state in model_kwargs["state"] covers every token of input_ids.
-_STATE_IS_CURRENT = "rwkv_state_is_current"
+# model_kwargs key holding our _GenerationState (not a cache name any transformers release knows).
+_GENERATION_KEY = "rwkv_generation"
 
 
-def select_state_rows(state: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The state of the given batch rows (beam search reorders beams with this)."""
-    return state.index_select(0, rows.to(state.device))
+@dataclass
+class _GenerationState:
+    """The state between generation steps, and which token ids each of its rows covers."""
+
+    state: torch.Tensor | None = None
+    covered: torch.Tensor | None = None  # (rows, length) ids the state covers; None: rows align already
+    pending: torch.Tensor | None = None  # ids the step in flight will cover
+
+    def rows_for(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """The state rows continuing each row of `input_ids` (whose last column is the new token).
+
+        Beam search may reorder and duplicate sequences between steps; a sequence's state is that
+        of the previous sequence equal to its prefix (equal prefixes have equal states)."""
+        prefix, covered = input_ids[:, :-1], self.covered
+        if covered is None or torch.equal(covered, prefix):
+            return self.state
+        if covered.shape != prefix.shape:
+            raise RuntimeError(
+                f"generate(): the state covers {tuple(covered.shape)} ids but the sequences continue from "
+                f"{tuple(prefix.shape)}; start a new generate() call"
+            )
+        same = (prefix[:, None, :] == covered[None, :, :]).all(-1)  # (rows, previous rows)
+        if not bool(same.any(1).all()):
+            raise RuntimeError("generate(): a sequence continues none of the previous ones; cannot follow its state")
+        return self.state.index_select(0, same.to(torch.int8).argmax(1).to(self.state.device))
 
 
 class RwkvGenerationMixin(GenerationMixin):
@@ -48,21 +72,24 @@ class RwkvGenerationMixin(GenerationMixin):
         """The inputs of one generation step.
 
         With a current state (every step after the first, when `use_cache`), only the newest token is
-        fed. Otherwise the whole sequence is: on the first step (from `state`, if the caller passed
-        one to `generate`, else from the empty or learned initial state), and on every step with
-        `use_cache=False`. Keys transformers passes that an RWKV model has no use for (caches,
-        position ids, cache positions) are dropped: the state carries all the history.
+        fed, with the state of the sequence it continues. Otherwise the whole sequence is: on the
+        first step (from `state`, if the caller passed one to `generate`, else from the empty or
+        learned initial state), and on every step with `use_cache=False`. Keys transformers passes
+        that an RWKV model has no use for (caches, position ids, cache positions) are dropped: the
+        state carries all the history.
         """
-        current = bool(kwargs.get(_STATE_IS_CURRENT)) and state is not None and use_cache is not False
-        inputs: dict[str, Any] = {"state": state, "use_cache": use_cache, "attention_mask": attention_mask}
-        if current:
+        held: _GenerationState | None = kwargs.get(_GENERATION_KEY)
+        inputs: dict[str, Any] = {"use_cache": use_cache, "attention_mask": attention_mask}
+        if held is not None and held.state is not None and use_cache is not False:
             inputs["input_ids"] = input_ids[:, -1:]
+            inputs["state"] = held.rows_for(input_ids)
+            held.pending = input_ids
         elif inputs_embeds is not None:
             if input_ids.shape[1] > 0:  # generated tokens that the embeddings do not cover
                 raise ValueError("generate() with inputs_embeds needs use_cache=True (the state carries the prompt)")
-            inputs["inputs_embeds"] = inputs_embeds
+            inputs["inputs_embeds"], inputs["state"] = inputs_embeds, state
         else:
-            inputs["input_ids"] = input_ids
+            inputs["input_ids"], inputs["state"] = input_ids, state
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
         if output_hidden_states is not None:
@@ -77,14 +104,13 @@ class RwkvGenerationMixin(GenerationMixin):
         )
         state = getattr(outputs, "state", None)
         if state is not None and model_kwargs.get("use_cache", True) is not False:
-            model_kwargs["state"] = state
-            model_kwargs[_STATE_IS_CURRENT] = True
-        # The base class may also have copied the state under a cache name it forwards; ours does not.
+            held = model_kwargs.setdefault(_GENERATION_KEY, _GenerationState())
+            # After the prompt, rows are aligned (beam search's copies of one prompt share a state).
+            held.state, held.covered, held.pending = state, held.pending, None
+            # A state the caller passed to generate() is consumed; under a cache name, some releases
+            # would try to reorder it for beam search.
+            model_kwargs.pop("state", None)
         return model_kwargs
-
-    def _reorder_cache(self, state: torch.Tensor | None, beam_idx: torch.Tensor) -> torch.Tensor | None:
-        """Beam search: the state of the beams kept for the next step."""
-        return None if state is None else select_state_rows(state, beam_idx)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -289,6 +315,7 @@ class RwkvModelBase:
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        reset: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> RwkvOutput | tuple:
         """Run the blocks over a (B, T) sequence, optionally continuing from `state`.
@@ -303,6 +330,8 @@ class RwkvModelBase:
             use_cache: return the state after the last token. Defaults to `config.use_cache` outside
                 training, unless the mask has padding that is not left padding (computing the exact
                 state then needs a token-by-token pass; ask for it explicitly with use_cache=True).
+            reset: (B, T) bool, instead of position_ids: where true the state is reset before that
+                token, column 0 included (a packed example that starts a chunk of a long row).
         """
         name = type(self).__name__
         output_hidden_states = bool(output_hidden_states)
@@ -328,12 +357,15 @@ class RwkvModelBase:
         if mask is not None and not explicit_cache and not is_left_padded(mask):
             use_cache = False
 
-        starts = segment_starts(position_ids, mask, T)
-        if starts is not None:
-            if state is not None:
-                raise ValueError(f"{name}: packed sequences (position_ids restarting at 0) cannot take a state")
+        starts = reset if reset is not None else segment_starts(position_ids, mask, T)
+        if starts is not None and bool(starts.any()):
             if self.supports_reset and self.initial_state is None:
-                hidden, new_state, all_hidden = self._run_blocks(hidden, None, mask, starts, output_hidden_states)
+                hidden, new_state, all_hidden = self._run_blocks(hidden, state, mask, starts, output_hidden_states)
+            elif state is not None:
+                raise ValueError(
+                    f"{name}: packed sequences (position_ids restarting at 0) cannot take a state for this model "
+                    "(its blocks cannot reset the state mid-row, or a learned initial state is attached)"
+                )
             else:
                 hidden, all_hidden = self._forward_packed(hidden, packed_segments(starts), output_hidden_states)
                 new_state = None
@@ -447,6 +479,10 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
     """The language-model head over an RWKV base model (`self.rwkv`), shared by every version."""
 
     _tied_weights_keys = {"head.weight": "rwkv.emb.weight"}
+    # Long-context training (set by rwkv_ft.train from training.chunk_len): sequences longer than
+    # this many tokens are run in chunks with the state carried, gradient included (see
+    # `_chunked_loss`). None: one pass over the whole sequence.
+    train_chunk_len: int | None = None
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -483,6 +519,13 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         (shifted inside, -100 ignored), and the state after the last token. See the base model's
         `forward` for the other arguments."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        chunk = self.train_chunk_len
+        if labels is not None and chunk and (input_ids if input_ids is not None else inputs_embeds).shape[1] > chunk:
+            loss = self._chunked_loss(
+                input_ids, inputs_embeds, labels, attention_mask, position_ids, state, chunk, **kwargs
+            )
+            result = RwkvCausalLMOutput(loss=loss)
+            return result if return_dict else result.to_tuple()
         out = self.rwkv(
             input_ids,
             attention_mask=attention_mask,
@@ -505,3 +548,74 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         result = RwkvCausalLMOutput(loss=loss, logits=logits, state=out.state, hidden_states=out.hidden_states)
         return result if return_dict else result.to_tuple()
+
+    def _chunked_loss(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        labels: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        state: torch.Tensor | None,
+        chunk_len: int,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The causal-LM loss of a long sequence, computed `chunk_len` tokens at a time with the
+        exact whole-sequence gradient (not truncated backpropagation).
+
+        Each chunk runs under activation checkpointing with the incoming state as an input and the
+        outgoing state as an output, so autograd keeps only the chunk-boundary states (B x L x state
+        each) and, in the backward, recomputes one chunk at a time from its boundary state while
+        the state's gradient flows back across every boundary. Peak activation memory is that of
+        one chunk. The loss is token-weighted over all chunks (or divided by `num_items_in_batch`,
+        as the Trainer passes under gradient accumulation); a non-finite chunk loss stops at once,
+        naming the chunk. Right padding (the collator's) is dropped: it only follows a row's real
+        tokens, so it can change nothing they see; packed rows keep their resets, column 0 of a
+        chunk included.
+        """
+        from torch.utils.checkpoint import checkpoint
+
+        source = input_ids if input_ids is not None else inputs_embeds
+        B, T = source.shape[:2]
+        if attention_mask is not None:
+            mask = attention_mask[:, -T:].bool()
+            if not is_right_padded(mask):
+                raise ValueError("training.chunk_len: only right padding is supported in long-context training")
+        starts = segment_starts(position_ids, None, T) if position_ids is not None else None
+        # targets[t] is the token position t predicts, so a chunk's last position scores the next chunk's first.
+        targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+
+        def run_chunk(piece, piece_targets, piece_reset, incoming):
+            out = self.rwkv(
+                input_ids=piece if input_ids is not None else None,
+                inputs_embeds=piece if input_ids is None else None,
+                state=incoming,
+                reset=piece_reset,
+                use_cache=True,
+                return_dict=True,
+            )
+            logits = self.head(out.last_hidden_state.to(self.head.weight.dtype)).float()  # (B, chunk, V)
+            loss_sum = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), piece_targets.flatten(), ignore_index=-100, reduction="sum"
+            )
+            return loss_sum, out.state
+
+        total, scored = source.new_zeros((), dtype=torch.float32), 0
+        for index, begin in enumerate(range(0, T, chunk_len)):
+            end = min(begin + chunk_len, T)
+            piece_targets = targets[:, begin:end]
+            piece_reset = None if starts is None else starts[:, begin:end]
+            if state is None:  # the first chunk: the learned initial state, if any, as a differentiable input
+                state = self.rwkv._learned_initial_state(B)
+            loss_sum, state = checkpoint(
+                run_chunk, source[:, begin:end], piece_targets, piece_reset, state, use_reentrant=False
+            )
+            if not torch.isfinite(loss_sum):
+                raise FloatingPointError(
+                    f"the loss is not finite in chunk {index} (tokens {begin}..{end - 1} of {T}) of this batch"
+                )
+            total = total + loss_sum
+            scored += int((piece_targets != -100).sum())
+        denominator = num_items_in_batch if num_items_in_batch is not None else max(scored, 1)
+        return total / denominator

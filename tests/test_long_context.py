@@ -1,0 +1,163 @@
+"""Long-context training (`training.chunk_len`): the chunked loss and every gradient equal the
+whole-sequence ones, for each RWKV version, with LoRA, state tuning, an NF4 base, packed rows and
+right padding; a non-finite chunk is named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from rwkv_ft.testing import MODEL_FACTORIES, assert_close, random_ids
+
+T = 1000
+
+
+def loss_and_grads(model, ids, labels=None, **kwargs):
+    model.zero_grad()
+    loss = model(ids, labels=ids if labels is None else labels, **kwargs).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_same(chunked, whole):
+    assert_close(chunked[0], whole[0], rel=1e-5, name="loss")
+    assert chunked[1].keys() == whole[1].keys() and whole[1]
+    for name, grad in whole[1].items():
+        assert_close(chunked[1][name], grad, rel=1e-5, name=f"grad {name}")
+
+
+def set_chunk(model, chunk):
+    from rwkv_ft.train import set_chunk_len
+
+    set_chunk_len(model, chunk)
+
+
+@pytest.fixture(params=sorted(MODEL_FACTORIES))
+def model(request):
+    return MODEL_FACTORIES[request.param]().train()
+
+
+@pytest.mark.parametrize("chunk", [64, 7])
+def test_chunked_loss_and_gradients_equal_the_whole_sequence(model, chunk):
+    ids = random_ids(1, T, model.config.vocab_size, seed=1)
+    labels = ids.clone()
+    labels[:, :100] = -100  # a prompt, as in instruction data
+    whole = loss_and_grads(model, ids, labels)
+    set_chunk(model, chunk)
+    assert_same(loss_and_grads(model, ids, labels), whole)
+
+
+def test_with_lora_and_state_tuning(model):
+    from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False))
+    state = add_state_tuning(peft_model, StateTuningConfig(train_token_shift=True))
+    with torch.no_grad():
+        for p in state.parameters():
+            p.normal_(0, 0.5)
+    ids = random_ids(2, 300, model.config.vocab_size, seed=2)
+    whole = loss_and_grads(peft_model, ids)
+    set_chunk(peft_model, 64)
+    chunked = loss_and_grads(peft_model, ids)
+    assert any("initial_state" in n for n in whole[1]) and any("lora_A" in n for n in whole[1])
+    assert_same(chunked, whole)
+
+
+def test_right_padding_and_grad_accumulation_weighting(model):
+    ids = random_ids(2, 200, model.config.vocab_size, seed=3)
+    mask = torch.ones_like(ids)
+    mask[1, 130:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    whole = loss_and_grads(model, ids, labels, attention_mask=mask, num_items_in_batch=torch.tensor(500))
+    set_chunk(model, 32)
+    chunked = loss_and_grads(model, ids, labels, attention_mask=mask, num_items_in_batch=torch.tensor(500))
+    assert_same(chunked, whole)
+
+
+def test_packed_rows_with_a_start_on_a_chunk_boundary():
+    model = MODEL_FACTORIES["rwkv7"]().train()
+    lengths = [40, 24, 50, 14]  # starts at 0, 40, 64 (a chunk boundary), 114
+    ids = random_ids(1, sum(lengths), 97, seed=4)
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    labels = ids.clone()
+    labels[0, torch.tensor([0, 40, 64, 114])] = -100
+    whole = loss_and_grads(model, ids, labels, position_ids=positions)
+    set_chunk(model, 32)
+    assert_same(loss_and_grads(model, ids, labels, position_ids=positions), whole)
+
+
+def test_nf4_base():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dependency; its CPU kernels run NF4")
+    import tempfile
+
+    from peft import prepare_model_for_kbit_training
+
+    from rwkv_ft.models.rwkv7 import Rwkv7ForCausalLM
+    from rwkv_ft.quantization import load_quantized
+    from rwkv_ft.testing import randomize_, tiny_rwkv7_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = tiny_rwkv7_config(hidden_size=64, head_size=16, intermediate_size=128)
+        randomize_(Rwkv7ForCausalLM(config), seed=5).save_pretrained(tmp)
+        base = prepare_model_for_kbit_training(
+            load_quantized(tmp, "nf4", compute_dtype=torch.float32, dtype=torch.float32)
+        )
+    model = get_peft_model(base, LoraConfig(r=4, init_lora_weights=False)).train()
+    ids = random_ids(1, 256, 97, seed=6)
+    whole = loss_and_grads(model, ids)
+    set_chunk(model, 64)
+    assert_same(loss_and_grads(model, ids), whole)
+
+
+def test_a_non_finite_chunk_is_named(model):
+    set_chunk(model, 50)
+    with torch.no_grad():
+        model.get_decoder().blocks[0].ln1.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"chunk 0 \(tokens 0\.\.49 of 120\)"):
+        model(random_ids(1, 120, model.config.vocab_size), labels=random_ids(1, 120, model.config.vocab_size)).loss
+
+
+def test_document_data_trains_in_chunks_through_the_recipe(tmp_path):
+    """The long-context recipe's path: document rows, the plain template, chunk_len below the length."""
+    from pathlib import Path
+
+    from rwkv_ft.recipe import load_recipe
+    from rwkv_ft.train import run
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(
+        root / "recipes" / "rwkv7_long_context.yaml",
+        [
+            "model.path=null",
+            "model.model_type=rwkv7_ft",
+            "model.config={vocab_size: 65536, hidden_size: 32, num_hidden_layers: 2, head_size: 16}",
+            "model.dtype=fp32",
+            "tokenizer=world",
+            f"data.path={root / 'data' / 'document_sample.jsonl'}",
+            "training.chunk_len=64",
+            "training.max_steps=2",
+            "training.precision=fp32",
+            "merge.enabled=false",
+            f"training.output_dir={tmp_path}",
+        ],
+    )
+    summary = run(recipe)
+    assert summary["steps"] == 2 and summary["train_loss"] > 0
+    assert summary["tokens_seen"] > 2 * 64  # the samples are longer than one chunk
+
+
+def test_plain_template_trains_every_document_token():
+    from pathlib import Path
+
+    from rwkv_ft.data import get_template, load_conversations
+    from rwkv_ft.data.tokenize import tokenize_conversation
+    from rwkv_ft.tokenizers import load_tokenizer
+
+    rows = load_conversations(Path(__file__).resolve().parents[1] / "data" / "document_sample.jsonl")
+    messages = [{k: v for k, v in m.items() if v is not None} for m in rows.dataset[0]["messages"]]
+    tokenizer = load_tokenizer("world")
+    example, _ = tokenize_conversation(messages, tokenizer, "plain", 100_000)
+    assert example["labels"] == example["input_ids"] == tokenizer.encode(messages[0]["content"])
+    assert get_template("plain").render_text(messages) == messages[0]["content"]
