@@ -171,6 +171,7 @@ def _fwd_fused(
     agg_ptr,
     incl_ptr,
     y_ptr,
+    y32_ptr,
     z_ptr,
     sT_ptr,
     idxT_ptr,
@@ -183,6 +184,7 @@ def _fwd_fused(
     BLOCK_C: tl.constexpr,
     EVEN: tl.constexpr,
     HAS_STATE: tl.constexpr,
+    STORE_Y32: tl.constexpr,
     PUBLISH_INCLUSIVE: tl.constexpr,
     FAST: tl.constexpr,
     PF1: tl.constexpr,
@@ -300,6 +302,7 @@ def _fwd_fused(
     # Pass 2: re-walk the chunk from its incoming state, writing y and z.
     a, bb, p = ea, eb, ep
     yp = y_ptr + b * T * C + start.to(tl.int64) * C + cs
+    y32p = y32_ptr + b * T * C + start.to(tl.int64) * C + cs
     zp = z_ptr + b * T * C + start.to(tl.int64) * C + cs
     k0 = _ldr(kp + 0, mask, EVEN, EV2)
     v0 = _ldr(vp + 0, mask, EVEN, EV2)
@@ -323,10 +326,10 @@ def _fwd_fused(
         cur = d > 0
         num = tl.where(cur, vt + e * a, e * vt + a)
         den = tl.where(cur, 1.0 + e * bb, e + bb)
-        if FAST:
-            _st(yp + i * C, num * _rcp(den), mask, EVEN, EVS)
-        else:
-            _st(yp + i * C, num / den, mask, EVEN, EVS)
+        yt = num * _rcp(den) if FAST else num / den
+        _st(yp + i * C, yt, mask, EVEN, EVS)
+        if STORE_Y32:  # half-precision inputs: the backward reads the fp32 output, not the rounded one
+            _st(y32p + i * C, yt, mask, EVEN, EVS)
         _st(zp + i * C, tl.where(cur, uk, p) + _log(den), mask, EVEN, EVS)
         # State update, as in pass 1.
         pw = p + w
@@ -617,15 +620,17 @@ def wkv4_fwd(td, tf, k, v, s0):
     sT = _new((B, 3, C), torch.float32, dev)
     idxT = _new((B, C), torch.int32, dev)
     y = _new((B, T, C), k.dtype, dev)
+    store_y32 = FP32_Y_FOR_BACKWARD and k.dtype != torch.float32
+    y32 = _new((B, T, C), torch.float32, dev) if store_y32 else y
     z = _new((B, T, C), torch.float32, dev)
     det = torch.are_deterministic_algorithms_enabled()
     _fwd_fused[(NC * B * nb,)](
-        k, v, td, tf, s0, flags, agg, incl, y, z, sT, idxT, B, T, C, L, NC, nb,
-        BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None,
+        k, v, td, tf, s0, flags, agg, incl, y, y32, z, sT, idxT, B, T, C, L, NC, nb,
+        BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None, STORE_Y32=store_y32,
         PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST, PF1=_PF["fwd"][0],
         PF2=_PF["fwd"][1], **_evict("fwd"), DETERMINISTIC=det, num_warps=nw,
     )  # fmt: skip
-    return y, z, sT, idxT, (block_c, L_bwd, nw)
+    return y, y32, z, sT, idxT, (block_c, L_bwd, nw)
 
 
 def wkv4_bwd(td, tf, k, v, y, z, s0, sT, idxT, gy, gsT, cfg):
@@ -721,6 +726,11 @@ _BWD_L: int | None = None  # benchmark hook: the backward's own chunk length
 _PF: dict[str, tuple[int, int]] = {"fwd": (1, 1), "bwd": (1, 1)}
 _EVICT = {"fwd": True, "bwd": False}  # benchmark hook: L2 eviction hints per direction
 _FAST = True  # benchmark hook: False restores version 4's division and in-loop max-path term
+# With bf16/fp16 inputs the forward also writes y in fp32 for the backward (+4 B written, +2 B read
+# per element): the backward's gD = -gy * y / Z with the rounded y put the time_decay/time_first
+# gradients at bf16 error (1.9e-3 relative on an H200) where fp32 arithmetic gives 6e-7.
+# Benchmark hook: False reads the rounded y again.
+FP32_Y_FOR_BACKWARD = True
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
@@ -738,8 +748,8 @@ class WKV4Function(torch.autograd.Function):
         k = k.contiguous()
         v = v.contiguous()
         s0 = None if state is None else state.detach().float().contiguous()
-        y, z, sT, idxT, cfg = wkv4_fwd(td, tf, k, v, s0)
-        ctx.save_for_backward(td, tf, k, v, y, z, s0, sT, idxT)
+        y, y_saved, z, sT, idxT, cfg = wkv4_fwd(td, tf, k, v, s0)
+        ctx.save_for_backward(td, tf, k, v, y_saved, z, s0, sT, idxT)
         ctx.cfg = cfg
         ctx.set_materialize_grads(False)  # an unused new_state gets None, not a zero tensor
         ctx.dtypes = (time_decay.dtype, time_first.dtype, None if state is None else state.dtype)
@@ -749,7 +759,7 @@ class WKV4Function(torch.autograd.Function):
     def backward(ctx, gy, gsT):
         td, tf, k, v, y, z, s0, sT, idxT = ctx.saved_tensors
         td_dtype, tf_dtype, s_dtype = ctx.dtypes
-        gy = torch.zeros_like(y) if gy is None else gy.to(y.dtype).contiguous()
+        gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype).contiguous()
         gsT = None if gsT is None else gsT.float().contiguous()
         gtdf, gk, gv, gs0 = wkv4_bwd(td, tf, k, v, y, z, s0, sT, idxT, gy, gsT, ctx.cfg)
         gs0 = None if gs0 is None else gs0.to(s_dtype)

@@ -483,6 +483,10 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
     # this many tokens are run in chunks with the state carried, gradient included (see
     # `_chunked_loss`). None: one pass over the whole sequence.
     train_chunk_len: int | None = None
+    # In training, the head's logits and their cross-entropy are computed this many rows at a time
+    # (`rwkv_ft.models.loss`): the B x T x V fp32 logits are never held; the forward returns
+    # logits=None then. None: the plain head and loss.
+    loss_chunk_rows: int | None = 4096
 
     @classmethod
     def can_generate(cls) -> bool:
@@ -537,6 +541,18 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
             return_dict=True,
         )
         hidden = out.last_hidden_state
+        if labels is not None and self._fused_head_loss():
+            from rwkv_ft.models.loss import chunked_causal_lm_loss
+
+            loss = chunked_causal_lm_loss(
+                hidden.to(self.head.weight.dtype),
+                self.head.weight,
+                labels,
+                rows=self.loss_chunk_rows,
+                num_items_in_batch=kwargs.get("num_items_in_batch"),
+            )
+            result = RwkvCausalLMOutput(loss=loss, state=out.state, hidden_states=out.hidden_states)
+            return result if return_dict else result.to_tuple()
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         elif isinstance(logits_to_keep, torch.Tensor):
@@ -548,6 +564,24 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         result = RwkvCausalLMOutput(loss=loss, logits=logits, state=out.state, hidden_states=out.hidden_states)
         return result if return_dict else result.to_tuple()
+
+    def _fused_head_loss(self) -> bool:
+        """Whether the loss skips materialising the logits: in training, with a plain Linear head
+        (not one peft wraps to train or bitsandbytes quantized)."""
+        return bool(self.training and self.loss_chunk_rows) and type(self.head) is nn.Linear
+
+    def _head_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """sum of the cross-entropy of the head's logits against aligned `targets` (-100 ignored)."""
+        if self._fused_head_loss():
+            from rwkv_ft.models.loss import linear_cross_entropy_sum
+
+            return linear_cross_entropy_sum(
+                hidden.to(self.head.weight.dtype), self.head.weight, targets, rows=self.loss_chunk_rows
+            )
+        logits = self.head(hidden.to(self.head.weight.dtype)).float()  # (B, T, V)
+        return torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
 
     def _chunked_loss(
         self,
@@ -595,11 +629,7 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
                 use_cache=True,
                 return_dict=True,
             )
-            logits = self.head(out.last_hidden_state.to(self.head.weight.dtype)).float()  # (B, chunk, V)
-            loss_sum = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), piece_targets.flatten(), ignore_index=-100, reduction="sum"
-            )
-            return loss_sum, out.state
+            return self._head_loss_sum(out.last_hidden_state, piece_targets), out.state
 
         total, scored = source.new_zeros((), dtype=torch.float32), 0
         for index, begin in enumerate(range(0, T, chunk_len)):

@@ -1,0 +1,857 @@
+"""Chunked Triton kernels for RWKV-7 WKV (forward and backward), one program per head and value block.
+
+Per head, S is (N, N) in BlinkDL's [value, key] layout, decay d_t = exp(w_t) (w <= 0, per key channel):
+
+    S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,      y_t = S_t r_t
+
+Rows of S (value index) evolve independently: the transition acts on the right. A program owns BV
+rows of S of one (batch, head) in registers and walks the sequence in chunks of L tokens (16); the
+value dimension is split over N / BV programs when there are too few heads to fill the GPU.
+
+Chunk algebra (tokens t, s = 0..L-1 of a chunk entering with state S_0; all per key channel):
+G_t = w_0 + ... + w_t, Gx_t = G_{t-1} (G_{-1} = 0), E(p, s) = exp(G_p - G_s) <= 1 for p >= s. With
+sa_t = S_{t-1} a_t stacked in SA (L, BV):
+
+    A_ab[t,s] = sum_i a_ti b_si E(t-1, s)   (s < t)      A_ak: k for b        (strictly lower)
+    A_rb[t,s] = sum_i r_ti b_si E(t, s)     (s <= t)     A_rk: k for b        (lower, diagonal in)
+    SA = (I - A_ab)^-1 (As S_0^T + A_ak V),  As = a * exp(Gx)
+    Y  = Rs S_0^T + A_rb SA + A_rk V,        Rs = r * exp(G)
+    S_L = S_0 diag(exp(G_L)) + SA^T Bs + V^T Ks,   Bs = b * exp(G_L - G), Ks = k * exp(G_L - G)
+
+Every exponent of the state-side factors is <= 0. The L x L matrices need exp(G_p - G_s) as a
+product of a row factor and a column factor, exp(G_p - R) exp(R - G_s); a single reference R per
+chunk makes the factors overflow (1 / exp(G_s) grows like e^{0.61 s} in the model's range and
+without bound for very negative w). So they are built in passes ("levels"), each a masked MMA:
+  level 0  the 8 x 8 diagonal blocks, R = G at the block's 4th token: factors within e^{+-4 |w|};
+  level l  for blocks of 2h = 8 * 2^l tokens, rows in the second half against columns in the first,
+           R = G at the last token of the first half: both factors are <= 1.
+The union covers every pair t >= s exactly once. With w clamped at W_MIN = -16 (per-step decay
+1.1e-7, numerically zero: the clamp moves results by < 1e-6 relative, see the tests) no factor
+exceeds e^64, so fp32 never overflows and each product keeps fp32 relative accuracy. A chunk whose
+w are all >= -80 / L (-5 for L = 16: always in the model, whose w >= -0.61) takes one pass instead,
+the whole chunk with R at its middle (factors <= e^40): half the pair work. G is summed in fp64:
+exponents are differences of prefix sums, and once a few steps at w = -16 have made |G| ~ 100, fp32
+would lose ~1e-5 in exp(G_t - G_s) even for nearby t, s. (I - A_ab)^-1 = (I + A)(I + A^2)(I + A^4)
+(I + A^8) for L = 16 (A^L = 0).
+
+The four pair matrices share operands, so they come from one stacked product
+[r; a] (2L, N) x [b; k]^T -> [[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L); the backward stacks likewise.
+The state side is value-major: every product with S (BV, N) has it as the left operand (M = BV
+rows, wgmma-sized), so the wide state tiles never become replicated right-hand MMA operands.
+
+Resets (packed sequences): seg_t = number of resets at or before t within the chunk. Pairs (t, s)
+interact only when seg_t == seg_s; S_0 reaches rows with seg == 0 (masks on As, Rs) and the chunk end
+only when the chunk holds no reset; Bs, Ks rows count only for seg_s == seg_{L-1}.
+
+Backward (the adjoint dS of the state after a chunk flows to the chunk start, last chunk first):
+    dSA = A_rb^T dY + Bs dS^T,   dU = (I - A_ab)^-T dSA,   dV = A_rk^T dY + A_ak^T dU + Ks dS^T
+    dS_0 = dY^T Rs + dU^T As + dS diag(exp(G_L))
+    dA_rb = dY SA^T, dA_rk = dY V^T, dA_ab = dU SA^T, dA_ak = dU V^T (masked like the forward)
+    dRs = dY S_0, dAs = dU S_0, dBs = SA dS, dKs = V dS, d exp(G_L) = colsum(S_0 * dS)
+then through the same level passes to dr, dk, da, db. The decay gradient uses that every use of
+r_t / a_t / b_s / k_s in the pair matrices carries exp(+G_t) / exp(+G_{t-1}) / exp(-G_s)
+(dr etc. here without the zero-span pairs, whose gradients are added afterwards):
+    dw_j = sum_{t >= j} (r_t dr_t - b_t db_t - k_t dk_t) + sum_{t > j} a_t da_t
+           + sum_{s < j} (b_s dBs_s + k_s dKs_s) exp(G_L - G_s) + exp(G_L) d exp(G_L)
+(reverse / forward cumsums within the chunk; 0 where w < W_MIN), leaving out the pairs whose
+exponent spans no step (they would only cancel, in fp32 round-off).
+Every key-side gradient is linear in the value rows, so value blocks sum their partial results
+(fp32 atomics; one block, i.e. plain stores, under torch.use_deterministic_algorithms).
+
+State storage: the forward stores S at the start of every NSUB-th chunk (fp32, every 64 tokens by
+default: B*H*T/64*N*N*4 bytes). The backward takes each such block of NSUB chunks last first,
+re-runs the state recurrence over it from the stored state (the chunk-start states go to a small
+per-program scratch buffer that stays in L2), then walks its chunks backwards.
+
+Precision: MMA operands here are derived fp32 values (states, exp-scaled keys), so plain tf32
+(10-bit mantissa) would cost ~1e-3 relative per product. PREC picks the product: "bf16x3" (each
+fp32 operand split into bf16 hi + lo, three bf16 MMAs, ~2^-16 relative; two when one operand is a
+bf16 input, which is exact in bf16), "tf32x3" (Triton's split, ~fp32), "ieee" (fp32 FMA, no
+tensor cores) or "tf32" (fast, inaccurate; for comparison only). Defaults: bf16x3 for bf16/fp16
+inputs, tf32x3 for fp32 inputs. The interpreter computes every dot in fp32 numpy, so it checks the
+algebra (and the bf16 split's rounding), never tf32 error: precision is checked on the GPU.
+
+Configs come from a rule (`_config`), never an autotune sweep; `_CFG_OVERRIDE` replaces fields of
+it (tests and the benchmark). See benchmarks/NOTES_wkv7_draft.md for the FLOP / byte floor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter's bf16 tl.dot multiplies raw bit patterns (triton 3.9), so bf16 products are
+# widened to fp32 there (same values: a bf16 x bf16 product is exact in fp32). Triton itself
+# decides interpret mode when a kernel is decorated, i.e. at import of this module.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+W_MIN = -16.0  # w is clamped here: exp(-16) = 1.1e-7 per step. Bounds every factor by e^64.
+_W_MIN = tl.constexpr(W_MIN)
+SUB = 8  # tokens per diagonal block of the level-0 pass
+_SUB = tl.constexpr(SUB)
+FAST_EXP = 40.0  # a chunk takes one level pass when L / 2 * max|w| <= this (factors <= e^40)
+_FAST_EXP = tl.constexpr(FAST_EXP)
+PRECISIONS = {"bf16x3": 0, "tf32x3": 1, "ieee": 2, "tf32": 3}
+
+# Test hook: when True the host code fills every buffer it allocates with NaN (ints with -7), so a
+# test can prove that the kernels write every element they return.
+POISON_OUTPUTS = False
+# Test / benchmark hook: a dict of `Wkv7Config` fields that replace the rule's choice.
+_CFG_OVERRIDE: dict | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Products
+
+
+@triton.jit
+def _dot_bf16(x, y, acc):
+    """acc + x @ y for bf16 x, y, accumulated in fp32."""
+    if _INTERPRET:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc)
+    else:
+        return tl.dot(x, y, acc)
+
+
+@triton.jit
+def _mm(x, y, PREC: tl.constexpr, XE: tl.constexpr, YE: tl.constexpr):
+    """x (M, K) @ y (K, P), fp32 operands and result, at precision PREC (see the module docstring).
+
+    XE / YE: x / y holds values exactly representable in bf16 (bf16 inputs), so "bf16x3" needs no
+    low part for it.
+    """
+    if PREC == 0:
+        xh = _to(x, tl.bfloat16)
+        yh = _to(y, tl.bfloat16)
+        acc = tl.zeros([x.shape[0], y.shape[1]], dtype=tl.float32)
+        if not YE:
+            acc = _dot_bf16(xh, _to(y - yh.to(tl.float32), tl.bfloat16), acc)
+        if not XE:
+            acc = _dot_bf16(_to(x - xh.to(tl.float32), tl.bfloat16), yh, acc)
+        acc = _dot_bf16(xh, yh, acc)
+    elif PREC == 1:
+        acc = tl.dot(x, y, input_precision="tf32x3")
+    elif PREC == 2:
+        acc = tl.dot(x, y, input_precision="ieee")
+    else:
+        acc = tl.dot(x, y, input_precision="tf32")
+    return acc
+
+
+@triton.jit
+def _inv_unit_lower(A, LOG2_L: tl.constexpr, PREC: tl.constexpr):
+    """(I - A)^-1 for a strictly lower (L, L) A: (I + A)(I + A^2)(I + A^4)... (A^L = 0)."""
+    rows = tl.arange(0, A.shape[0])
+    M = (rows[:, None] == rows[None, :]).to(tl.float32) + A
+    P = A
+    for _ in range(LOG2_L - 1):
+        P = _mm(P, P, PREC, False, False)
+        M = M + _mm(M, P, PREC, False, False)
+    return M
+
+
+# ----------------------------------------------------------------------------------------------
+# Stacking: the four pair matrices share their operands, so they come from one (2L, N) x (N, 2L)
+# product (and their gradients likewise): fewer, larger MMAs, with less operand replication.
+
+
+@triton.jit
+def _vstack(x, y):
+    """(M, C), (M, C) -> (2M, C): the rows of x, then those of y."""
+    return tl.reshape(tl.permute(tl.join(x, y), (2, 0, 1)), (2 * x.shape[0], x.shape[1]))
+
+
+@triton.jit
+def _vsplit(z):
+    """(2M, C) -> its top and bottom (M, C) halves."""
+    M: tl.constexpr = z.shape[0] // 2
+    return tl.split(tl.permute(tl.reshape(z, (2, M, z.shape[1])), (1, 2, 0)))
+
+
+@triton.jit
+def _hstack(x, y):
+    """(M, C), (M, C) -> (M, 2C): the columns of x, then those of y."""
+    return tl.trans(_vstack(tl.trans(x), tl.trans(y)))
+
+
+@triton.jit
+def _hsplit(z):
+    """(M, 2C) -> its left and right (M, C) halves."""
+    left, right = _vsplit(tl.trans(z))
+    return tl.trans(left), tl.trans(right)
+
+
+# ----------------------------------------------------------------------------------------------
+# Key side of a chunk (no state involved)
+
+
+@triton.jit
+def _levels(w, L: tl.constexpr, NLEV: tl.constexpr):
+    """(number of level passes, half-block length of level 0). A chunk whose decays are all mild
+    (every factor of one pass with the reference at the chunk middle stays within e^40) takes a
+    single pass; otherwise the 8-token diagonal blocks and NLEV cross levels."""
+    fast = tl.min(tl.min(w, axis=1), axis=0) >= -_FAST_EXP / (L // 2)
+    return tl.where(fast, 1, NLEV + 1), tl.where(fast, L // 2, _SUB // 2)
+
+
+@triton.jit
+def _ref_rows(G64, rows, h):
+    """(L, N) fp64: G at the reference token of each row's block of 2h tokens (its token h - 1),
+    exactly (masked sums of one nonzero term)."""
+    blk = rows // (2 * h)
+    R = tl.zeros_like(G64)
+    for j in tl.static_range(G64.shape[0] // (2 * _SUB // 2)):  # blocks beyond L match no row
+        g = tl.sum(tl.where((rows == j * 2 * h + h - 1)[:, None], G64, 0.0), axis=0)
+        R = tl.where((blk == j)[:, None], g[None, :], R)
+    return R
+
+
+@triton.jit
+def _level(G64, w64, rows, lev, h0):
+    """Factors of level `lev` (see the module docstring): row factors exp(Gx - R) (for a rows) and
+    exp(G - R) (for r rows), column factor exp(R - G), each (L, N), and the level's pair mask,
+    (2L, 2L) to match the stacked pair matrices. Level 0 is block-diagonal (blocks of 2 h0).
+    G64 = G in fp64: exponents are differences of prefix sums, and after a few steps at w = -16
+    |G| ~ 100, whose fp32 rounding would cost exp(G_t - G_s) ~1e-5 where t - s is small."""
+    L: tl.constexpr = G64.shape[0]
+    h = h0 << lev  # half a block
+    R = _ref_rows(G64, rows, h)
+    D = (G64 - R).to(tl.float32)  # G - R
+    Dx = (G64 - w64 - R).to(tl.float32)  # Gx - R
+    diag = lev == 0
+    late = diag | ((rows // h) % 2 == 1)  # rows of this level
+    early = diag | ((rows // h) % 2 == 0)  # columns of this level
+    fa = tl.exp(tl.where(late[:, None], Dx, float("-inf")))
+    fr = tl.exp(tl.where(late[:, None], D, float("-inf")))
+    fc = tl.exp(tl.where(early[:, None], -D, float("-inf")))
+    t2 = tl.arange(0, 2 * L) % L
+    blk2 = t2 // (2 * h)
+    late2 = diag | ((t2 // h) % 2 == 1)
+    early2 = diag | ((t2 // h) % 2 == 0)
+    pairs = (blk2[:, None] == blk2[None, :]) & late2[:, None] & early2[None, :]
+    return fa, fr, fc, pairs
+
+
+@triton.jit
+def _causal(seg, rows, HAS_RESET: tl.constexpr):
+    """(2L, 2L) mask of the stacked pair matrices [[A_rb, A_rk], [A_ab, A_ak]]: s <= t in the r
+    rows, s < t in the a rows, and (with resets) t, s in the same segment."""
+    L: tl.constexpr = rows.shape[0]
+    i2 = tl.arange(0, 2 * L)
+    t2 = i2 % L
+    lower = t2[:, None] >= t2[None, :]
+    strict = (t2[:, None] > t2[None, :]) | (i2 < L)[:, None]
+    m = lower & strict
+    if HAS_RESET:
+        seg2 = tl.reshape(tl.permute(tl.join(seg, seg), (1, 0)), (2 * L,))
+        m = m & (seg2[:, None] == seg2[None, :])
+    return m
+
+
+@triton.jit
+def _masks(seg, rows, HAS_RESET: tl.constexpr):
+    """Row masks (L, 1) of the tokens S_0 reaches and of the sources of the chunk-end state, and
+    (1, 1) whether S_0 survives to the chunk end."""
+    if HAS_RESET:
+        last = tl.max(seg, axis=0)  # seg never decreases (rows past T repeat the last value)
+        m0 = (seg == 0)[:, None]
+        m_end = (seg == last)[:, None]
+        keep = (tl.zeros([1, 1], dtype=tl.int32) + last) == 0
+    else:
+        m0 = (rows >= 0)[:, None]
+        m_end = m0
+        keep = tl.full([1, 1], 1, dtype=tl.int1)
+    return m0, m_end, keep
+
+
+@triton.jit
+def _last_row(x, rows):
+    """x[L - 1] as a (1, C) tensor."""
+    return tl.sum(tl.where((rows == rows.shape[0] - 1)[:, None], x, 0.0), axis=0)[None, :]
+
+
+@triton.jit
+def _pair_matrices(r, k, a, b, G64, w64, rows, n_lev, h0, PREC: tl.constexpr):
+    """[[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L) before the causal mask."""
+    L: tl.constexpr = r.shape[0]
+    P = tl.zeros([2 * L, 2 * L], dtype=tl.float32)
+    for lev in range(n_lev):
+        fa, fr, fc, pairs = _level(G64, w64, rows, lev, h0)
+        X = _vstack(r * fr, a * fa)  # (2L, N) row operands
+        Y = _vstack(b * fc, k * fc)  # (2L, N) column operands
+        P += tl.where(pairs, _mm(X, tl.trans(Y), PREC, False, False), 0.0)
+    return P
+
+
+@triton.jit
+def _key_side(
+    r, w, k, a, b, seg, rows, HAS_RESET: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """Everything of a chunk that does not involve the state. r, w, k, a, b: (L, N) fp32, zero past
+    the sequence end; seg: (L,) segment ids. Returns the masked stacked pair matrices (2L, 2L),
+    (I - A_ab)^-1 (L, L), the state-side operands As, Rs, Bs, Ks (L, N), exp(G_L) (1, N) (0 when a
+    reset cuts S_0 off), exp(G), exp(Gx), exp(G_L - G) (L, N), G and the clamped w in fp64, the
+    level plan and the masks."""
+    wc = tl.maximum(w, _W_MIN)
+    w64 = wc.to(tl.float64)
+    G64 = tl.cumsum(w64, axis=0)  # (L, N): log decay from the chunk start through token t
+    GL64 = _last_row(G64, rows)  # (1, N)
+    eg = tl.exp(G64.to(tl.float32))
+    egx = tl.exp((G64 - w64).to(tl.float32))  # exp(G[t - 1])
+    eL = tl.exp((GL64 - G64).to(tl.float32))  # exp(G_L - G_t)
+    n_lev, h0 = _levels(wc, r.shape[0], NLEV)
+    m0, m_end, keep = _masks(seg, rows, HAS_RESET)
+    pm = _pair_matrices(r, k, a, b, G64, w64, rows, n_lev, h0, PREC)
+    P = tl.where(_causal(seg, rows, HAS_RESET), pm, 0.0)
+    _, Pb = _vsplit(P)
+    Aab, _ = _hsplit(Pb)
+    Minv = _inv_unit_lower(Aab, LOG2_L, PREC)
+    As = tl.where(m0, a * egx, 0.0)
+    Rs = tl.where(m0, r * eg, 0.0)
+    Bs = tl.where(m_end, b * eL, 0.0)
+    Ks = tl.where(m_end, k * eL, 0.0)
+    gam = tl.where(keep, tl.exp(GL64.to(tl.float32)), 0.0)
+    return P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, G64, w64, n_lev, h0, m0, m_end
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory
+
+
+@triton.jit
+def _load_rows(ptr, t0, T, s_t, rows, cols):
+    """(L, C) fp32 tile of tokens t0 .. t0 + L - 1 (zero past T); ptr points at token 0, column 0."""
+    t = t0 + rows
+    offs = t.to(tl.int64)[:, None] * s_t + cols[None, :]
+    return tl.load(ptr + offs, mask=(t < T)[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _to(x, dtype: tl.constexpr):
+    """fp32 -> dtype, rounding to nearest even (the GPU's default). The interpreter truncates
+    fp32 -> bf16, so there the rounding is done on the bits first (then truncation is exact)."""
+    if dtype == tl.float32:
+        return x
+    elif _INTERPRET and dtype == tl.bfloat16:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True).to(tl.bfloat16)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _store_rows(ptr, x, t0, T, s_t, rows, cols):
+    t = t0 + rows
+    offs = t.to(tl.int64)[:, None] * s_t + cols[None, :]
+    tl.store(ptr + offs, _to(x, ptr.dtype.element_ty), mask=(t < T)[:, None])
+
+
+@triton.jit
+def _load_raw(ptr, t0, T, s_t, rows, cols):
+    """Like `_load_rows` but in the stored dtype: bf16 / fp16 key-side inputs stay half-width in
+    registers (they are read several times per chunk) and widen where they meet fp32 values."""
+    t = t0 + rows
+    offs = t.to(tl.int64)[:, None] * s_t + cols[None, :]
+    return tl.load(ptr + offs, mask=(t < T)[:, None], other=0.0)
+
+
+@triton.jit
+def _load_cols(ptr, t0, T, s_t, rows, cols):
+    """(C, L) fp32 tile: the transpose of `_load_rows` (value-major tiles)."""
+    t = t0 + rows
+    offs = t.to(tl.int64)[None, :] * s_t + cols[:, None]
+    return tl.load(ptr + offs, mask=(t < T)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_cols(ptr, xt, t0, T, s_t, rows, cols):
+    """Store a (C, L) tile as the rows t0 .. t0 + L - 1 (the transpose of `_store_rows`)."""
+    t = t0 + rows
+    offs = t.to(tl.int64)[None, :] * s_t + cols[:, None]
+    tl.store(ptr + offs, _to(xt, ptr.dtype.element_ty), mask=(t < T)[None, :])
+
+
+@triton.jit
+def _add_rows(ptr, x, t0, T, s_t, rows, cols):
+    t = t0 + rows
+    offs = t.to(tl.int64)[:, None] * s_t + cols[None, :]
+    tl.atomic_add(ptr + offs, x, mask=(t < T)[:, None], sem="relaxed")
+
+
+@triton.jit
+def _segments(reset_ptr, bi, t0, T, rows, HAS_RESET: tl.constexpr):
+    """(L,) int32: resets at or before each token of the chunk (0 everywhere without resets)."""
+    if HAS_RESET:
+        t = t0 + rows
+        x = tl.load(reset_ptr + bi.to(tl.int64) * T + t, mask=t < T, other=0)
+        return tl.cumsum(x.to(tl.int32), axis=0)
+    else:
+        return tl.zeros_like(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# One chunk, forward and backward
+
+
+@triton.jit
+def _fwd_chunk(
+    S, r, w, k, vt, a, b, seg, rows, HAS_RESET: tl.constexpr, WANT_Y: tl.constexpr, NLEV: tl.constexpr,
+    LOG2_L: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr,
+):  # fmt: skip
+    """S (BV, N) entering the chunk, vt = V^T (BV, L) -> (Y^T (BV, L), S after the chunk).
+
+    Value-major: every product with the state has it as the left operand (M = BV rows), so the
+    wide state tiles never become replicated right-hand MMA operands. VE: v is exact in bf16."""
+    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _ = _key_side(
+        r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
+    )
+    Pl, Pr = _hsplit(P)  # [[A_rb], [A_ab]], [[A_rk], [A_ak]]  (2L, L)
+    # [S Rs^T + V^T A_rk^T | S As^T + V^T A_ak^T]  (BV, 2L)
+    Z = _mm(S, tl.trans(_vstack(Rs, As)), PREC, False, False) + _mm(vt, tl.trans(Pr), PREC, VE, False)
+    Yt, Ut = _hsplit(Z)
+    SAt = _mm(Ut, tl.trans(Minv), PREC, False, False)  # (BV, L): column t is sa_t = S_{t-1} a_t
+    if WANT_Y:
+        Arb, _ = _vsplit(Pl)
+        Yt = Yt + _mm(SAt, tl.trans(Arb), PREC, False, False)
+    S = S * gam + _mm(_hstack(SAt, vt), _vstack(Bs, Ks), PREC, False, False)
+    return Yt, S
+
+
+@triton.jit
+def _level_grads(D, r, k, a, b, G64, w64, rows, n_lev, h0, PREC: tl.constexpr):
+    """dr, dk, da, db (L, N) from D = the gradient of the stacked pair matrices (2L, 2L)."""
+    dr = tl.zeros(r.shape, dtype=tl.float32)
+    dk = tl.zeros(r.shape, dtype=tl.float32)
+    da = tl.zeros(r.shape, dtype=tl.float32)
+    db = tl.zeros(r.shape, dtype=tl.float32)
+    for lev in range(n_lev):
+        fa, fr, fc, pairs = _level(G64, w64, rows, lev, h0)
+        Dp = tl.where(pairs, D, 0.0)
+        # [dA_rb B + dA_rk K; dA_ab B + dA_ak K] and [dA_rb^T R + dA_ab^T A; dA_rk^T R + dA_ak^T A]
+        x_r, x_a = _vsplit(_mm(Dp, _vstack(b * fc, k * fc), PREC, False, False))
+        x_b, x_k = _vsplit(_mm(tl.trans(Dp), _vstack(r * fr, a * fa), PREC, False, False))
+        dr += fr * x_r
+        da += fa * x_a
+        db += fc * x_b
+        dk += fc * x_k
+    return dr, dk, da, db
+
+
+@triton.jit
+def _zero_span(rows):
+    """(2L, 2L) mask of the stacked pairs whose exponent spans no step: (t, t) in the r rows,
+    (t, t - 1) in the a rows."""
+    L: tl.constexpr = rows.shape[0]
+    i2 = tl.arange(0, 2 * L)
+    t = (i2 % L)[:, None]
+    s = (i2 % L)[None, :]
+    return tl.where((i2 < L)[:, None], t == s, t == s + 1)
+
+
+@triton.jit
+def _level_grads_unit(D, r, k, a, b, PREC: tl.constexpr):
+    """dr, dk, da, db (L, N) from pairs of D whose factor is 1 (the zero-span pairs)."""
+    x_r, x_a = _vsplit(_mm(D, _vstack(b, k).to(tl.float32), PREC, False, False))
+    x_b, x_k = _vsplit(_mm(tl.trans(D), _vstack(r, a).to(tl.float32), PREC, False, False))
+    return x_r, x_k, x_a, x_b
+
+
+@triton.jit
+def _bwd_chunk(
+    S0, dS, r, w, k, vt, a, b, dyt, seg, rows, HAS_RESET: tl.constexpr, NLEV: tl.constexpr,
+    LOG2_L: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
+):  # fmt: skip
+    """Backward of one chunk. S0 (BV, N): state entering it; dS (BV, N): adjoint of the state after
+    it; vt, dyt: V^T, dY^T (BV, L). Returns (dS0 (BV, N), dV^T (BV, L), dr, dw, dk, da, db (L, N),
+    partial sums over this program's value rows). VE / GE: v / dy are exact in bf16."""
+    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, G64, w64, n_lev, h0, m0, m_end = _key_side(
+        r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
+    )
+    Pt, Pb = _vsplit(P)  # [A_rb, A_rk], [A_ab, A_ak]  (L, 2L)
+    _, Aak = _hsplit(Pb)
+    # Recompute SA^T (BV, L), value-major like the forward.
+    Ut = _mm(S0, tl.trans(As), PREC, False, False) + _mm(vt, tl.trans(Aak), PREC, VE, False)
+    SAt = _mm(Ut, tl.trans(Minv), PREC, False, False)
+    # Value side, transposed: dSA^T = dY^T A_rb + dS Bs^T, dU^T = dSA^T (I - A_ab)^-1,
+    # dV^T = dY^T A_rk + dU^T A_ak + dS Ks^T.
+    yb, yk = _hsplit(_mm(dyt, Pt, PREC, GE, False))  # (BV, L) each
+    sb, sk = _hsplit(_mm(dS, tl.trans(_vstack(Bs, Ks)), PREC, False, False))
+    dUt = _mm(yb + sb, Minv, PREC, False, False)
+    dvt = yk + sk + _mm(dUt, Aak, PREC, False, False)
+    Et = _hstack(dyt, dUt)  # (BV, 2L) = [dY; dU]^T
+    Ft = _hstack(SAt, vt)  # (BV, 2L) = [SA; V]^T
+    dS0 = _mm(Et, _vstack(Rs, As), PREC, False, False) + dS * gam  # (BV, N)
+    # Key side: the operands' gradients (2L, N), the pair matrices' gradient (2L, 2L).
+    dRs, dAs = _vsplit(tl.trans(_mm(tl.trans(S0), Et, PREC, False, False)))  # [dY; dU] S0
+    dBs, dKs = _vsplit(tl.trans(_mm(tl.trans(dS), Ft, PREC, False, False)))  # [SA; V] dS
+    D = tl.where(_causal(seg, rows, HAS_RESET), _mm(tl.trans(Et), Ft, PREC, False, False), 0.0)
+    # Pairs whose exponent spans no step (A_rb, A_rk diagonal; A_ab, A_ak at s = t - 1) do not
+    # depend on w: they go to dr, dk, da, db directly and stay out of the decay sums below (in
+    # those they would cancel, leaving fp32 round-off that swamps dw of fast-decaying channels).
+    zero = _zero_span(rows)
+    dr, dk, da, db = _level_grads(tl.where(zero, 0.0, D), r, k, a, b, G64, w64, rows, n_lev, h0, PREC)
+    dr += tl.where(m0, dRs * eg, 0.0)
+    da += tl.where(m0, dAs * egx, 0.0)
+    db_end = tl.where(m_end, dBs * eL, 0.0)
+    dk_end = tl.where(m_end, dKs * eL, 0.0)
+    # Decay. dw_j sums every exponent that holds w_j: G_t for r_t (j <= t), G_{t-1} for a_t
+    # (j < t), -G_s for b_s, k_s in the pair matrices (j <= s, cancelling the rows' share
+    # for j <= s), G_L - G_s for Bs, Ks (j > s) and G_L for exp(G_L) (every j).
+    ada = a * da
+    bk = b * db_end + k * dk_end
+    dw = tl.cumsum(r * dr - k * dk - b * db, axis=0, reverse=True)
+    dw += tl.cumsum(ada, axis=0, reverse=True) - ada  # sum over t > j
+    dw += tl.cumsum(bk, axis=0) - bk  # sum over s < j
+    dw += gam * tl.sum(S0 * dS, axis=0)[None, :]
+    dw = tl.where(w >= _W_MIN, dw, 0.0)
+    dr0, dk0, da0, db0 = _level_grads_unit(tl.where(zero, D, 0.0), r, k, a, b, PREC)
+    dr += dr0
+    dk += dk_end + dk0
+    da += da0
+    db += db_end + db0
+    return dS0, dvt, dr, dw, dk, da, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _fwd_kernel(
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, reset_ptr, y_ptr, sT_ptr, ck_ptr,
+    T, H, s_b, s_t, s_h, NC, NCK,
+    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr,
+    NSUB: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, STORE_CK: tl.constexpr,
+    PREC: tl.constexpr, VE: tl.constexpr,
+):  # fmt: skip
+    """Program (value block, batch * H + head): walks the chunks in order, S (BV, N) in registers."""
+    vb = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // H
+    hi = bh % H
+    rows = tl.arange(0, L)
+    cols = tl.arange(0, N)
+    vcols = vb * BV + tl.arange(0, BV)
+    x_off = bi.to(tl.int64) * s_b + hi.to(tl.int64) * s_h  # inputs: token 0 of this head
+    o_off = bi.to(tl.int64) * T * H * N + hi * N  # y: (B, T, H, N) contiguous
+    s_off = bh.to(tl.int64) * N * N + vcols[:, None] * N + cols[None, :]  # (BV, N) rows of S
+    if HAS_STATE:
+        S = tl.load(s0_ptr + s_off)
+    else:
+        S = tl.zeros([BV, N], dtype=tl.float32)
+    for c in range(NC):
+        t0 = c * L
+        if STORE_CK:
+            if c % NSUB == 0:
+                ck = (bh.to(tl.int64) * NCK + c // NSUB) * N * N
+                tl.store(ck_ptr + ck + vcols[:, None] * N + cols[None, :], S)
+        r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
+        w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
+        k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
+        a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
+        b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
+        vt = _load_cols(v_ptr + x_off, t0, T, s_t, rows, vcols)  # (BV, L)
+        seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
+        yt, S = _fwd_chunk(S, r, w, k, vt, a, b, seg, rows, HAS_RESET, True, NLEV, LOG2_L, PREC, VE)
+        _store_cols(y_ptr + o_off, yt, t0, T, H * N, rows, vcols)
+    tl.store(sT_ptr + s_off, S)
+
+
+@triton.jit
+def _bwd_kernel(
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, reset_ptr, dy_ptr, dsT_ptr, ck_ptr, scr_ptr,
+    dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
+    T, H, s_b, s_t, s_h, NC, NCK,
+    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr,
+    NSUB: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DY: tl.constexpr, HAS_DST: tl.constexpr,
+    WANT_DS0: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
+):  # fmt: skip
+    """Program (value block, batch * H + head): blocks of NSUB chunks last first; within a block,
+    re-run the states from the stored one, then walk its chunks backwards carrying dS (BV, N).
+    dr, dw, dk, da, db: plain stores (one value block) or fp32 atomic adds (ATOMIC)."""
+    vb = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // H
+    hi = bh % H
+    rows = tl.arange(0, L)
+    cols = tl.arange(0, N)
+    vcols = vb * BV + tl.arange(0, BV)
+    x_off = bi.to(tl.int64) * s_b + hi.to(tl.int64) * s_h
+    o_off = bi.to(tl.int64) * T * H * N + hi * N  # dy and the gradients: (B, T, H, N) contiguous
+    tile = vcols[:, None] * N + cols[None, :]  # (BV, N) rows of an (N, N) state
+    s_off = bh.to(tl.int64) * N * N + tile
+    scr = scr_ptr + (bh.to(tl.int64) * tl.num_programs(0) + vb) * NSUB * N * N + tile  # this program's
+    if HAS_DST:
+        dS = tl.load(dsT_ptr + s_off)
+    else:
+        dS = tl.zeros([BV, N], dtype=tl.float32)
+    for jj in range(NCK):
+        j = NCK - 1 - jj
+        c_first = j * NSUB
+        n_sub = tl.minimum(NSUB, NC - c_first)
+        S = tl.load(ck_ptr + (bh.to(tl.int64) * NCK + j) * N * N + tile)
+        # Phase 1: the states entering chunks c_first .. c_first + n_sub - 1 (the last stays in S).
+        if NSUB > 1:
+            tl.debug_barrier()  # the previous block's reads of the scratch are done
+            for i in range(n_sub - 1):
+                tl.store(scr + i * N * N, S)
+                t0 = (c_first + i) * L
+                r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
+                w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
+                k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
+                a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
+                b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
+                vt = _load_cols(v_ptr + x_off, t0, T, s_t, rows, vcols)
+                seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
+                _, S = _fwd_chunk(S, r, w, k, vt, a, b, seg, rows, HAS_RESET, False, NLEV, LOG2_L, PREC, VE)
+            tl.debug_barrier()  # the scratch stores are visible to every thread
+        # Phase 2: the chunks backwards.
+        for ii in range(n_sub):
+            i = n_sub - 1 - ii
+            S0 = S
+            if i < n_sub - 1:
+                S0 = tl.load(scr + i * N * N)
+            t0 = (c_first + i) * L
+            r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
+            w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
+            k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
+            a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
+            b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
+            vt = _load_cols(v_ptr + x_off, t0, T, s_t, rows, vcols)  # (BV, L)
+            if HAS_DY:
+                dyt = _load_cols(dy_ptr + o_off, t0, T, H * N, rows, vcols)
+            else:
+                dyt = tl.zeros([BV, L], dtype=tl.float32)
+            seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
+            dS, dvt, dr, dw, dk, da, db = _bwd_chunk(
+                S0, dS, r, w, k, vt, a, b, dyt, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC, VE, GE
+            )
+            _store_cols(dv_ptr + o_off, dvt, t0, T, H * N, rows, vcols)
+            if ATOMIC:
+                _add_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
+                _add_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
+                _add_rows(dk_ptr + o_off, dk, t0, T, H * N, rows, cols)
+                _add_rows(da_ptr + o_off, da, t0, T, H * N, rows, cols)
+                _add_rows(db_ptr + o_off, db, t0, T, H * N, rows, cols)
+            else:
+                _store_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
+                _store_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
+                _store_rows(dk_ptr + o_off, dk, t0, T, H * N, rows, cols)
+                _store_rows(da_ptr + o_off, da, t0, T, H * N, rows, cols)
+                _store_rows(db_ptr + o_off, db, t0, T, H * N, rows, cols)
+    if WANT_DS0:
+        tl.store(ds0_ptr + s_off, dS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+
+
+@dataclasses.dataclass(frozen=True)
+class Wkv7Config:
+    """Launch configuration. chunk: tokens per chunk (L: 16, 32 or 64); nsub: chunks per stored
+    state (the forward stores S every chunk * nsub tokens); bv_fwd / bv_bwd: value rows per
+    program (N / bv programs per head); prec: a key of PRECISIONS; warps_*: num_warps."""
+
+    chunk: int = 16
+    nsub: int = 4
+    bv_fwd: int = 64
+    bv_bwd: int = 64
+    prec: str = "bf16x3"
+    warps_fwd: int = 4
+    warps_bwd: int = 4
+
+
+@functools.cache
+def _sm_count() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+
+
+# The largest value block the rule picks. On an H200 with triton 3.6 (2026-12-02), 64-row blocks
+# with 8 warps fault (illegal address, found by benchmarks/wkv7_config_probe.py; 16/32 rows and 64
+# with 4 warps pass): 32 until that is understood. See benchmarks/NOTES.md.
+_MAX_BV = 32
+
+
+def _value_block(N: int, heads: int, min_programs: int) -> int:
+    """The largest value block (<= _MAX_BV, >= 16) that still gives `min_programs` programs."""
+    bv = min(N, _MAX_BV)
+    while bv > 16 and heads * (N // bv) < min_programs:
+        bv //= 2
+    return bv
+
+
+def _config(B: int, T: int, H: int, N: int, dtype: torch.dtype) -> Wkv7Config:
+    """The rule (not measured yet: benchmarks/NOTES_wkv7_draft.md lists what the GPU run decides).
+    Both directions split the value dimension (at most 64 rows per program, at least 16) only
+    until there is about one program per SM: a split recomputes the key-side work per block and,
+    in the backward, adds fp32 atomics for the key-side gradients. Under
+    torch.use_deterministic_algorithms(True) the backward never splits (no atomics)."""
+    sms = _sm_count()
+    bv = _value_block(N, B * H, sms)
+    cfg = Wkv7Config(
+        bv_fwd=bv,
+        bv_bwd=bv,
+        prec="tf32x3" if dtype == torch.float32 else "bf16x3",
+        warps_fwd=8 if bv * N >= 4096 else 4,
+        warps_bwd=8 if bv * N >= 4096 else 4,
+    )
+    if _CFG_OVERRIDE:
+        cfg = dataclasses.replace(cfg, **_CFG_OVERRIDE)
+    if torch.are_deterministic_algorithms_enabled():
+        cfg = dataclasses.replace(cfg, bv_bwd=N)
+    _check_config(cfg, N)
+    return cfg
+
+
+def _check_config(cfg: Wkv7Config, N: int) -> None:
+    if cfg.chunk not in (16, 32, 64):
+        raise ValueError(f"wkv7: chunk must be 16, 32 or 64, got {cfg.chunk}")
+    for bv in (cfg.bv_fwd, cfg.bv_bwd):
+        if bv < 16 or bv > N or N % bv:
+            raise ValueError(f"wkv7: value block {bv} must divide N = {N} and be >= 16")
+    if cfg.prec not in PRECISIONS:
+        raise ValueError(f"wkv7: prec must be one of {sorted(PRECISIONS)}, got {cfg.prec!r}")
+    if cfg.nsub < 1:
+        raise ValueError(f"wkv7: nsub must be >= 1, got {cfg.nsub}")
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        fill = float("nan") if dtype.is_floating_point else -7
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _shared_strides(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inputs as the kernels read them: one set of (B, T, H) strides and a unit last stride.
+    Views that already agree (e.g. T-slices of one layout) are used in place; otherwise copies."""
+    st = xs[0].stride()
+    if st[-1] == 1 and all(x.stride() == st for x in xs):
+        return xs
+    return [x.contiguous() for x in xs]
+
+
+def _meta(cfg: Wkv7Config, T: int, dtype: torch.dtype) -> dict:
+    L = cfg.chunk
+    nc = triton.cdiv(T, L)
+    return dict(
+        NC=nc,
+        NCK=triton.cdiv(nc, cfg.nsub),
+        L=L,
+        NLEV=(L // SUB).bit_length() - 1,
+        LOG2_L=L.bit_length() - 1,
+        NSUB=cfg.nsub,
+        PREC=PRECISIONS[cfg.prec],
+        VE=dtype == torch.bfloat16,
+    )
+
+
+def wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool):
+    """r..b: (B, T, H, N) with shared strides; s0: (B, H, N, N) fp32 contiguous or None; reset:
+    (B, T) uint8 contiguous or None. Returns y (B, T, H, N) in r's dtype (contiguous), the final
+    state (B, H, N, N) fp32 and, if store_states, the stored states (B, H, NCK, N, N) fp32."""
+    B, T, H, N = r.shape
+    m = _meta(cfg, T, r.dtype)
+    dev = r.device
+    y = _new((B, T, H, N), r.dtype, dev)
+    sT = _new((B, H, N, N), torch.float32, dev)
+    ck = _new((B, H, m["NCK"], N, N), torch.float32, dev) if store_states else None
+    s_b, s_t, s_h, _ = r.stride()
+    _fwd_kernel[(N // cfg.bv_fwd, B * H)](
+        r, w, k, v, a, b, s0, reset, y, sT, ck, T, H, s_b, s_t, s_h, m["NC"], m["NCK"],
+        N=N, BV=cfg.bv_fwd, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], NSUB=m["NSUB"],
+        HAS_STATE=s0 is not None, HAS_RESET=reset is not None, STORE_CK=store_states, PREC=m["PREC"],
+        VE=m["VE"], num_warps=cfg.warps_fwd,
+    )  # fmt: skip
+    return y, sT, ck
+
+
+def wkv7_bwd(r, w, k, v, a, b, reset, ck, dy, dsT, cfg: Wkv7Config, want_ds0: bool):
+    """Gradients given dy (B, T, H, N) contiguous in r's dtype or None and dsT (B, H, N, N) fp32
+    contiguous or None. Returns dr, dw, dk, dv, da, db (B, T, H, N) in r's dtype, contiguous, and
+    the state's (B, H, N, N) fp32 (None unless want_ds0)."""
+    B, T, H, N = r.shape
+    m = _meta(cfg, T, r.dtype)
+    dev = r.device
+    nv = N // cfg.bv_bwd
+    atomic = nv > 1
+    if atomic:  # key-side gradients: partial sums of the value blocks, added up in fp32
+        acc = torch.zeros((5, B, T, H, N), dtype=torch.float32, device=dev)
+        dr, dw, dk, da, db = acc.unbind(0)
+    else:
+        dr, dk, da, db = (_new((B, T, H, N), r.dtype, dev) for _ in range(4))
+        dw = _new((B, T, H, N), w.dtype, dev)  # w may be fp32 while the others are bf16 / fp16
+    dv = _new((B, T, H, N), r.dtype, dev)
+    ds0 = _new((B, H, N, N), torch.float32, dev) if want_ds0 else None
+    # Chunk-start states of the block being walked back, one (N, N) slot per chunk and program
+    # (written and read back within the program: stays in L2). Unused for nsub = 1.
+    slots = (B * H * nv, cfg.nsub, N, N) if cfg.nsub > 1 else (1,)
+    scratch = torch.empty(slots, dtype=torch.float32, device=dev)
+    s_b, s_t, s_h, _ = r.stride()
+    _bwd_kernel[(nv, B * H)](
+        r, w, k, v, a, b, reset, dy, dsT, ck, scratch, dr, dw, dk, dv, da, db, ds0,
+        T, H, s_b, s_t, s_h, m["NC"], m["NCK"],
+        N=N, BV=cfg.bv_bwd, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], NSUB=m["NSUB"],
+        HAS_RESET=reset is not None, HAS_DY=dy is not None, HAS_DST=dsT is not None, WANT_DS0=want_ds0,
+        ATOMIC=atomic, PREC=m["PREC"], VE=m["VE"], GE=m["VE"], num_warps=cfg.warps_bwd,
+    )  # fmt: skip
+    grads = [dr, dw, dk, dv, da, db]
+    if atomic:
+        grads = [g.to(x.dtype) for g, x in zip(grads, (r, w, k, v, a, b))]
+    return (*grads, ds0)
+
+
+class WKV7Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, w, k, v, a, b, state, reset):
+        xs = _shared_strides([r, w, k, v, a, b])
+        s0 = None if state is None else state.detach().float().contiguous()
+        rs = None if reset is None else reset.contiguous().view(torch.uint8)
+        B, T, H, N = r.shape
+        cfg = _config(B, T, H, N, r.dtype)
+        store = any(ctx.needs_input_grad[:7])
+        y, sT, ck = wkv7_fwd(*xs, s0, rs, cfg, store)
+        if store:
+            ctx.save_for_backward(*xs, ck, rs)
+        ctx.cfg = cfg
+        ctx.state_dtype = None if state is None else state.dtype
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
+        return y, sT
+
+    @staticmethod
+    def backward(ctx, gy, gsT):
+        r, w, k, v, a, b, ck, rs = ctx.saved_tensors
+        dy = None if gy is None else gy.to(r.dtype).contiguous()
+        dsT = None if gsT is None else gsT.float().contiguous()
+        want_ds0 = ctx.state_dtype is not None and ctx.needs_input_grad[6]
+        dr, dw, dk, dv, da, db, ds0 = wkv7_bwd(r, w, k, v, a, b, rs, ck, dy, dsT, ctx.cfg, want_ds0)
+        ds0 = None if ds0 is None else ds0.to(ctx.state_dtype)
+        return dr, dw, dk, dv, da, db, ds0, None
+
+
+def wkv7_triton(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton path of `rwkv_ft.kernels.wkv7` (validation happens there).
+
+    r, w, k, v, a, b: (B, T, H, N), one dtype of fp32 / bf16 / fp16 (w may be fp32 with the others
+    bf16 / fp16), N in (32, 64, 128); state:
+    (B, H, N, N) fp32 or None; reset: (B, T) bool or None. Returns y (B, T, H, N) in the inputs'
+    dtype and the final state (B, H, N, N) fp32; differentiable w.r.t. the six inputs and state.
+    """
+    return WKV7Function.apply(r, w, k, v, a, b, state, reset)

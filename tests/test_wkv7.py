@@ -1,0 +1,395 @@
+"""RWKV-7 WKV: the Triton kernel (CPU interpreter in CI, or CUDA) against the float64 reference."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels (see conftest.py)
+
+import pytest
+import rwkv_ft.kernels.rwkv7.triton_wkv7 as tw
+import torch
+
+from rwkv_ft.kernels import wkv7, wkv7_reference
+from rwkv_ft.testing import TOLERANCES, assert_close, relative_error
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="needs CUDA or TRITON_INTERPRET=1",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("r", "w", "k", "v", "a", "b", "state")
+W_MODEL_MIN = -math.exp(-0.5)  # the model's w lies in [-0.6065, 0)
+
+# Split value blocks (N = 32 -> 2 programs per head, key-side gradients by atomics) and a stored
+# state every 2 chunks (the backward re-runs the states of a block): the non-trivial paths.
+SPLIT = dict(bv_fwd=16, bv_bwd=16, nsub=2)
+# One value block (plain stores) and a stored state every chunk.
+WHOLE = dict(bv_fwd=32, bv_bwd=32, nsub=1)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """Every buffer the host code allocates starts as NaN (ints as -7): unwritten elements fail."""
+    tw.POISON_OUTPUTS = True
+    yield
+    tw.POISON_OUTPUTS = False
+    tw._CFG_OVERRIDE = None
+
+
+def use_config(**fields):
+    tw._CFG_OVERRIDE = fields or None
+
+
+def make_inputs(B, T, H, N, dtype=torch.float32, *, state=True, seed=0, w=None):
+    """The model's distribution: k, v, r ~ randn; a = -kk, b = kk * sigmoid(.) with kk unit-norm
+    per head; w = -exp(-0.5) * sigmoid(.) (or `w`: a callable of the generator, or a constant)."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    shape = (B, T, H, N)
+    r, k, v = rn(*shape), rn(*shape), rn(*shape)
+    kk = torch.nn.functional.normalize(rn(*shape), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(rn(*shape))
+    if w is None:
+        wt = W_MODEL_MIN * torch.sigmoid(2 * rn(*shape))
+    elif callable(w):
+        wt = w(g, shape)
+    else:
+        wt = torch.full(shape, float(w), dtype=torch.float64)
+    s = 0.5 * rn(B, H, N, N) if state else None
+    cast = lambda x: x.to(dtype).to(DEV)
+    return [cast(x) for x in (r, wt, k, v, a, b)] + [None if s is None else s.float().to(DEV)]
+
+
+def run(fn, xs, *, reset=None, loss_y=True, loss_state=True, seed=1, gy_dtype=None):
+    """Forward + backward of sum(y * gy) + sum(new_state * gs) with fixed random gy, gs (gy rounded
+    to gy_dtype, default the inputs' dtype, so every backend sees the same values). Returns y,
+    new_state and the gradients."""
+    xs = [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+    y, ns = fn(*xs[:6], xs[6], reset=reset)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(gy_dtype or xs[0].dtype).to(y)
+    gs = torch.randn(ns.shape, generator=g, dtype=torch.float64).to(ns)
+    loss = (y * gy).sum() * loss_y + (ns * gs).sum() * loss_state
+    loss.backward()
+    return y, ns, [None if x is None else x.grad for x in xs]
+
+
+def triton_fn(*args, **kw):
+    return wkv7(*args, backend="triton", **kw)
+
+
+def ref64(xs, *, reset=None, **kw):
+    d = lambda x: None if x is None else x.detach().double().cpu()
+    reset = None if reset is None else reset.cpu()
+    return run(wkv7_reference, [d(x) for x in xs], reset=reset, gy_dtype=xs[0].dtype, **kw)
+
+
+def assert_all_close(out, ref, dtype, rel=None):
+    y, ns, grads = out
+    ry, rns, rgrads = ref
+    assert y.dtype == dtype and ns.dtype == torch.float32
+    assert_close(y, ry, dtype, rel=rel, name="y")
+    assert_close(ns, rns, dtype, rel=rel, name="new_state")
+    for name, g, rg in zip(NAMES, grads, rgrads, strict=True):
+        if rg is None:  # the loss does not reach this input: None, or zeros from the kernel
+            assert g is None or not g.any(), name
+            continue
+        assert g.dtype == (torch.float32 if name == "state" else dtype), name
+        assert_grad_close(g, rg, dtype, rel=rel, name=f"grad {name}")
+
+
+def assert_grad_close(g, rg, dtype, rel=None, name="grad"):
+    """Gradients are compared at unit scale (both divided by the reference's rms), so the table's
+    atol is relative to the gradient's typical size. This matters for dw: a reverse cumsum of
+    terms larger than the result, so an element near zero carries an absolute error of ~1e-6 of
+    the tensor's scale in fp32 (norm-wise the error is ~4e-7)."""
+    sc = rg.detach().double().pow(2).mean().sqrt().clamp_min(1e-300).item()
+    assert_close(g.detach().double() / sc, rg.detach().double() / sc, dtype, rel=rel, name=name)
+
+
+def check(xs, dtype=torch.float32, rel=None, **kw):
+    assert_all_close(run(triton_fn, xs, **kw), ref64(xs, **kw), dtype, rel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_fp64_reference(dtype):
+    use_config(**SPLIT)
+    check(make_inputs(2, 37, 3, 32, dtype), dtype)
+
+
+def test_fp32_decay_with_bf16_inputs():
+    """The model passes w in fp32 (the decay loses nothing) and the rest in bf16; dw comes back fp32."""
+    use_config(**SPLIT)
+    xs = make_inputs(2, 21, 3, 32, torch.bfloat16, seed=12)
+    xs[1] = xs[1].float()
+    y, ns, grads = run(triton_fn, xs)
+    ry, rns, rgrads = ref64(xs)
+    assert y.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[0].dtype == torch.bfloat16
+    assert_close(y, ry, torch.bfloat16, name="y")
+    for name, g, rg in zip(NAMES, grads, rgrads, strict=True):
+        assert_grad_close(g, rg, torch.bfloat16, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 17])
+@pytest.mark.parametrize("cfg", [SPLIT, WHOLE], ids=["split", "whole"])
+def test_sequence_lengths(T, cfg):
+    """T = 1, one chunk short of full, exactly one, one past; B = 1 and 2."""
+    use_config(**cfg)
+    check(make_inputs(1 + T % 2, T, 1, 32, seed=T))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_sequence_default_config(dtype):
+    """T = 1000 (63 chunks; the last block of stored states is partial) with the shipped rule."""
+    check(make_inputs(1, 1000, 1, 32, dtype, seed=3), dtype)
+
+
+@pytest.mark.parametrize("N,H", [(64, 3), (128, 1)])
+def test_head_sizes(N, H):
+    """N = 64 with a head count that is not a power of two; N = 128 on a tiny shape."""
+    use_config(nsub=2)
+    check(make_inputs(2, 19, H, N, seed=N))
+
+
+@pytest.mark.parametrize("chunk", [32, 64])
+def test_longer_chunks(chunk):
+    """Chunks of 32 / 64 tokens (two / three cross levels) with resets and very negative w."""
+    use_config(chunk=chunk, bv_fwd=16, bv_bwd=32, nsub=2)
+    mixed = lambda g, s: torch.where(torch.rand(s, generator=g, dtype=torch.float64) < 0.3, -30.0, -0.3)
+    xs = make_inputs(2, 150, 1, 32, seed=chunk, w=mixed)
+    reset = torch.zeros(2, 150, dtype=torch.bool, device=DEV)
+    reset[0, [0, 31, 32, 70]] = True
+    reset[1, [64, 100]] = True
+    check(xs, reset=reset)
+
+
+@pytest.mark.parametrize("w", [W_MODEL_MIN, math.log1p(-1e-6)], ids=["decay0.545", "decay1-1e-6"])
+def test_decay_extremes(w):
+    """The model's fastest per-step decay (0.545) and almost none (1 - 1e-6) everywhere."""
+    use_config(**SPLIT)
+    check(make_inputs(2, 40, 2, 32, seed=5, w=w))
+
+
+@pytest.mark.parametrize("w", [-30.0, -1e4, "mixed"])
+def test_very_negative_w(w):
+    """w far below the clamp (W_MIN = -16, decay 1.1e-7 per step) stays finite and within fp32
+    tolerance of the reference; the decay gradient below the clamp is 0 (the reference's is
+    below e^-16 times the others). "mixed": w uniform in [-30, 0] (both level plans per chunk)."""
+    use_config(**SPLIT)
+    if w == "mixed":
+        w = lambda g, s: -30 * torch.rand(s, generator=g, dtype=torch.float64)
+    xs = make_inputs(2, 40, 2, 32, seed=7, w=w)
+    with warnings.catch_warnings():  # numpy (interpreter) overflows in products that are masked out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = run(triton_fn, xs)
+    for x in [out[0], out[1], *out[2]]:
+        assert torch.isfinite(x).all()
+    ref = ref64(xs)
+    if not callable(w):  # every w below the clamp: dw is 0 here, below 1e-9 in the reference
+        assert not out[2][1].any() and ref[2][1].abs().max() < 1e-9
+        ref[2][1] = None
+    assert_all_close(out, ref, torch.float32)
+
+
+def test_bf16_error_at_the_rounding_floor():
+    """bf16 inputs: y and every gradient within 1.2x the error of rounding the fp64 result to
+    bf16 (the interpreter's dots are fp32, so this checks the bf16 hi/lo split and the algebra)."""
+    use_config(**SPLIT)
+    xs = make_inputs(2, 64, 2, 32, torch.bfloat16, seed=9)
+    out, ref = run(triton_fn, xs), ref64(xs)
+    pairs = [("y", out[0], ref[0])] + [(n, g, rg) for n, g, rg in zip(NAMES[:6], out[2], ref[2])]
+    for name, got, want in pairs:
+        floor = relative_error(want.to(torch.bfloat16), want)
+        assert relative_error(got, want) <= 1.2 * floor, name
+
+
+@pytest.mark.parametrize("prec", ["bf16x3", "tf32x3", "ieee", "tf32"])
+def test_precision_modes(prec):
+    """Every product mode runs; bf16x3 on fp32 inputs keeps ~2^-16 per product. (On CUDA, tf32
+    itself is only ~1e-3 accurate: the GPU benchmark measures it.)"""
+    use_config(prec=prec, **SPLIT)
+    xs = make_inputs(1, 33, 2, 32, seed=11)
+    if prec == "bf16x3" or (prec == "tf32" and DEV == "cuda"):  # norm-wise only
+        bound = 5e-5 if prec == "bf16x3" else 5e-3
+        out, ref = run(triton_fn, xs), ref64(xs)
+        for got, want in zip([out[0], out[1], *out[2]], [ref[0], ref[1], *ref[2]]):
+            assert relative_error(got, want) < bound
+    else:
+        check(xs)
+
+
+def test_non_contiguous_inputs():
+    """Slices of one packed (B, T, 6C) projection, viewed as (B, T, H, N), are read in place;
+    inputs with different layouts (a transposed copy) are made contiguous first."""
+    use_config(**SPLIT)
+    B, T, H, N = 2, 21, 2, 32
+    xs = make_inputs(B, T, H, N, seed=13)
+    packed = torch.cat([x.reshape(B, T, H * N) for x in xs[:6]], dim=-1)  # (B, T, 6C)
+    views = [packed[..., i * H * N : (i + 1) * H * N].view(B, T, H, N) for i in range(6)]
+    assert not views[0].is_contiguous()
+    ref = ref64(xs)
+    assert_all_close(run(triton_fn, views + [xs[6]]), ref, torch.float32)
+    odd = xs[1].transpose(1, 2).contiguous().transpose(1, 2)  # same values, (B, H, T, N) memory
+    assert_all_close(run(triton_fn, [xs[0], odd, *xs[2:]]), ref, torch.float32)
+
+
+def test_chunked_with_state_equals_whole():
+    """Two calls with the state carried across (cut mid-chunk) = one call: outputs, final state
+    and every gradient, including through the carried state."""
+    use_config(**SPLIT)
+    xs = make_inputs(2, 40, 2, 32, seed=15)
+    whole = run(triton_fn, xs)
+    p = [x.detach().clone().requires_grad_() for x in xs]
+    cut = 21
+    y1, s1 = triton_fn(*(x[:, :cut] for x in p[:6]), p[6])
+    y2, s2 = triton_fn(*(x[:, cut:] for x in p[:6]), s1)
+    y = torch.cat([y1, y2], 1)
+    g = torch.Generator().manual_seed(1)  # the same gy, gs as run()
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y)
+    gs = torch.randn(s2.shape, generator=g, dtype=torch.float64).to(s2)
+    ((y * gy).sum() + (s2 * gs).sum()).backward()
+    assert_all_close((y, s2, [x.grad for x in p]), whole, torch.float32)
+
+
+def test_reset_equals_separate_sequences():
+    """Resets at t = 0, mid-chunk, at a chunk boundary and twice in one chunk: against the
+    reference, and equal to running every segment as its own sequence (outputs and gradients)."""
+    use_config(**SPLIT)
+    B, T, H, N = 2, 45, 2, 32
+    xs = make_inputs(B, T, H, N, seed=17)
+    reset = torch.zeros(B, T, dtype=torch.bool, device=DEV)
+    reset[0, [0, 7, 32]] = True  # t = 0, mid-chunk, a chunk boundary
+    reset[1, [19, 22]] = True  # two in one chunk
+    ref = ref64(xs, reset=reset)
+    assert_all_close(run(triton_fn, xs, reset=reset), ref, torch.float32)
+    g = torch.Generator().manual_seed(1)  # run()'s gy, gs: the loss is a sum over segments
+    gy = torch.randn((B, T, H, N), generator=g, dtype=torch.float64).float().to(DEV)
+    gs = torch.randn((B, H, N, N), generator=g, dtype=torch.float64).float().to(DEV)
+    for row in range(B):
+        cuts = [0] + [t for t in reset[row].nonzero().flatten().tolist() if t > 0] + [T]
+        for i, (t0, t1) in enumerate(zip(cuts[:-1], cuts[1:])):
+            p = [x[row : row + 1, t0:t1].detach().clone().requires_grad_() for x in xs[:6]]
+            st = xs[6][row : row + 1].clone().requires_grad_() if i == 0 and not reset[row, 0] else None
+            y, ns = triton_fn(*p, st)
+            loss = (y * gy[row : row + 1, t0:t1]).sum()
+            if t1 == T:
+                assert_close(ns, ref[1][row : row + 1], torch.float32, name="new_state")
+                loss = loss + (ns * gs[row : row + 1]).sum()
+            loss.backward()
+            assert_close(y, ref[0][row : row + 1, t0:t1], torch.float32, name="y")
+            for name, x, rg in zip(NAMES, p, ref[2]):
+                assert_grad_close(x.grad, rg[row : row + 1, t0:t1], torch.float32, name=f"grad {name}")
+            if st is not None:
+                assert_grad_close(st.grad, ref[2][6][row : row + 1], torch.float32, name="grad state")
+
+
+def test_loss_on_y_only_and_state_only():
+    use_config(**SPLIT)
+    xs = make_inputs(2, 23, 1, 32, seed=19)
+    for kw in (dict(loss_y=True, loss_state=False), dict(loss_y=False, loss_state=True)):
+        check(xs, **kw)
+
+
+def test_without_state_and_state_grad():
+    """No incoming state (zeros), and a state that does not require grad."""
+    use_config(**SPLIT)
+    xs = make_inputs(2, 18, 1, 32, seed=21, state=False)
+    check(xs)
+    xs = make_inputs(1, 18, 1, 32, seed=22)
+    p = [x.detach().clone().requires_grad_() for x in xs[:6]]
+    y, ns = triton_fn(*p, xs[6])
+    (y.sum() + ns.sum()).backward()
+    assert all(torch.isfinite(x.grad).all() for x in p)
+
+
+def test_deterministic_backward_is_bitwise_repeatable():
+    """torch.use_deterministic_algorithms(True): one value block in the backward (no atomics)."""
+    use_config(**SPLIT)
+    xs = make_inputs(2, 20, 1, 32, seed=23)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert tw._config(2, 20, 1, 32, torch.float32).bv_bwd == 32
+        outs = [run(triton_fn, xs) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert_all_close(outs[0], ref64(xs), torch.float32)
+    for a, b in zip(outs[0][2], outs[1][2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_poisoned_outputs_are_overwritten():
+    """The poison hook is live (so the comparisons above would see unwritten elements as NaN)."""
+    assert torch.isnan(tw._new((3,), torch.float32, "cpu")).all()
+    use_config(**SPLIT)
+    xs = make_inputs(2, 5, 1, 32, seed=25)
+    y, ns = triton_fn(*xs)
+    assert torch.isfinite(y).all() and torch.isfinite(ns).all()
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="T = 16384: too slow for the interpreter")
+def test_state_does_not_drift_over_16k_tokens():
+    xs = make_inputs(1, 16384, 2, 64, seed=27)
+    _, ns = triton_fn(*xs)
+    _, rns = wkv7_reference(*(x.double() for x in xs))
+    assert_close(ns, rns, torch.float32)
+
+
+def test_config_rule_and_validation():
+    cfg = tw._config(8, 4096, 32, 64, torch.bfloat16)
+    assert cfg.prec == "bf16x3" and tw._config(1, 16, 1, 64, torch.float32).prec == "tf32x3"
+    assert tw._config(1, 16384, 32, 64, torch.bfloat16).bv_fwd < 64  # few heads: split values
+    for bad in (dict(chunk=8), dict(bv_fwd=48), dict(prec="fp8"), dict(nsub=0)):
+        use_config(**bad)
+        with pytest.raises(ValueError):
+            tw._config(1, 16, 1, 64, torch.float32)
+
+
+def test_auto_and_torch_backends_use_the_reference_on_cpu():
+    if DEV != "cpu":
+        pytest.skip("checks the CPU dispatch; these tests run on a CUDA device here")
+    xs = make_inputs(2, 6, 1, 32, seed=29)
+    ry, rs = wkv7_reference(*xs)
+    for backend in ("auto", "torch"):
+        y, ns = wkv7(*xs, backend=backend)
+        assert torch.equal(y, ry) and torch.equal(ns, rs)
+
+
+def test_validation_errors(monkeypatch):
+    r, w, k, v, a, b, s = make_inputs(2, 6, 1, 32, seed=31)
+    with pytest.raises(ValueError, match="'cuda'"):
+        wkv7(r, w, k, v, a, b, s, backend="cuda")
+    with pytest.raises(ValueError, match="w shape"):
+        wkv7(r, w[:, :5], k, v, a, b, s)
+    with pytest.raises(ValueError, match="dtype"):
+        wkv7(r, w.double(), k, v, a, b, s)
+    with pytest.raises(ValueError, match="state"):
+        wkv7(r, w, k, v, a, b, s[:1])
+    with pytest.raises(ValueError, match="T >= 1"):
+        wkv7(*(x[:, :0] for x in (r, w, k, v, a, b)), s)
+    with pytest.raises(ValueError, match="B, T, H, N"):
+        wkv7(r[0], w[0], k[0], v[0], a[0], b[0])
+    with pytest.raises(ValueError, match="reset"):
+        wkv7(r, w, k, v, a, b, s, reset=torch.zeros(2, 6, device=r.device))
+    with pytest.raises(ValueError, match="head size"):
+        wkv7(*(x[..., :16] for x in (r, w, k, v, a, b)), backend="triton")
+    with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+        wkv7(*(x.double() for x in (r, w, k, v, a, b)), backend="triton")
+    if DEV == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            wkv7(r, w, k, v, a, b, s, backend="triton")
+
+
+def test_reference_gradcheck():
+    xs = [x.double().cpu() for x in make_inputs(1, 4, 2, 3, seed=33)]
+    ps = [x.requires_grad_() for x in xs]
+    reset = torch.tensor([[False, False, True, False]])
+    assert torch.autograd.gradcheck(lambda *t: wkv7_reference(*t), ps)
+    assert torch.autograd.gradcheck(lambda *t: wkv7_reference(*t, reset=reset), ps)
+
+
+def test_tolerance_table_covers_kernel_dtypes():
+    assert all(dt in TOLERANCES for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64))
