@@ -72,7 +72,7 @@ inputs, tf32x3 for fp32 inputs. The interpreter computes every dot in fp32 numpy
 algebra (and the bf16 split's rounding), never tf32 error: precision is checked on the GPU.
 
 Configs come from a rule (`_config`), never an autotune sweep; `_CFG_OVERRIDE` replaces fields of
-it (tests and the benchmark). See benchmarks/NOTES_wkv7_draft.md for the FLOP / byte floor.
+it (tests and the benchmark). See benchmarks/NOTES.md for the FLOP / byte floor.
 """
 
 from __future__ import annotations
@@ -689,7 +689,7 @@ def _value_block(N: int, heads: int, min_programs: int) -> int:
 
 
 def _config(B: int, T: int, H: int, N: int, dtype: torch.dtype) -> Wkv7Config:
-    """The rule (not measured yet: benchmarks/NOTES_wkv7_draft.md lists what the GPU run decides).
+    """The rule (not measured yet: benchmarks/NOTES.md lists what the GPU run decides).
     Both directions split the value dimension (at most 64 rows per program, at least 16) only
     until there is about one program per SM: a split recomputes the key-side work per block and,
     in the backward, adds fp32 atomics for the key-side gradients. Under
