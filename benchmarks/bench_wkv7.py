@@ -51,21 +51,22 @@ ACC_SHAPES = [(2, 1024, 4), (1, 4096, 2)]
 FLA_SHAPES = [(8, 4096, 32), (4, 1024, 16)]
 VARIANT_SHAPES = [(8, 4096, 32), (4, 1024, 16), (1, 16384, 32)]
 # Knobs of triton_wkv7._CFG_OVERRIDE compared at VARIANT_SHAPES (the rule's choice is "default").
-VARIANTS = [
+VARIANTS = [  # names without spaces or commas: --variants takes a comma list
     ("default", {}),
-    ("prec=tf32x3", {"prec": "tf32x3"}),
-    ("prec=tf32 (inexact)", {"prec": "tf32"}),
-    ("prec=ieee", {"prec": "ieee"}),
-    ("nsub=1", {"nsub": 1}),
-    ("nsub=2", {"nsub": 2}),
-    ("nsub=8", {"nsub": 8}),
-    ("chunk=32", {"chunk": 32, "nsub": 2}),
-    ("bv=64", {"bv_fwd": 64, "bv_bwd": 64}),
-    ("bv=32", {"bv_fwd": 32, "bv_bwd": 32}),
-    ("bv=16", {"bv_fwd": 16, "bv_bwd": 16}),
-    ("bv fwd 16 / bwd 64", {"bv_fwd": 16, "bv_bwd": 64}),
-    ("warps=4", {"warps_fwd": 4, "warps_bwd": 4}),
-    ("warps=8", {"warps_fwd": 8, "warps_bwd": 8}),
+    ("chunk16", {"chunk": 16}),
+    ("chunk64", {"chunk": 64}),
+    ("warps8", {"warps_prep": 8, "warps_scan": 8, "warps_grad": 8}),
+    ("warps8_scan", {"warps_scan": 8}),
+    ("warps8_prep_grad", {"warps_prep": 8, "warps_grad": 8}),
+    ("tf32_algebra(inexact)", {"prec": "tf32"}),
+    ("tf32_scan(inexact)", {"prec_scan": "tf32"}),
+    ("tf32x3", {"prec": "tf32x3", "prec_scan": "tf32x3"}),
+    ("bv_scan64", {"bv_scan": 64}),
+    ("bv_scan32", {"bv_scan": 32}),
+    ("bv_scan16", {"bv_scan": 16}),
+    ("bv_grad32(atomics)", {"bv_grad": 32}),
+    ("stages1", {"stages_scan": 1}),
+    ("stages3", {"stages_scan": 3}),
 ]
 HBM_TBPS = 4.24  # copy rate measured on the H200 (anchors README); re-measured below
 BF16_TFLOPS = 790.0
@@ -193,9 +194,8 @@ COMPILE_SNIPPET = r"""
 import os, time, torch, json
 import rwkv_ft.kernels.rwkv7.triton_wkv7 as tw
 from rwkv_ft.kernels import wkv7
-tw._MAX_BV = int(os.environ.get("WKV7_MAX_BV", tw._MAX_BV))
 out = {}
-for B, H in ((8, 32), (4, 16)):  # the two configs of the goal shapes: 64-row and 16-row value blocks
+for B, H in ((8, 32), (4, 16)):  # two goal shapes: 64-row and smaller scan value blocks
     xs = [torch.randn(B, 64, H, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
     with torch.no_grad():
         xs[1].copy_(-torch.rand_like(xs[1]) * 0.6)
@@ -341,19 +341,14 @@ def time_impl(fn, shape, *, eager=True, first_limit=90):
     return out
 
 
-def floors(B, T, H, nsub=4, chunk=16):
+def floors(B, T, H):
     """Minimum HBM bytes (bf16: read the 6 inputs, write y; backward: read 6 + dy, write 6
-    gradients) and what our stored states add; minimum FLOP (4 N^2 MACs per token and head
-    forward: S a, the rank-2 update, S r; backward ~3x) at bf16 MMA peak."""
+    gradients); minimum FLOP (4 N^2 MACs per token and head forward: S a, the rank-2 update, S r;
+    backward ~3x) at bf16 MMA peak."""
     elems = B * T * H * N
     fwd_b, bwd_b = 7 * 2 * elems, 13 * 2 * elems
-    states_b = B * H * math.ceil(T / (chunk * nsub)) * N * N * 4
     flop_fwd = 8 * N * N * B * T * H
-    return {
-        "bytes_ms": (fwd_b + bwd_b) / HBM_TBPS / 1e9,
-        "bytes_ms_with_states": (fwd_b + bwd_b + 2 * states_b) / HBM_TBPS / 1e9,
-        "flop_ms_bf16": 4 * flop_fwd / BF16_TFLOPS / 1e9,
-    }
+    return {"bytes_ms": (fwd_b + bwd_b) / HBM_TBPS / 1e9, "flop_ms_bf16": 4 * flop_fwd / BF16_TFLOPS / 1e9}
 
 
 def timings(res):
@@ -515,18 +510,27 @@ def report(res):
 
 
 def main():
+    global VARIANTS, BUDGET_S
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="fewer variant shapes")
     ap.add_argument("--profile", action="store_true", help="torch.profiler of one fwd+bwd at 8,4096,32")
     ap.add_argument("--skip-fla", action="store_true")
-    ap.add_argument("--max-bv", type=int, default=None, help="cap the rule's value block (triton_wkv7._MAX_BV)")
+    ap.add_argument(
+        "--sections",
+        default="compile,correctness,timings,variants,fla",
+        help="comma list of compile, correctness, timings, profile, variants, fla (a config that faults poisons "
+        "the CUDA context: run risky sections in separate invocations)",
+    )
+    ap.add_argument("--variants", default=None, help="comma list of variant names (default: all)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
+    ap.add_argument("--budget-s", type=float, default=BUDGET_S)
     args = ap.parse_args()
-    if args.max_bv:  # a config that faults poisons the CUDA context for the rest of the run: leave it out
-        global VARIANTS
-        tw._MAX_BV = args.max_bv
-        os.environ["WKV7_MAX_BV"] = str(args.max_bv)
-        VARIANTS = [(n, kw) for n, kw in VARIANTS if max(kw.get("bv_fwd", 0), kw.get("bv_bwd", 0)) <= args.max_bv]
+    BUDGET_S = args.budget_s
+    if args.variants:
+        wanted = args.variants.split(",")
+        VARIANTS = [(n, kw) for n, kw in VARIANTS if n in wanted]
+    want = set(args.sections.split(","))
     res = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
@@ -538,17 +542,19 @@ def main():
         "variants": [],
         "errors": [],
     }
+    if args.profile:
+        want.add("profile")
+    fla = None if args.skip_fla or "fla" not in want else fla_fn()
     sections = [
         ("compile", lambda: compile_time(res)),
         ("copy", lambda: res.__setitem__("copy_TBps", copy_tbps())),
+        ("correctness", lambda: correctness(res)),
+        ("timings", lambda: timings(res)),
+        ("profile", lambda: profile(res)),
+        ("variants", lambda: variants(res, args.quick)),
+        ("fla", lambda: fla_section(res, fla)),
     ]
-    fla = None if args.skip_fla else fla_fn()
-    sections.append(("correctness", lambda: correctness(res)))
-    sections.append(("timings", lambda: timings(res)))
-    if args.profile:
-        sections.append(("profile", lambda: profile(res)))
-    sections.append(("variants", lambda: variants(res, args.quick)))
-    sections.append(("fla", lambda: fla_section(res, fla)))
+    sections = [(n, f) for n, f in sections if n in want or n == "copy"]
     for name, fn in sections:
         try:
             fn()
@@ -558,10 +564,11 @@ def main():
     res.setdefault("copy_TBps", float("nan"))
     res["wall_s"] = time.time() - T0
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_wkv7.json"), "w") as f:
+    path = os.path.join(args.out, f"bench_wkv7{args.tag}.json")
+    with open(path, "w") as f:
         json.dump(res, f, indent=1, default=str)
     report(res)
-    log(f"\nwall {res['wall_s']:.0f} s; JSON: {os.path.join(args.out, 'bench_wkv7.json')}")
+    log(f"\nwall {res['wall_s']:.0f} s; JSON: {path}")
 
 
 def fla_agrees(res) -> bool:

@@ -23,11 +23,11 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("r", "w", "k", "v", "a", "b", "state")
 W_MODEL_MIN = -math.exp(-0.5)  # the model's w lies in [-0.6065, 0)
 
-# Split value blocks (N = 32 -> 2 programs per head, key-side gradients by atomics) and a stored
-# state every 2 chunks (the backward re-runs the states of a block): the non-trivial paths.
-SPLIT = dict(bv_fwd=16, bv_bwd=16, nsub=2)
-# One value block (plain stores) and a stored state every chunk.
-WHOLE = dict(bv_fwd=32, bv_bwd=32, nsub=1)
+# 16-token chunks and split value blocks (N = 32 -> 2 scan programs per head, and 2 gradient
+# programs per chunk whose key-side gradients add up by atomics): the non-trivial paths.
+SPLIT = dict(chunk=16, bv_scan=16, bv_grad=16)
+# One value block everywhere (plain stores).
+WHOLE = dict(chunk=16, bv_scan=32, bv_grad=32)
 
 
 @pytest.fixture(autouse=True)
@@ -136,9 +136,24 @@ def test_fp32_decay_with_bf16_inputs():
 @pytest.mark.parametrize("T", [1, 15, 16, 17])
 @pytest.mark.parametrize("cfg", [SPLIT, WHOLE], ids=["split", "whole"])
 def test_sequence_lengths(T, cfg):
-    """T = 1, one chunk short of full, exactly one, one past; B = 1 and 2."""
+    """T = 1, one chunk short of full, exactly one, one past (16-token chunks); B = 1 and 2."""
     use_config(**cfg)
     check(make_inputs(1 + T % 2, T, 1, 32, seed=T))
+
+
+@pytest.mark.parametrize("T", [31, 32, 33])
+def test_sequence_lengths_default_chunk(T):
+    """Around one chunk of the shipped rule (32 tokens), with a state and no split."""
+    check(make_inputs(2, T, 1, 32, seed=40 + T))
+
+
+@pytest.mark.slow
+def test_t4100_with_state_and_resets():
+    """T = 4100 (129 chunks, the last one 4 tokens long) with an incoming state and resets."""
+    xs = make_inputs(1, 4100, 1, 32, seed=35)
+    reset = torch.zeros(1, 4100, dtype=torch.bool, device=DEV)
+    reset[0, [100, 2048, 4097]] = True
+    check(xs, reset=reset)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -150,14 +165,14 @@ def test_long_sequence_default_config(dtype):
 @pytest.mark.parametrize("N,H", [(64, 3), (128, 1)])
 def test_head_sizes(N, H):
     """N = 64 with a head count that is not a power of two; N = 128 on a tiny shape."""
-    use_config(nsub=2)
+    use_config(chunk=16)
     check(make_inputs(2, 19, H, N, seed=N))
 
 
 @pytest.mark.parametrize("chunk", [32, 64])
 def test_longer_chunks(chunk):
     """Chunks of 32 / 64 tokens (two / three cross levels) with resets and very negative w."""
-    use_config(chunk=chunk, bv_fwd=16, bv_bwd=32, nsub=2)
+    use_config(chunk=chunk, bv_scan=16, bv_grad=16)
     mixed = lambda g, s: torch.where(torch.rand(s, generator=g, dtype=torch.float64) < 0.3, -30.0, -0.3)
     xs = make_inputs(2, 150, 1, 32, seed=chunk, w=mixed)
     reset = torch.zeros(2, 150, dtype=torch.bool, device=DEV)
@@ -311,7 +326,7 @@ def test_deterministic_backward_is_bitwise_repeatable():
     xs = make_inputs(2, 20, 1, 32, seed=23)
     torch.use_deterministic_algorithms(True)
     try:
-        assert tw._config(2, 20, 1, 32, torch.float32).bv_bwd == 32
+        assert tw._config(2, 20, 1, 32, torch.float32).bv_grad == 32
         outs = [run(triton_fn, xs) for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(False)
@@ -339,9 +354,11 @@ def test_state_does_not_drift_over_16k_tokens():
 
 def test_config_rule_and_validation():
     cfg = tw._config(8, 4096, 32, 64, torch.bfloat16)
-    assert cfg.prec == "bf16x3" and tw._config(1, 16, 1, 64, torch.float32).prec == "tf32x3"
-    assert tw._config(1, 16384, 32, 64, torch.bfloat16).bv_fwd < 64  # few heads: split values
-    for bad in (dict(chunk=8), dict(bv_fwd=48), dict(prec="fp8"), dict(nsub=0)):
+    assert cfg.prec == cfg.prec_scan == "bf16x3" and tw._config(1, 16, 1, 64, torch.float32).prec == "tf32x3"
+    assert cfg.bv_scan == cfg.bv_grad == 64  # enough heads: whole value rows
+    assert tw._config(1, 16384, 32, 64, torch.bfloat16).bv_scan < 64  # few heads: the scan splits values
+    assert tw._config(1, 16384, 32, 64, torch.bfloat16).bv_grad == 64  # (the gradient kernel has chunks)
+    for bad in (dict(chunk=8), dict(bv_scan=48), dict(bv_grad=8), dict(prec="fp8"), dict(prec_scan="fp8")):
         use_config(**bad)
         with pytest.raises(ValueError):
             tw._config(1, 16, 1, 64, torch.float32)

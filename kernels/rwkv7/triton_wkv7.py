@@ -1,12 +1,24 @@
-"""Chunked Triton kernels for RWKV-7 WKV (forward and backward), one program per head and value block.
+"""Chunked Triton kernels for RWKV-7 WKV (forward and backward): parallel per-chunk algebra around
+a short sequential scan of the state.
 
 Per head, S is (N, N) in BlinkDL's [value, key] layout, decay d_t = exp(w_t) (w <= 0, per key channel):
 
     S_t = S_{t-1} diag(d_t) + (S_{t-1} a_t) b_t^T + v_t k_t^T,      y_t = S_t r_t
 
-Rows of S (value index) evolve independently: the transition acts on the right. A program owns BV
-rows of S of one (batch, head) in registers and walks the sequence in chunks of L tokens (16); the
-value dimension is split over N / BV programs when there are too few heads to fill the GPU.
+Rows of S (value index) evolve independently: the transition acts on the right. Over a chunk of L
+tokens the recurrence is an affine map of the state entering it, S_0:
+
+    Y^T = S_0 Q^T + Yc^T,      S_L = S_0 M + D          (Q, Yc: (L, N); M, D: (N, N))
+
+where Q, Yc, M, D depend on the chunk's inputs only. So the work splits into
+  1. _prep_kernel, one program per (chunk, head), all chunks at once: the chunk algebra below,
+     giving Q, Yc, M, D (fp32, to memory);
+  2. _scan_fwd_kernel, one program per (head, block of BV value rows), chunks in order: two
+     products with S on the left per chunk (M = BV rows: tensor-core sized), S in registers.
+The backward mirrors it: _prep_kernel again (Q, M only), _scan_bwd_kernel carries the adjoint
+(dS_0 = dS_L M^T + dY^T Q) chunks last first, and _grad_kernel, one program per chunk, turns the
+state entering the chunk (stored by the forward) and the adjoint of the state after it into every
+input gradient. Only the scans are sequential, and their chain per chunk is two products long.
 
 Chunk algebra (tokens t, s = 0..L-1 of a chunk entering with state S_0; all per key channel):
 G_t = w_0 + ... + w_t, Gx_t = G_{t-1} (G_{-1} = 0), E(p, s) = exp(G_p - G_s) <= 1 for p >= s. With
@@ -17,6 +29,9 @@ sa_t = S_{t-1} a_t stacked in SA (L, BV):
     SA = (I - A_ab)^-1 (As S_0^T + A_ak V),  As = a * exp(Gx)
     Y  = Rs S_0^T + A_rb SA + A_rk V,        Rs = r * exp(G)
     S_L = S_0 diag(exp(G_L)) + SA^T Bs + V^T Ks,   Bs = b * exp(G_L - G), Ks = k * exp(G_L - G)
+
+Hence, with Wa = (I - A_ab)^-1 As and Ua = (I - A_ab)^-1 A_ak V (so SA = Wa S_0^T + Ua):
+    Q = Rs + A_rb Wa,   Yc = A_rb Ua + A_rk V,   M = diag(exp(G_L)) + Wa^T Bs,   D = Ua^T Bs + V^T Ks.
 
 Every exponent of the state-side factors is <= 0. The L x L matrices need exp(G_p - G_s) as a
 product of a row factor and a column factor, exp(G_p - R) exp(R - G_s); a single reference R per
@@ -43,7 +58,7 @@ Resets (packed sequences): seg_t = number of resets at or before t within the ch
 interact only when seg_t == seg_s; S_0 reaches rows with seg == 0 (masks on As, Rs) and the chunk end
 only when the chunk holds no reset; Bs, Ks rows count only for seg_s == seg_{L-1}.
 
-Backward (the adjoint dS of the state after a chunk flows to the chunk start, last chunk first):
+Backward of one chunk (_grad_kernel; dS is the adjoint of the state after the chunk):
     dSA = A_rb^T dY + Bs dS^T,   dU = (I - A_ab)^-T dSA,   dV = A_rk^T dY + A_ak^T dU + Ks dS^T
     dS_0 = dY^T Rs + dU^T As + dS diag(exp(G_L))
     dA_rb = dY SA^T, dA_rk = dY V^T, dA_ab = dU SA^T, dA_ak = dU V^T (masked like the forward)
@@ -58,10 +73,9 @@ exponent spans no step (they would only cancel, in fp32 round-off).
 Every key-side gradient is linear in the value rows, so value blocks sum their partial results
 (fp32 atomics; one block, i.e. plain stores, under torch.use_deterministic_algorithms).
 
-State storage: the forward stores S at the start of every NSUB-th chunk (fp32, every 64 tokens by
-default: B*H*T/64*N*N*4 bytes). The backward takes each such block of NSUB chunks last first,
-re-runs the state recurrence over it from the stored state (the chunk-start states go to a small
-per-program scratch buffer that stays in L2), then walks its chunks backwards.
+State storage: the forward keeps the fp32 state entering every chunk (B*H*T/L*N*N*4 bytes) for
+_grad_kernel; the backward's scan writes the adjoint per chunk likewise (transient). Q, Yc, M, D
+are transient too: the backward recomputes Q and M rather than keep them.
 
 Precision: MMA operands here are derived fp32 values (states, exp-scaled keys), so plain tf32
 (10-bit mantissa) would cost ~1e-3 relative per product. PREC picks the product: "bf16x3" (each
@@ -401,30 +415,6 @@ def _segments(reset_ptr, bi, t0, T, rows, HAS_RESET: tl.constexpr):
 
 
 @triton.jit
-def _fwd_chunk(
-    S, r, w, k, vt, a, b, seg, rows, HAS_RESET: tl.constexpr, WANT_Y: tl.constexpr, NLEV: tl.constexpr,
-    LOG2_L: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr,
-):  # fmt: skip
-    """S (BV, N) entering the chunk, vt = V^T (BV, L) -> (Y^T (BV, L), S after the chunk).
-
-    Value-major: every product with the state has it as the left operand (M = BV rows), so the
-    wide state tiles never become replicated right-hand MMA operands. VE: v is exact in bf16."""
-    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _ = _key_side(
-        r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
-    )
-    Pl, Pr = _hsplit(P)  # [[A_rb], [A_ab]], [[A_rk], [A_ak]]  (2L, L)
-    # [S Rs^T + V^T A_rk^T | S As^T + V^T A_ak^T]  (BV, 2L)
-    Z = _mm(S, tl.trans(_vstack(Rs, As)), PREC, False, False) + _mm(vt, tl.trans(Pr), PREC, VE, False)
-    Yt, Ut = _hsplit(Z)
-    SAt = _mm(Ut, tl.trans(Minv), PREC, False, False)  # (BV, L): column t is sa_t = S_{t-1} a_t
-    if WANT_Y:
-        Arb, _ = _vsplit(Pl)
-        Yt = Yt + _mm(SAt, tl.trans(Arb), PREC, False, False)
-    S = S * gam + _mm(_hstack(SAt, vt), _vstack(Bs, Ks), PREC, False, False)
-    return Yt, S
-
-
-@triton.jit
 def _level_grads(D, r, k, a, b, G64, w64, rows, n_lev, h0, PREC: tl.constexpr):
     """dr, dk, da, db (L, N) from D = the gradient of the stacked pair matrices (2L, 2L)."""
     dr = tl.zeros(r.shape, dtype=tl.float32)
@@ -520,18 +510,69 @@ def _bwd_chunk(
 
 
 # ----------------------------------------------------------------------------------------------
-# Kernels
+# Kernels. Forward: _prep_kernel (every chunk at once: the chunk's transition M, its state-free
+# part D, and the y operators Q, Yc) then _scan_fwd_kernel (the chunks in order, the state in
+# registers). Backward: _prep_kernel again (M, Q only), _scan_bwd_kernel (the state's adjoint,
+# chunks last first), then _grad_kernel (every chunk at once: all input gradients).
 
 
 @triton.jit
-def _fwd_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, reset_ptr, y_ptr, sT_ptr, ck_ptr,
-    T, H, s_b, s_t, s_h, NC, NCK,
-    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr,
-    NSUB: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, STORE_CK: tl.constexpr,
-    PREC: tl.constexpr, VE: tl.constexpr,
+def _prep_kernel(
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, reset_ptr, qt_ptr, m_ptr, yct_ptr, d_ptr,
+    T, H, s_b, s_t, s_h, NC,
+    N: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr, HAS_RESET: tl.constexpr,
+    VALUE_SIDE: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr,
 ):  # fmt: skip
-    """Program (value block, batch * H + head): walks the chunks in order, S (BV, N) in registers."""
+    """Program (chunk, batch * H + head): the chunk as a map of its entering state S_0,
+    Y^T = S_0 Q^T + Yc^T and S_L = S_0 M + D (see the module docstring). Writes Q^T (N, L) and
+    M (N, N); with VALUE_SIDE also Yc^T (N, L) and D (N, N)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // H
+    hi = bh % H
+    rows = tl.arange(0, L)
+    cols = tl.arange(0, N)
+    t0 = c * L
+    x_off = bi.to(tl.int64) * s_b + hi.to(tl.int64) * s_h
+    base = bh.to(tl.int64) * NC + c
+    r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
+    w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
+    k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
+    a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
+    b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
+    seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
+    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _ = _key_side(
+        r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
+    )
+    Pl, Pr = _hsplit(P)  # [[A_rb], [A_ab]], [[A_rk], [A_ak]]  (2L, L)
+    Arb, _ = _vsplit(Pl)
+    Ark, Aak = _vsplit(Pr)
+    Wa = _mm(Minv, As, PREC, False, False)  # (L, N): SA = Wa S_0^T + Ua
+    Q = Rs + _mm(Arb, Wa, PREC, False, False)  # (L, N)
+    eye = cols[:, None] == cols[None, :]
+    M = tl.where(eye, gam, 0.0) + _mm(tl.trans(Wa), Bs, PREC, False, False)  # (N, N)
+    lt = cols[:, None] * L + rows[None, :]  # (N, L) tile of a transposed (L, N) chunk
+    nn = cols[:, None] * N + cols[None, :]
+    tl.store(qt_ptr + base * N * L + lt, tl.trans(Q))
+    tl.store(m_ptr + base * N * N + nn, M)
+    if VALUE_SIDE:
+        V = _load_rows(v_ptr + x_off, t0, T, s_t, rows, cols)  # (L, N)
+        Ua = _mm(Minv, _mm(Aak, V, PREC, False, VE), PREC, False, False)  # (L, N)
+        Yc = _mm(Arb, Ua, PREC, False, False) + _mm(Ark, V, PREC, False, VE)
+        D = _mm(tl.trans(Ua), Bs, PREC, False, False) + _mm(tl.trans(V), Ks, PREC, VE, False)  # (N, N)
+        tl.store(yct_ptr + base * N * L + lt, tl.trans(Yc))
+        tl.store(d_ptr + base * N * N + nn, D)
+
+
+@triton.jit
+def _scan_fwd_kernel(
+    s0_ptr, qt_ptr, m_ptr, yct_ptr, d_ptr, y_ptr, sT_ptr, ck_ptr, T, H, NC,
+    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, HAS_STATE: tl.constexpr, STORE_CK: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """Program (value block, batch * H + head): the chunks in order, S (BV, N) in registers.
+    Per chunk two products with S on the left: y^T = S Q^T + Yc^T, S <- S M + D. With STORE_CK,
+    the state entering every chunk is stored for the backward."""
     vb = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // H
@@ -539,43 +580,37 @@ def _fwd_kernel(
     rows = tl.arange(0, L)
     cols = tl.arange(0, N)
     vcols = vb * BV + tl.arange(0, BV)
-    x_off = bi.to(tl.int64) * s_b + hi.to(tl.int64) * s_h  # inputs: token 0 of this head
     o_off = bi.to(tl.int64) * T * H * N + hi * N  # y: (B, T, H, N) contiguous
-    s_off = bh.to(tl.int64) * N * N + vcols[:, None] * N + cols[None, :]  # (BV, N) rows of S
+    tile = vcols[:, None] * N + cols[None, :]  # (BV, N) rows of an (N, N) matrix
+    vl = vcols[:, None] * L + rows[None, :]  # (BV, L) rows of a transposed chunk
+    lt = cols[:, None] * L + rows[None, :]
+    nn = cols[:, None] * N + cols[None, :]
     if HAS_STATE:
-        S = tl.load(s0_ptr + s_off)
+        S = tl.load(s0_ptr + bh.to(tl.int64) * N * N + tile)
     else:
         S = tl.zeros([BV, N], dtype=tl.float32)
     for c in range(NC):
-        t0 = c * L
+        base = bh.to(tl.int64) * NC + c
         if STORE_CK:
-            if c % NSUB == 0:
-                ck = (bh.to(tl.int64) * NCK + c // NSUB) * N * N
-                tl.store(ck_ptr + ck + vcols[:, None] * N + cols[None, :], S)
-        r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
-        w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
-        k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
-        a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
-        b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
-        vt = _load_cols(v_ptr + x_off, t0, T, s_t, rows, vcols)  # (BV, L)
-        seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
-        yt, S = _fwd_chunk(S, r, w, k, vt, a, b, seg, rows, HAS_RESET, True, NLEV, LOG2_L, PREC, VE)
-        _store_cols(y_ptr + o_off, yt, t0, T, H * N, rows, vcols)
-    tl.store(sT_ptr + s_off, S)
+            tl.store(ck_ptr + base * N * N + tile, S)
+        Qt = tl.load(qt_ptr + base * N * L + lt)  # (N, L)
+        Yct = tl.load(yct_ptr + base * N * L + vl)  # (BV, L)
+        M = tl.load(m_ptr + base * N * N + nn)  # (N, N)
+        D = tl.load(d_ptr + base * N * N + tile)  # (BV, N)
+        yt = _mm(S, Qt, PREC, False, False) + Yct
+        _store_cols(y_ptr + o_off, yt, c * L, T, H * N, rows, vcols)
+        S = _mm(S, M, PREC, False, False) + D
+    tl.store(sT_ptr + bh.to(tl.int64) * N * N + tile, S)
 
 
 @triton.jit
-def _bwd_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, reset_ptr, dy_ptr, dsT_ptr, ck_ptr, scr_ptr,
-    dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr, ds0_ptr,
-    T, H, s_b, s_t, s_h, NC, NCK,
-    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr,
-    NSUB: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DY: tl.constexpr, HAS_DST: tl.constexpr,
-    WANT_DS0: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
+def _scan_bwd_kernel(
+    dsT_ptr, qt_ptr, m_ptr, dy_ptr, ds_ptr, ds0_ptr, T, H, NC,
+    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, HAS_DST: tl.constexpr, HAS_DY: tl.constexpr,
+    WANT_DS0: tl.constexpr, PREC: tl.constexpr, GE: tl.constexpr,
 ):  # fmt: skip
-    """Program (value block, batch * H + head): blocks of NSUB chunks last first; within a block,
-    re-run the states from the stored one, then walk its chunks backwards carrying dS (BV, N).
-    dr, dw, dk, da, db: plain stores (one value block) or fp32 atomic adds (ATOMIC)."""
+    """Program (value block, batch * H + head): the chunks last first, the adjoint dS (BV, N) of
+    the state after the chunk in registers: stores it per chunk, then dS <- dS M^T + dY^T Q."""
     vb = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // H
@@ -583,71 +618,83 @@ def _bwd_kernel(
     rows = tl.arange(0, L)
     cols = tl.arange(0, N)
     vcols = vb * BV + tl.arange(0, BV)
-    x_off = bi.to(tl.int64) * s_b + hi.to(tl.int64) * s_h
-    o_off = bi.to(tl.int64) * T * H * N + hi * N  # dy and the gradients: (B, T, H, N) contiguous
-    tile = vcols[:, None] * N + cols[None, :]  # (BV, N) rows of an (N, N) state
-    s_off = bh.to(tl.int64) * N * N + tile
-    scr = scr_ptr + (bh.to(tl.int64) * tl.num_programs(0) + vb) * NSUB * N * N + tile  # this program's
+    o_off = bi.to(tl.int64) * T * H * N + hi * N  # dy: (B, T, H, N) contiguous
+    tile = vcols[:, None] * N + cols[None, :]
+    tl_ = rows[:, None] + cols[None, :] * L  # (L, N) tile of a transposed chunk: Q from Q^T
+    mt = cols[:, None] + cols[None, :] * N  # (N, N): M^T
     if HAS_DST:
-        dS = tl.load(dsT_ptr + s_off)
+        dS = tl.load(dsT_ptr + bh.to(tl.int64) * N * N + tile)
     else:
         dS = tl.zeros([BV, N], dtype=tl.float32)
-    for jj in range(NCK):
-        j = NCK - 1 - jj
-        c_first = j * NSUB
-        n_sub = tl.minimum(NSUB, NC - c_first)
-        S = tl.load(ck_ptr + (bh.to(tl.int64) * NCK + j) * N * N + tile)
-        # Phase 1: the states entering chunks c_first .. c_first + n_sub - 1 (the last stays in S).
-        if NSUB > 1:
-            tl.debug_barrier()  # the previous block's reads of the scratch are done
-            for i in range(n_sub - 1):
-                tl.store(scr + i * N * N, S)
-                t0 = (c_first + i) * L
-                r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
-                w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
-                k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
-                a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
-                b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
-                vt = _load_cols(v_ptr + x_off, t0, T, s_t, rows, vcols)
-                seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
-                _, S = _fwd_chunk(S, r, w, k, vt, a, b, seg, rows, HAS_RESET, False, NLEV, LOG2_L, PREC, VE)
-            tl.debug_barrier()  # the scratch stores are visible to every thread
-        # Phase 2: the chunks backwards.
-        for ii in range(n_sub):
-            i = n_sub - 1 - ii
-            S0 = S
-            if i < n_sub - 1:
-                S0 = tl.load(scr + i * N * N)
-            t0 = (c_first + i) * L
-            r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
-            w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
-            k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
-            a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
-            b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
-            vt = _load_cols(v_ptr + x_off, t0, T, s_t, rows, vcols)  # (BV, L)
-            if HAS_DY:
-                dyt = _load_cols(dy_ptr + o_off, t0, T, H * N, rows, vcols)
-            else:
-                dyt = tl.zeros([BV, L], dtype=tl.float32)
-            seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
-            dS, dvt, dr, dw, dk, da, db = _bwd_chunk(
-                S0, dS, r, w, k, vt, a, b, dyt, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC, VE, GE
-            )
-            _store_cols(dv_ptr + o_off, dvt, t0, T, H * N, rows, vcols)
-            if ATOMIC:
-                _add_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
-                _add_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
-                _add_rows(dk_ptr + o_off, dk, t0, T, H * N, rows, cols)
-                _add_rows(da_ptr + o_off, da, t0, T, H * N, rows, cols)
-                _add_rows(db_ptr + o_off, db, t0, T, H * N, rows, cols)
-            else:
-                _store_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
-                _store_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
-                _store_rows(dk_ptr + o_off, dk, t0, T, H * N, rows, cols)
-                _store_rows(da_ptr + o_off, da, t0, T, H * N, rows, cols)
-                _store_rows(db_ptr + o_off, db, t0, T, H * N, rows, cols)
+    for cc in range(NC):
+        c = NC - 1 - cc
+        base = bh.to(tl.int64) * NC + c
+        tl.store(ds_ptr + base * N * N + tile, dS)
+        Mt = tl.load(m_ptr + base * N * N + mt)
+        new = _mm(dS, Mt, PREC, False, False)
+        if HAS_DY:
+            Q = tl.load(qt_ptr + base * N * L + tl_)  # (L, N)
+            dyt = _load_cols(dy_ptr + o_off, c * L, T, H * N, rows, vcols)  # (BV, L)
+            new += _mm(dyt, Q, PREC, GE, False)
+        dS = new
     if WANT_DS0:
-        tl.store(ds0_ptr + s_off, dS)
+        tl.store(ds0_ptr + bh.to(tl.int64) * N * N + tile, dS)
+
+
+@triton.jit
+def _grad_kernel(
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, reset_ptr, dy_ptr, ck_ptr, ds_ptr,
+    dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
+    T, H, s_b, s_t, s_h, NC,
+    N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr,
+    HAS_RESET: tl.constexpr, HAS_DY: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
+    VE: tl.constexpr, GE: tl.constexpr,
+):  # fmt: skip
+    """Program (chunk, value block, batch * H + head): the chunk's input gradients from the state
+    entering it (stored by the forward) and the adjoint of the state after it (stored by
+    _scan_bwd_kernel). dr, dw, dk, da, db: plain stores (one value block) or fp32 atomic adds."""
+    c = tl.program_id(0)
+    vb = tl.program_id(1)
+    bh = tl.program_id(2)
+    bi = bh // H
+    hi = bh % H
+    rows = tl.arange(0, L)
+    cols = tl.arange(0, N)
+    vcols = vb * BV + tl.arange(0, BV)
+    t0 = c * L
+    x_off = bi.to(tl.int64) * s_b + hi.to(tl.int64) * s_h
+    o_off = bi.to(tl.int64) * T * H * N + hi * N  # dy and the gradients: (B, T, H, N) contiguous
+    base = bh.to(tl.int64) * NC + c
+    tile = vcols[:, None] * N + cols[None, :]
+    S0 = tl.load(ck_ptr + base * N * N + tile)
+    dS = tl.load(ds_ptr + base * N * N + tile)
+    r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
+    w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
+    k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
+    a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
+    b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
+    vt = _load_cols(v_ptr + x_off, t0, T, s_t, rows, vcols)  # (BV, L)
+    if HAS_DY:
+        dyt = _load_cols(dy_ptr + o_off, t0, T, H * N, rows, vcols)
+    else:
+        dyt = tl.zeros([BV, L], dtype=tl.float32)
+    seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
+    _, dvt, dr, dw, dk, da, db = _bwd_chunk(
+        S0, dS, r, w, k, vt, a, b, dyt, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC, VE, GE
+    )
+    _store_cols(dv_ptr + o_off, dvt, t0, T, H * N, rows, vcols)
+    if ATOMIC:
+        _add_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
+        _add_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
+        _add_rows(dk_ptr + o_off, dk, t0, T, H * N, rows, cols)
+        _add_rows(da_ptr + o_off, da, t0, T, H * N, rows, cols)
+        _add_rows(db_ptr + o_off, db, t0, T, H * N, rows, cols)
+    else:
+        _store_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
+        _store_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
+        _store_rows(dk_ptr + o_off, dk, t0, T, H * N, rows, cols)
+        _store_rows(da_ptr + o_off, da, t0, T, H * N, rows, cols)
+        _store_rows(db_ptr + o_off, db, t0, T, H * N, rows, cols)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,17 +703,21 @@ def _bwd_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class Wkv7Config:
-    """Launch configuration. chunk: tokens per chunk (L: 16, 32 or 64); nsub: chunks per stored
-    state (the forward stores S every chunk * nsub tokens); bv_fwd / bv_bwd: value rows per
-    program (N / bv programs per head); prec: a key of PRECISIONS; warps_*: num_warps."""
+    """Launch configuration. chunk: tokens per chunk (L: 16, 32 or 64); bv_scan / bv_grad: value
+    rows per program of the scans / of the gradient kernel (N / bv programs per head; bv_grad < N
+    sums the key-side gradients with fp32 atomics); prec / prec_scan: a key of PRECISIONS for the
+    per-chunk algebra / for the scans' state products; warps_*: num_warps; stages_scan: software
+    pipelining depth of the scans' loads."""
 
-    chunk: int = 16
-    nsub: int = 4
-    bv_fwd: int = 64
-    bv_bwd: int = 64
+    chunk: int = 32
+    bv_scan: int = 64
+    bv_grad: int = 64
     prec: str = "bf16x3"
-    warps_fwd: int = 4
-    warps_bwd: int = 4
+    prec_scan: str = "bf16x3"
+    warps_prep: int = 4
+    warps_scan: int = 4
+    warps_grad: int = 4
+    stages_scan: int = 2
 
 
 @functools.cache
@@ -674,39 +725,25 @@ def _sm_count() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
 
 
-# The largest value block the rule picks. On an H200 with triton 3.6 (2026-12-02), 64-row blocks
-# with 8 warps fault (illegal address, found by benchmarks/wkv7_config_probe.py; 16/32 rows and 64
-# with 4 warps pass): 32 until that is understood. See benchmarks/NOTES.md.
-_MAX_BV = 32
-
-
 def _value_block(N: int, heads: int, min_programs: int) -> int:
-    """The largest value block (<= _MAX_BV, >= 16) that still gives `min_programs` programs."""
-    bv = min(N, _MAX_BV)
+    """The largest value block (<= N, >= 16) that still gives `min_programs` programs."""
+    bv = N
     while bv > 16 and heads * (N // bv) < min_programs:
         bv //= 2
     return bv
 
 
 def _config(B: int, T: int, H: int, N: int, dtype: torch.dtype) -> Wkv7Config:
-    """The rule (not measured yet: benchmarks/NOTES.md lists what the GPU run decides).
-    Both directions split the value dimension (at most 64 rows per program, at least 16) only
-    until there is about one program per SM: a split recomputes the key-side work per block and,
-    in the backward, adds fp32 atomics for the key-side gradients. Under
-    torch.use_deterministic_algorithms(True) the backward never splits (no atomics)."""
-    sms = _sm_count()
-    bv = _value_block(N, B * H, sms)
-    cfg = Wkv7Config(
-        bv_fwd=bv,
-        bv_bwd=bv,
-        prec="tf32x3" if dtype == torch.float32 else "bf16x3",
-        warps_fwd=8 if bv * N >= 4096 else 4,
-        warps_bwd=8 if bv * N >= 4096 else 4,
-    )
+    """The rule. The scans are the only sequential work: they split the value dimension until
+    there is about one program per SM (the split costs nothing there: rows of S are independent).
+    The per-chunk kernels run one program per chunk and head, with every value row (no atomics).
+    Under torch.use_deterministic_algorithms(True) the gradient kernel never splits."""
+    prec = "tf32x3" if dtype == torch.float32 else "bf16x3"
+    cfg = Wkv7Config(bv_scan=_value_block(N, B * H, _sm_count()), bv_grad=N, prec=prec, prec_scan=prec)
     if _CFG_OVERRIDE:
         cfg = dataclasses.replace(cfg, **_CFG_OVERRIDE)
     if torch.are_deterministic_algorithms_enabled():
-        cfg = dataclasses.replace(cfg, bv_bwd=N)
+        cfg = dataclasses.replace(cfg, bv_grad=N)
     _check_config(cfg, N)
     return cfg
 
@@ -714,13 +751,12 @@ def _config(B: int, T: int, H: int, N: int, dtype: torch.dtype) -> Wkv7Config:
 def _check_config(cfg: Wkv7Config, N: int) -> None:
     if cfg.chunk not in (16, 32, 64):
         raise ValueError(f"wkv7: chunk must be 16, 32 or 64, got {cfg.chunk}")
-    for bv in (cfg.bv_fwd, cfg.bv_bwd):
+    for bv in (cfg.bv_scan, cfg.bv_grad):
         if bv < 16 or bv > N or N % bv:
             raise ValueError(f"wkv7: value block {bv} must divide N = {N} and be >= 16")
-    if cfg.prec not in PRECISIONS:
-        raise ValueError(f"wkv7: prec must be one of {sorted(PRECISIONS)}, got {cfg.prec!r}")
-    if cfg.nsub < 1:
-        raise ValueError(f"wkv7: nsub must be >= 1, got {cfg.nsub}")
+    for prec in (cfg.prec, cfg.prec_scan):
+        if prec not in PRECISIONS:
+            raise ValueError(f"wkv7: prec must be one of {sorted(PRECISIONS)}, got {prec!r}")
 
 
 def _new(shape, dtype, device) -> torch.Tensor:
@@ -739,49 +775,72 @@ def _shared_strides(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return [x.contiguous() for x in xs]
 
 
-def _meta(cfg: Wkv7Config, T: int, dtype: torch.dtype) -> dict:
+def _meta(cfg: Wkv7Config, T: int) -> dict:
     L = cfg.chunk
-    nc = triton.cdiv(T, L)
-    return dict(
-        NC=nc,
-        NCK=triton.cdiv(nc, cfg.nsub),
-        L=L,
-        NLEV=(L // SUB).bit_length() - 1,
-        LOG2_L=L.bit_length() - 1,
-        NSUB=cfg.nsub,
-        PREC=PRECISIONS[cfg.prec],
-        VE=dtype == torch.bfloat16,
-    )
+    return dict(NC=triton.cdiv(T, L), L=L, NLEV=(L // SUB).bit_length() - 1, LOG2_L=L.bit_length() - 1)
+
+
+def stored_states_shape(B: int, T: int, H: int, N: int, cfg: Wkv7Config) -> tuple[int, ...]:
+    """Shape of what the forward keeps for the backward besides the inputs: the fp32 state
+    entering every chunk."""
+    return (B, H, triton.cdiv(T, cfg.chunk), N, N)
+
+
+def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool):
+    """Launch _prep_kernel: Q^T and M (and Yc^T, D with value_side), (B*H, NC, ...) fp32."""
+    B, T, H, N = r.shape
+    m = _meta(cfg, T)
+    dev = r.device
+    qt = _new((B * H, m["NC"], N, m["L"]), torch.float32, dev)
+    mm = _new((B * H, m["NC"], N, N), torch.float32, dev)
+    yct = _new((B * H, m["NC"], N, m["L"]), torch.float32, dev) if value_side else None
+    dd = _new((B * H, m["NC"], N, N), torch.float32, dev) if value_side else None
+    s_b, s_t, s_h, _ = r.stride()
+    _prep_kernel[(m["NC"], B * H)](
+        r, w, k, v, a, b, reset, qt, mm, yct, dd, T, H, s_b, s_t, s_h, m["NC"],
+        N=N, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None, VALUE_SIDE=value_side,
+        PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep,
+    )  # fmt: skip
+    return qt, mm, yct, dd
 
 
 def wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool):
     """r..b: (B, T, H, N) with shared strides; s0: (B, H, N, N) fp32 contiguous or None; reset:
     (B, T) uint8 contiguous or None. Returns y (B, T, H, N) in r's dtype (contiguous), the final
-    state (B, H, N, N) fp32 and, if store_states, the stored states (B, H, NCK, N, N) fp32."""
+    state (B, H, N, N) fp32 and, if store_states, the chunk-start states (`stored_states_shape`)."""
     B, T, H, N = r.shape
-    m = _meta(cfg, T, r.dtype)
+    m = _meta(cfg, T)
     dev = r.device
+    qt, mm, yct, dd = _prep(r, w, k, v, a, b, reset, cfg, value_side=True)
     y = _new((B, T, H, N), r.dtype, dev)
     sT = _new((B, H, N, N), torch.float32, dev)
-    ck = _new((B, H, m["NCK"], N, N), torch.float32, dev) if store_states else None
-    s_b, s_t, s_h, _ = r.stride()
-    _fwd_kernel[(N // cfg.bv_fwd, B * H)](
-        r, w, k, v, a, b, s0, reset, y, sT, ck, T, H, s_b, s_t, s_h, m["NC"], m["NCK"],
-        N=N, BV=cfg.bv_fwd, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], NSUB=m["NSUB"],
-        HAS_STATE=s0 is not None, HAS_RESET=reset is not None, STORE_CK=store_states, PREC=m["PREC"],
-        VE=m["VE"], num_warps=cfg.warps_fwd,
+    ck = _new(stored_states_shape(B, T, H, N, cfg), torch.float32, dev) if store_states else None
+    _scan_fwd_kernel[(N // cfg.bv_scan, B * H)](
+        s0, qt, mm, yct, dd, y, sT, ck, T, H, m["NC"],
+        N=N, BV=cfg.bv_scan, L=m["L"], HAS_STATE=s0 is not None, STORE_CK=store_states,
+        PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
     )  # fmt: skip
     return y, sT, ck
 
 
 def wkv7_bwd(r, w, k, v, a, b, reset, ck, dy, dsT, cfg: Wkv7Config, want_ds0: bool):
     """Gradients given dy (B, T, H, N) contiguous in r's dtype or None and dsT (B, H, N, N) fp32
-    contiguous or None. Returns dr, dw, dk, dv, da, db (B, T, H, N) in r's dtype, contiguous, and
-    the state's (B, H, N, N) fp32 (None unless want_ds0)."""
+    contiguous or None. Returns dr, dw, dk, dv, da, db (B, T, H, N) in r's dtype (dw in w's),
+    contiguous, and the state's (B, H, N, N) fp32 (None unless want_ds0)."""
     B, T, H, N = r.shape
-    m = _meta(cfg, T, r.dtype)
+    m = _meta(cfg, T)
     dev = r.device
-    nv = N // cfg.bv_bwd
+    qt, mm, _, _ = _prep(r, w, k, v, a, b, reset, cfg, value_side=False)
+    ds = _new(stored_states_shape(B, T, H, N, cfg), torch.float32, dev)
+    ds0 = _new((B, H, N, N), torch.float32, dev) if want_ds0 else None
+    _scan_bwd_kernel[(N // cfg.bv_scan, B * H)](
+        dsT, qt, mm, dy, ds, ds0, T, H, m["NC"],
+        N=N, BV=cfg.bv_scan, L=m["L"], HAS_DST=dsT is not None, HAS_DY=dy is not None, WANT_DS0=want_ds0,
+        PREC=PRECISIONS[cfg.prec_scan], GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_scan,
+        num_stages=cfg.stages_scan,
+    )  # fmt: skip
+    del qt, mm
+    nv = N // cfg.bv_grad
     atomic = nv > 1
     if atomic:  # key-side gradients: partial sums of the value blocks, added up in fp32
         acc = torch.zeros((5, B, T, H, N), dtype=torch.float32, device=dev)
@@ -790,18 +849,12 @@ def wkv7_bwd(r, w, k, v, a, b, reset, ck, dy, dsT, cfg: Wkv7Config, want_ds0: bo
         dr, dk, da, db = (_new((B, T, H, N), r.dtype, dev) for _ in range(4))
         dw = _new((B, T, H, N), w.dtype, dev)  # w may be fp32 while the others are bf16 / fp16
     dv = _new((B, T, H, N), r.dtype, dev)
-    ds0 = _new((B, H, N, N), torch.float32, dev) if want_ds0 else None
-    # Chunk-start states of the block being walked back, one (N, N) slot per chunk and program
-    # (written and read back within the program: stays in L2). Unused for nsub = 1.
-    slots = (B * H * nv, cfg.nsub, N, N) if cfg.nsub > 1 else (1,)
-    scratch = torch.empty(slots, dtype=torch.float32, device=dev)
     s_b, s_t, s_h, _ = r.stride()
-    _bwd_kernel[(nv, B * H)](
-        r, w, k, v, a, b, reset, dy, dsT, ck, scratch, dr, dw, dk, dv, da, db, ds0,
-        T, H, s_b, s_t, s_h, m["NC"], m["NCK"],
-        N=N, BV=cfg.bv_bwd, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], NSUB=m["NSUB"],
-        HAS_RESET=reset is not None, HAS_DY=dy is not None, HAS_DST=dsT is not None, WANT_DS0=want_ds0,
-        ATOMIC=atomic, PREC=m["PREC"], VE=m["VE"], GE=m["VE"], num_warps=cfg.warps_bwd,
+    _grad_kernel[(m["NC"], nv, B * H)](
+        r, w, k, v, a, b, reset, dy, ck, ds, dr, dw, dk, dv, da, db, T, H, s_b, s_t, s_h, m["NC"],
+        N=N, BV=cfg.bv_grad, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None,
+        HAS_DY=dy is not None, ATOMIC=atomic, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
+        GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_grad,
     )  # fmt: skip
     grads = [dr, dw, dk, dv, da, db]
     if atomic:
@@ -850,8 +903,8 @@ def wkv7_triton(
     """The Triton path of `rwkv_ft.kernels.wkv7` (validation happens there).
 
     r, w, k, v, a, b: (B, T, H, N), one dtype of fp32 / bf16 / fp16 (w may be fp32 with the others
-    bf16 / fp16), N in (32, 64, 128); state:
-    (B, H, N, N) fp32 or None; reset: (B, T) bool or None. Returns y (B, T, H, N) in the inputs'
-    dtype and the final state (B, H, N, N) fp32; differentiable w.r.t. the six inputs and state.
+    bf16 / fp16), N in (32, 64, 128); state: (B, H, N, N) fp32 or None; reset: (B, T) bool or
+    None. Returns y (B, T, H, N) in the inputs' dtype and the final state (B, H, N, N) fp32;
+    differentiable w.r.t. the six inputs and state.
     """
     return WKV7Function.apply(r, w, k, v, a, b, state, reset)
