@@ -98,10 +98,16 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, old)
 
 
+# Fields every run starts from (e.g. the first config wkv7_gpu_diag.py found working): a JSON file
+# named by $WKV7_BASE_CONFIG; variants are applied on top.
+BASE = json.load(open(os.environ["WKV7_BASE_CONFIG"])) if os.environ.get("WKV7_BASE_CONFIG") else None
+BASE = BASE or {}
+
+
 @contextlib.contextmanager
 def config(fields: dict | None):
     saved = tw._CFG_OVERRIDE
-    tw._CFG_OVERRIDE = fields or None
+    tw._CFG_OVERRIDE = {**BASE, **(fields or {})} or None
     try:
         yield
     finally:
@@ -194,6 +200,8 @@ COMPILE_SNIPPET = r"""
 import os, time, torch, json
 import rwkv_ft.kernels.rwkv7.triton_wkv7 as tw
 from rwkv_ft.kernels import wkv7
+base = os.environ.get("WKV7_BASE_CONFIG")
+tw._CFG_OVERRIDE = (json.load(open(base)) if base else None) or None
 out = {}
 for B, H in ((8, 32), (4, 16)):  # two goal shapes: 64-row and smaller scan value blocks
     xs = [torch.randn(B, 64, H, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
@@ -555,6 +563,8 @@ def main():
         ("fla", lambda: fla_section(res, fla)),
     ]
     sections = [(n, f) for n, f in sections if n in want or n == "copy"]
+    tw._CFG_OVERRIDE = BASE or None
+    res["base_config"] = BASE
     for name, fn in sections:
         try:
             fn()
