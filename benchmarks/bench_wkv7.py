@@ -54,19 +54,20 @@ VARIANT_SHAPES = [(8, 4096, 32), (4, 1024, 16), (1, 16384, 32)]
 VARIANTS = [  # names without spaces or commas: --variants takes a comma list
     ("default", {}),
     ("chunk16", {"chunk": 16}),
+    ("chunk32", {"chunk": 32}),
     ("chunk64", {"chunk": 64}),
-    ("warps8", {"warps_prep": 8, "warps_scan": 8, "warps_grad": 8}),
+    ("warps8_grad", {"warps_grad": 8}),
+    ("warps8_prep", {"warps_prep": 8}),
     ("warps8_scan", {"warps_scan": 8}),
-    ("warps8_prep_grad", {"warps_prep": 8, "warps_grad": 8}),
-    ("tf32_algebra(inexact)", {"prec": "tf32"}),
-    ("tf32_scan(inexact)", {"prec_scan": "tf32"}),
-    ("tf32x3", {"prec": "tf32x3", "prec_scan": "tf32x3"}),
+    ("bv_grad16", {"bv_grad": 16}),
     ("bv_scan64", {"bv_scan": 64}),
     ("bv_scan32", {"bv_scan": 32}),
     ("bv_scan16", {"bv_scan": 16}),
-    ("bv_grad32(atomics)", {"bv_grad": 32}),
+    ("keep_prep", {"keep_prep": True}),
     ("stages1", {"stages_scan": 1}),
     ("stages3", {"stages_scan": 3}),
+    ("tf32_algebra(inexact)", {"prec": "tf32"}),
+    ("tf32x3", {"prec": "tf32x3", "prec_scan": "tf32x3"}),
 ]
 HBM_TBPS = 4.24  # copy rate measured on the H200 (anchors README); re-measured below
 BF16_TFLOPS = 790.0

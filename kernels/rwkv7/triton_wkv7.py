@@ -70,8 +70,9 @@ r_t / a_t / b_s / k_s in the pair matrices carries exp(+G_t) / exp(+G_{t-1}) / e
            + sum_{s < j} (b_s dBs_s + k_s dKs_s) exp(G_L - G_s) + exp(G_L) d exp(G_L)
 (reverse / forward cumsums within the chunk; 0 where w < W_MIN), leaving out the pairs whose
 exponent spans no step (they would only cancel, in fp32 round-off).
-Every key-side gradient is linear in the value rows, so value blocks sum their partial results
-(fp32 atomics; one block, i.e. plain stores, under torch.use_deterministic_algorithms).
+Every key-side gradient is linear in the value rows: _grad_kernel takes the value rows BV at a time
+and sums their shares in registers before the level passes, which run once per chunk (no
+atomics: the backward is bitwise repeatable).
 
 State storage: the forward keeps the fp32 state entering every chunk (B*H*T/L*N*N*4 bytes) for
 _grad_kernel; the backward's scan writes the adjoint per chunk likewise (transient). Q, Yc, M, D
@@ -454,34 +455,41 @@ def _level_grads_unit(D, r, k, a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_chunk(
-    S0, dS, r, w, k, vt, a, b, dyt, seg, rows, HAS_RESET: tl.constexpr, NLEV: tl.constexpr,
-    LOG2_L: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
+def _value_block_grads(
+    S0, dS, vt, dyt, Pt, Aak, Minv, As, BsKs, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
 ):  # fmt: skip
-    """Backward of one chunk. S0 (BV, N): state entering it; dS (BV, N): adjoint of the state after
-    it; vt, dyt: V^T, dY^T (BV, L). Returns (dS0 (BV, N), dV^T (BV, L), dr, dw, dk, da, db (L, N),
-    partial sums over this program's value rows). VE / GE: v / dy are exact in bf16."""
-    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, G64, w64, n_lev, h0, m0, m_end = _key_side(
-        r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
-    )
-    Pt, Pb = _vsplit(P)  # [A_rb, A_rk], [A_ab, A_ak]  (L, 2L)
-    _, Aak = _hsplit(Pb)
+    """The value side of one chunk's backward for BV value rows. S0 (BV, N): state entering the
+    chunk; dS (BV, N): adjoint of the state after it; vt, dyt: V^T, dY^T (BV, L). Returns dV^T
+    (BV, L) and this block's shares of the key-side sums: [dY; dU] S0 (2L, N) (the gradients of
+    Rs, As), [SA; V] dS (2L, N) (of Bs, Ks) and [dY; dU][SA; V]^T (2L, 2L) (of the pair matrices)."""
     # Recompute SA^T (BV, L), value-major like the forward.
     Ut = _mm(S0, tl.trans(As), PREC, False, False) + _mm(vt, tl.trans(Aak), PREC, VE, False)
     SAt = _mm(Ut, tl.trans(Minv), PREC, False, False)
-    # Value side, transposed: dSA^T = dY^T A_rb + dS Bs^T, dU^T = dSA^T (I - A_ab)^-1,
+    # Transposed: dSA^T = dY^T A_rb + dS Bs^T, dU^T = dSA^T (I - A_ab)^-1,
     # dV^T = dY^T A_rk + dU^T A_ak + dS Ks^T.
     yb, yk = _hsplit(_mm(dyt, Pt, PREC, GE, False))  # (BV, L) each
-    sb, sk = _hsplit(_mm(dS, tl.trans(_vstack(Bs, Ks)), PREC, False, False))
+    sb, sk = _hsplit(_mm(dS, tl.trans(BsKs), PREC, False, False))
     dUt = _mm(yb + sb, Minv, PREC, False, False)
     dvt = yk + sk + _mm(dUt, Aak, PREC, False, False)
     Et = _hstack(dyt, dUt)  # (BV, 2L) = [dY; dU]^T
     Ft = _hstack(SAt, vt)  # (BV, 2L) = [SA; V]^T
-    dS0 = _mm(Et, _vstack(Rs, As), PREC, False, False) + dS * gam  # (BV, N)
-    # Key side: the operands' gradients (2L, N), the pair matrices' gradient (2L, 2L).
-    dRs, dAs = _vsplit(tl.trans(_mm(tl.trans(S0), Et, PREC, False, False)))  # [dY; dU] S0
-    dBs, dKs = _vsplit(tl.trans(_mm(tl.trans(dS), Ft, PREC, False, False)))  # [SA; V] dS
-    D = tl.where(_causal(seg, rows, HAS_RESET), _mm(tl.trans(Et), Ft, PREC, False, False), 0.0)
+    dRA = tl.trans(_mm(tl.trans(S0), Et, PREC, False, False))  # [dY; dU] S0  (2L, N)
+    dBK = tl.trans(_mm(tl.trans(dS), Ft, PREC, False, False))  # [SA; V] dS  (2L, N)
+    D = _mm(tl.trans(Et), Ft, PREC, False, False)  # (2L, 2L)
+    return dvt, dRA, dBK, D
+
+
+@triton.jit
+def _key_grads(
+    D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, G64, w64, n_lev, h0, m0, m_end,
+    HAS_RESET: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """dr, dw, dk, da, db (L, N) of one chunk from the key-side sums over every value row: D (2L,
+    2L) the pair matrices' gradient (unmasked), dRA / dBK the gradients of [Rs; As] / [Bs; Ks]
+    (2L, N) and sdS = colsum(S_0 * dS) (1, N)."""
+    D = tl.where(_causal(seg, rows, HAS_RESET), D, 0.0)
+    dRs, dAs = _vsplit(dRA)
+    dBs, dKs = _vsplit(dBK)
     # Pairs whose exponent spans no step (A_rb, A_rk diagonal; A_ab, A_ak at s = t - 1) do not
     # depend on w: they go to dr, dk, da, db directly and stay out of the decay sums below (in
     # those they would cancel, leaving fp32 round-off that swamps dw of fast-decaying channels).
@@ -499,14 +507,10 @@ def _bwd_chunk(
     dw = tl.cumsum(r * dr - k * dk - b * db, axis=0, reverse=True)
     dw += tl.cumsum(ada, axis=0, reverse=True) - ada  # sum over t > j
     dw += tl.cumsum(bk, axis=0) - bk  # sum over s < j
-    dw += gam * tl.sum(S0 * dS, axis=0)[None, :]
+    dw += gam * sdS
     dw = tl.where(w >= _W_MIN, dw, 0.0)
     dr0, dk0, da0, db0 = _level_grads_unit(tl.where(zero, D, 0.0), r, k, a, b, PREC)
-    dr += dr0
-    dk += dk_end + dk0
-    da += da0
-    db += db_end + db0
-    return dS0, dvt, dr, dw, dk, da, db
+    return dr + dr0, dw, dk + dk_end + dk0, da + da0, db + db_end + db0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -647,54 +651,63 @@ def _grad_kernel(
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
     T, H, s_b, s_t, s_h, NC,
     N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr,
-    HAS_RESET: tl.constexpr, HAS_DY: tl.constexpr, ATOMIC: tl.constexpr, PREC: tl.constexpr,
-    VE: tl.constexpr, GE: tl.constexpr,
+    HAS_RESET: tl.constexpr, HAS_DY: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
 ):  # fmt: skip
-    """Program (chunk, value block, batch * H + head): the chunk's input gradients from the state
-    entering it (stored by the forward) and the adjoint of the state after it (stored by
-    _scan_bwd_kernel). dr, dw, dk, da, db: plain stores (one value block) or fp32 atomic adds."""
+    """Program (chunk, batch * H + head): the chunk's input gradients from the state entering it
+    (stored by the forward) and the adjoint of the state after it (stored by _scan_bwd_kernel).
+    The key-side algebra runs once; the value rows are taken BV at a time, their key-side shares
+    summed in registers (no atomics: bitwise repeatable)."""
     c = tl.program_id(0)
-    vb = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = tl.program_id(1)
     bi = bh // H
     hi = bh % H
     rows = tl.arange(0, L)
     cols = tl.arange(0, N)
-    vcols = vb * BV + tl.arange(0, BV)
     t0 = c * L
     x_off = bi.to(tl.int64) * s_b + hi.to(tl.int64) * s_h
     o_off = bi.to(tl.int64) * T * H * N + hi * N  # dy and the gradients: (B, T, H, N) contiguous
     base = bh.to(tl.int64) * NC + c
-    tile = vcols[:, None] * N + cols[None, :]
-    S0 = tl.load(ck_ptr + base * N * N + tile)
-    dS = tl.load(ds_ptr + base * N * N + tile)
     r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
     w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
     k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
     a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
     b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
-    vt = _load_cols(v_ptr + x_off, t0, T, s_t, rows, vcols)  # (BV, L)
-    if HAS_DY:
-        dyt = _load_cols(dy_ptr + o_off, t0, T, H * N, rows, vcols)
-    else:
-        dyt = tl.zeros([BV, L], dtype=tl.float32)
     seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
-    _, dvt, dr, dw, dk, da, db = _bwd_chunk(
-        S0, dS, r, w, k, vt, a, b, dyt, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC, VE, GE
+    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, G64, w64, n_lev, h0, m0, m_end = _key_side(
+        r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
     )
-    _store_cols(dv_ptr + o_off, dvt, t0, T, H * N, rows, vcols)
-    if ATOMIC:
-        _add_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
-        _add_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
-        _add_rows(dk_ptr + o_off, dk, t0, T, H * N, rows, cols)
-        _add_rows(da_ptr + o_off, da, t0, T, H * N, rows, cols)
-        _add_rows(db_ptr + o_off, db, t0, T, H * N, rows, cols)
-    else:
-        _store_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
-        _store_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
-        _store_rows(dk_ptr + o_off, dk, t0, T, H * N, rows, cols)
-        _store_rows(da_ptr + o_off, da, t0, T, H * N, rows, cols)
-        _store_rows(db_ptr + o_off, db, t0, T, H * N, rows, cols)
+    Pt, Pb = _vsplit(P)  # [A_rb, A_rk], [A_ab, A_ak]  (L, 2L)
+    _, Aak = _hsplit(Pb)
+    BsKs = _vstack(Bs, Ks)
+    D = tl.zeros([2 * L, 2 * L], dtype=tl.float32)
+    dRA = tl.zeros([2 * L, N], dtype=tl.float32)
+    dBK = tl.zeros([2 * L, N], dtype=tl.float32)
+    sdS = tl.zeros([1, N], dtype=tl.float32)
+    for vb in range(N // BV):
+        vcols = vb * BV + tl.arange(0, BV)
+        tile = vcols[:, None] * N + cols[None, :]
+        S0 = tl.load(ck_ptr + base * N * N + tile)
+        dS = tl.load(ds_ptr + base * N * N + tile)
+        vt = _load_cols(v_ptr + x_off, t0, T, s_t, rows, vcols)  # (BV, L)
+        if HAS_DY:
+            dyt = _load_cols(dy_ptr + o_off, t0, T, H * N, rows, vcols)
+        else:
+            dyt = tl.zeros([BV, L], dtype=tl.float32)
+        dvt, dRA_v, dBK_v, D_v = _value_block_grads(S0, dS, vt, dyt, Pt, Aak, Minv, As, BsKs, PREC, VE, GE)
+        _store_cols(dv_ptr + o_off, dvt, t0, T, H * N, rows, vcols)
+        D += D_v
+        dRA += dRA_v
+        dBK += dBK_v
+        sdS += tl.sum(S0 * dS, axis=0)[None, :]
+    dr, dw, dk, da, db = _key_grads(
+        D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, G64, w64, n_lev, h0, m0, m_end, HAS_RESET,
+        PREC,
+    )  # fmt: skip
+    _store_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
+    _store_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
+    _store_rows(dk_ptr + o_off, dk, t0, T, H * N, rows, cols)
+    _store_rows(da_ptr + o_off, da, t0, T, H * N, rows, cols)
+    _store_rows(db_ptr + o_off, db, t0, T, H * N, rows, cols)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -703,21 +716,22 @@ def _grad_kernel(
 
 @dataclasses.dataclass(frozen=True)
 class Wkv7Config:
-    """Launch configuration. chunk: tokens per chunk (L: 16, 32 or 64); bv_scan / bv_grad: value
-    rows per program of the scans / of the gradient kernel (N / bv programs per head; bv_grad < N
-    sums the key-side gradients with fp32 atomics); prec / prec_scan: a key of PRECISIONS for the
-    per-chunk algebra / for the scans' state products; warps_*: num_warps; stages_scan: software
-    pipelining depth of the scans' loads."""
+    """Launch configuration. chunk: tokens per chunk (L: 16, 32 or 64); bv_scan: value rows per
+    program of the scans (N / bv_scan programs per head); bv_grad: value rows per step of the
+    gradient kernel's loop; prec / prec_scan: a key of PRECISIONS for the per-chunk algebra / for
+    the scans' state products; warps_*: num_warps; stages_scan: software pipelining depth of the
+    scans' loads."""
 
     chunk: int = 32
     bv_scan: int = 64
-    bv_grad: int = 64
+    bv_grad: int = 32
     prec: str = "bf16x3"
     prec_scan: str = "bf16x3"
     warps_prep: int = 4
     warps_scan: int = 4
     warps_grad: int = 4
     stages_scan: int = 2
+    keep_prep: bool = False  # the forward keeps Q and M for the backward (more memory, no recompute)
 
 
 @functools.cache
@@ -736,14 +750,13 @@ def _value_block(N: int, heads: int, min_programs: int) -> int:
 def _config(B: int, T: int, H: int, N: int, dtype: torch.dtype) -> Wkv7Config:
     """The rule. The scans are the only sequential work: they split the value dimension until
     there is about one program per SM (the split costs nothing there: rows of S are independent).
-    The per-chunk kernels run one program per chunk and head, with every value row (no atomics).
-    Under torch.use_deterministic_algorithms(True) the gradient kernel never splits."""
+    The per-chunk kernels run one program per chunk and head. The gradient kernel walks the value
+    rows 32 at a time: with triton 3.6 on an H200, 64-row tiles there fault (illegal shared-memory
+    address, compute-sanitizer, 2026-12-04; benchmarks/wkv7_gpu_diag.py checks every config)."""
     prec = "tf32x3" if dtype == torch.float32 else "bf16x3"
-    cfg = Wkv7Config(bv_scan=_value_block(N, B * H, _sm_count()), bv_grad=N, prec=prec, prec_scan=prec)
+    cfg = Wkv7Config(bv_scan=_value_block(N, B * H, _sm_count()), bv_grad=min(32, N), prec=prec, prec_scan=prec)
     if _CFG_OVERRIDE:
         cfg = dataclasses.replace(cfg, **_CFG_OVERRIDE)
-    if torch.are_deterministic_algorithms_enabled():
-        cfg = dataclasses.replace(cfg, bv_grad=N)
     _check_config(cfg, N)
     return cfg
 
@@ -807,7 +820,8 @@ def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool):
 def wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool):
     """r..b: (B, T, H, N) with shared strides; s0: (B, H, N, N) fp32 contiguous or None; reset:
     (B, T) uint8 contiguous or None. Returns y (B, T, H, N) in r's dtype (contiguous), the final
-    state (B, H, N, N) fp32 and, if store_states, the chunk-start states (`stored_states_shape`)."""
+    state (B, H, N, N) fp32 and what the backward needs besides the inputs: [] unless
+    store_states, else [chunk-start states (`stored_states_shape`)] (+ [Q^T, M] with keep_prep)."""
     B, T, H, N = r.shape
     m = _meta(cfg, T)
     dev = r.device
@@ -820,17 +834,20 @@ def wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool):
         N=N, BV=cfg.bv_scan, L=m["L"], HAS_STATE=s0 is not None, STORE_CK=store_states,
         PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
     )  # fmt: skip
-    return y, sT, ck
+    if not store_states:
+        return y, sT, []
+    return y, sT, [ck, qt, mm] if cfg.keep_prep else [ck]
 
 
-def wkv7_bwd(r, w, k, v, a, b, reset, ck, dy, dsT, cfg: Wkv7Config, want_ds0: bool):
-    """Gradients given dy (B, T, H, N) contiguous in r's dtype or None and dsT (B, H, N, N) fp32
-    contiguous or None. Returns dr, dw, dk, dv, da, db (B, T, H, N) in r's dtype (dw in w's),
-    contiguous, and the state's (B, H, N, N) fp32 (None unless want_ds0)."""
+def wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, dsT, cfg: Wkv7Config, want_ds0: bool):
+    """Gradients given what wkv7_fwd saved, dy (B, T, H, N) contiguous in r's dtype or None and
+    dsT (B, H, N, N) fp32 contiguous or None. Returns dr, dw, dk, dv, da, db (B, T, H, N) in r's
+    dtype (dw in w's), contiguous, and the state's (B, H, N, N) fp32 (None unless want_ds0)."""
     B, T, H, N = r.shape
     m = _meta(cfg, T)
     dev = r.device
-    qt, mm, _, _ = _prep(r, w, k, v, a, b, reset, cfg, value_side=False)
+    ck, *prep = saved
+    qt, mm = prep if prep else _prep(r, w, k, v, a, b, reset, cfg, value_side=False)[:2]
     ds = _new(stored_states_shape(B, T, H, N, cfg), torch.float32, dev)
     ds0 = _new((B, H, N, N), torch.float32, dev) if want_ds0 else None
     _scan_bwd_kernel[(N // cfg.bv_scan, B * H)](
@@ -840,25 +857,16 @@ def wkv7_bwd(r, w, k, v, a, b, reset, ck, dy, dsT, cfg: Wkv7Config, want_ds0: bo
         num_stages=cfg.stages_scan,
     )  # fmt: skip
     del qt, mm
-    nv = N // cfg.bv_grad
-    atomic = nv > 1
-    if atomic:  # key-side gradients: partial sums of the value blocks, added up in fp32
-        acc = torch.zeros((5, B, T, H, N), dtype=torch.float32, device=dev)
-        dr, dw, dk, da, db = acc.unbind(0)
-    else:
-        dr, dk, da, db = (_new((B, T, H, N), r.dtype, dev) for _ in range(4))
-        dw = _new((B, T, H, N), w.dtype, dev)  # w may be fp32 while the others are bf16 / fp16
-    dv = _new((B, T, H, N), r.dtype, dev)
+    dr, dk, dv, da, db = (_new((B, T, H, N), r.dtype, dev) for _ in range(5))
+    dw = _new((B, T, H, N), w.dtype, dev)  # w may be fp32 while the others are bf16 / fp16
     s_b, s_t, s_h, _ = r.stride()
-    _grad_kernel[(m["NC"], nv, B * H)](
+    _grad_kernel[(m["NC"], B * H)](
         r, w, k, v, a, b, reset, dy, ck, ds, dr, dw, dk, dv, da, db, T, H, s_b, s_t, s_h, m["NC"],
         N=N, BV=cfg.bv_grad, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None,
-        HAS_DY=dy is not None, ATOMIC=atomic, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
+        HAS_DY=dy is not None, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
         GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_grad,
     )  # fmt: skip
     grads = [dr, dw, dk, dv, da, db]
-    if atomic:
-        grads = [g.to(x.dtype) for g, x in zip(grads, (r, w, k, v, a, b))]
     return (*grads, ds0)
 
 
@@ -871,9 +879,9 @@ class WKV7Function(torch.autograd.Function):
         B, T, H, N = r.shape
         cfg = _config(B, T, H, N, r.dtype)
         store = any(ctx.needs_input_grad[:7])
-        y, sT, ck = wkv7_fwd(*xs, s0, rs, cfg, store)
+        y, sT, saved = wkv7_fwd(*xs, s0, rs, cfg, store)
         if store:
-            ctx.save_for_backward(*xs, ck, rs)
+            ctx.save_for_backward(*xs, rs, *saved)
         ctx.cfg = cfg
         ctx.state_dtype = None if state is None else state.dtype
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
@@ -881,11 +889,11 @@ class WKV7Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gsT):
-        r, w, k, v, a, b, ck, rs = ctx.saved_tensors
+        r, w, k, v, a, b, rs, *saved = ctx.saved_tensors
         dy = None if gy is None else gy.to(r.dtype).contiguous()
         dsT = None if gsT is None else gsT.float().contiguous()
         want_ds0 = ctx.state_dtype is not None and ctx.needs_input_grad[6]
-        dr, dw, dk, dv, da, db, ds0 = wkv7_bwd(r, w, k, v, a, b, rs, ck, dy, dsT, ctx.cfg, want_ds0)
+        dr, dw, dk, dv, da, db, ds0 = wkv7_bwd(r, w, k, v, a, b, rs, saved, dy, dsT, ctx.cfg, want_ds0)
         ds0 = None if ds0 is None else ds0.to(ctx.state_dtype)
         return dr, dw, dk, dv, da, db, ds0, None
 
