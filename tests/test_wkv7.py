@@ -143,7 +143,7 @@ def test_sequence_lengths(T, cfg):
 
 @pytest.mark.parametrize("T", [31, 32, 33])
 def test_sequence_lengths_default_chunk(T):
-    """Around one chunk of the shipped rule (32 tokens), with a state and no split."""
+    """Around two chunks of the shipped rule (16 tokens), with a state and no split."""
     check(make_inputs(2, T, 1, 32, seed=40 + T))
 
 

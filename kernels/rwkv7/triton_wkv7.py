@@ -722,7 +722,7 @@ class Wkv7Config:
     the scans' state products; warps_*: num_warps; stages_scan: software pipelining depth of the
     scans' loads."""
 
-    chunk: int = 32
+    chunk: int = 16
     bv_scan: int = 64
     bv_grad: int = 32
     prec: str = "bf16x3"
@@ -748,8 +748,10 @@ def _value_block(N: int, heads: int, min_programs: int) -> int:
 
 
 def _config(B: int, T: int, H: int, N: int, dtype: torch.dtype) -> Wkv7Config:
-    """The rule. The scans are the only sequential work: they split the value dimension until
-    there is about one program per SM (the split costs nothing there: rows of S are independent).
+    """The rule (measured on an H200, 2026-12-04, benchmarks/NOTES.md). Chunks of 16 tokens: the
+    per-chunk algebra grows faster than linearly in the chunk length (8,4096,32 fwd+bwd: 19.4 ms
+    at 16, 29.7 at 32, 50.1 at 64). The scans are the only sequential work: they split the value
+    dimension until there is about one program per SM (rows of S are independent).
     The per-chunk kernels run one program per chunk and head. The gradient kernel walks the value
     rows 32 at a time: with triton 3.6 on an H200, 64-row tiles there fault (illegal shared-memory
     address, compute-sanitizer, 2026-12-04; benchmarks/wkv7_gpu_diag.py checks every config)."""
