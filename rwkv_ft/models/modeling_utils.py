@@ -177,6 +177,11 @@ class RwkvPreTrainedModelMixin:
         (then with a dynamic length). `rwkv_ft.train` calls this for `training.compile: true`.
         """
         kwargs = {"fullgraph": True, **compile_kwargs}
+        # Every block of every model shares one code object, so dynamo's per-code cache holds one
+        # entry per (first block / others) x (train / no-grad) x (static / dynamic length) x (with
+        # a state / mask, ...) x models in this process; past its limit a fullgraph compile fails.
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_BLOCK_VARIANTS)
         for block in rwkv_blocks(self):
             block.compile(**kwargs)
 
@@ -196,6 +201,9 @@ class RwkvPreTrainedModelMixin:
 
 
 RECOMPUTE_MODES = ("none", "full", "selective")
+# dynamo's recompile limit while blocks are compiled (its default, 8, is reached by one model's
+# training, evaluation and generation graphs at a few sequence lengths).
+COMPILED_BLOCK_VARIANTS = 64
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, mode: str = "full") -> None:
