@@ -538,6 +538,9 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool):
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
+        # RwkvTrainer.training_step stops on a non-finite loss already; the Trainer's own filter
+        # would read the loss on the host once more every step.
+        logging_nan_inf_filter=False,
     )
 
 
