@@ -253,3 +253,46 @@ def test_compiled_generation_matches_eager():
     expected = model.generate(ids, max_new_tokens=4, do_sample=False)
     model.compile_blocks(backend=PARTITIONED)
     assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), expected)
+
+
+def test_selective_recompute_keeps_what_it_should():
+    """The policy keeps large matmuls' outputs and kernel ops registered with keep_outputs, and runs
+    everything else again in the backward (counted on two test kernel ops)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from rwkv_ft.kernels.custom_ops import kernel_op, register_backward
+    from rwkv_ft.models.modeling_utils import selective_recompute_context
+
+    calls = {"kept": 0, "recomputed": 0}
+
+    def make(name, keep):
+        @kernel_op(f"test_{name}_op", fake=lambda x: torch.empty_like(x), keep_outputs=keep)
+        def op(x: torch.Tensor) -> torch.Tensor:
+            calls[name] += 1
+            return x * 3
+
+        register_backward(op, lambda ctx, g: (g * 3,), lambda ctx, inputs, output: None)
+        return op
+
+    kept, recomputed = make("kept", True), make("recomputed", False)
+    big = torch.randn(4, 256, requires_grad=True)
+    w = torch.randn(256, 256) / 16
+    mm_calls = []
+
+    class CountMM(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func == torch.ops.aten.mm.default:
+                mm_calls.append(args[0].shape[-1])
+            return func(*args, **(kwargs or {}))
+
+    def fn(x):  # the backward needs recomputed(...) (for sin), which needs kept(...), which needs x @ w
+        return recomputed(kept(x @ w)).sin().sum()
+
+    with CountMM():
+        loss = checkpoint(fn, big, use_reentrant=False, context_fn=selective_recompute_context)
+        loss.backward()
+    assert calls == {"kept": 1, "recomputed": 2}
+    assert mm_calls.count(256) == 2  # the forward's x @ w and the backward's grad mm; no recompute of it
+    plain = big.detach().clone().requires_grad_()
+    fn(plain).backward()
+    assert torch.equal(big.grad, plain.grad)

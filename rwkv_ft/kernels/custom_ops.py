@@ -37,15 +37,24 @@ from typing import Any
 import torch
 
 NAMESPACE = "rwkv_ft"
+# Ops whose outputs selective recompute keeps (`kernel_op(..., keep_outputs=True)`): kernels slow to
+# run again for their outputs' size. The others (like the WKV-4 forward: 0.06 ms per layer for 5
+# bytes of outputs per element) are recomputed in the backward like elementwise work.
+KEPT_BY_SELECTIVE_RECOMPUTE: set[Any] = set()
 
 
-def kernel_op(name: str, *, fake: Callable[..., Any]) -> Callable[[Callable[..., Any]], Any]:
+def kernel_op(
+    name: str, *, fake: Callable[..., Any], keep_outputs: bool = False
+) -> Callable[[Callable[..., Any]], Any]:
     """Decorator: the function becomes the custom op `torch.ops.rwkv_ft.<name>` (schema inferred from
-    its type hints, no input mutated) with `fake` as its fake / meta implementation."""
+    its type hints, no input mutated) with `fake` as its fake / meta implementation. `keep_outputs`:
+    selective recompute keeps its outputs instead of running it again in the backward."""
 
     def define(fn: Callable[..., Any]):
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=())(fn)
         op.register_fake(fake)
+        if keep_outputs:
+            KEPT_BY_SELECTIVE_RECOMPUTE.add(getattr(getattr(torch.ops, NAMESPACE), name).default)
         return op
 
     return define

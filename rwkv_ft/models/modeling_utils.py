@@ -189,7 +189,8 @@ class RwkvPreTrainedModelMixin:
         """What the backward recomputes instead of keeping: "none"; "full" (whole-block activation
         checkpointing, as `gradient_checkpointing_enable`: only each block's input is kept); or
         "selective" (each block keeps its large matmuls' outputs and recomputes everything else:
-        norms, token shifts, elementwise chains, low-rank products, the WKV kernel)."""
+        norms, token shifts, elementwise chains, low-rank products, and the WKV kernels unless
+        their op is registered with `keep_outputs`, see `rwkv_ft.kernels.custom_ops`)."""
         if mode not in RECOMPUTE_MODES:
             raise ValueError(f"activation recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
         if self.is_gradient_checkpointing:
@@ -239,6 +240,10 @@ SELECTIVE_MIN_INNER_DIM = 128
 def _selective_recompute_policy(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
 
+    from rwkv_ft.kernels.custom_ops import KEPT_BY_SELECTIVE_RECOMPUTE
+
+    if op in KEPT_BY_SELECTIVE_RECOMPUTE:
+        return CheckpointPolicy.MUST_SAVE
     aten = torch.ops.aten
     if op in (aten.mm.default, aten.bmm.default) and args[0].shape[-1] >= SELECTIVE_MIN_INNER_DIM:
         return CheckpointPolicy.MUST_SAVE
