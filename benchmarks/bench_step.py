@@ -1,34 +1,53 @@
-"""Full LoRA training steps on a GPU: tokens/s, peak memory, a profile of where the step goes, and
-long-context runs (training.chunk_len), for RWKV-4 and RWKV-7 at published shapes, variants side
-by side in one run.
+"""Full LoRA training steps on a GPU, the variants of issue 11 side by side in one run: tokens/s,
+peak memory and compile time per (shape, variant), the HF Trainer path next to the bare loop, a
+profile of where a step goes, and long-context runs (training.chunk_len).
 
-    source .whl/prelude.sh && python -u benchmarks/bench_step.py [--shapes rwkv4-1.6b,rwkv7-1.5b]
-        [--variants eager,plain_head,grad_ckpt,autocast] [--profile] [--long-context] [--budget-s 420]
-    python benchmarks/bench_step.py --tiny        # CPU: checks the script in seconds
+    source .whl/prelude.sh && python -u benchmarks/bench_step.py [--profile] [--budget-s 330]
+        [--shapes rwkv4-1.6b,rwkv7-1.5b,rwkv4-7.6b] [--variants baseline,eager,compile,...] [--long-context]
+    python benchmarks/bench_step.py --tiny        # CPU: every variant on tiny models, in seconds
 
-Random weights in bf16 built directly on the device (the speed of a step does not depend on the
-values), LoRA r=16 alpha=32 dropout 0 on the version's default targets, AdamW lr 1e-4, random
-tokens, ctx 1024. `eager` is the library's default (the fused chunked head + cross-entropy in
-training); `plain_head` materialises the logits as transformers does; `grad_ckpt` adds activation
-checkpointing; `autocast` wraps the step in bf16 autocast (what the HF Trainer with bf16=True does).
-Prints a table last and writes DIR/bench_step.json (DIR: --out, default $OUT or '.').
+Random weights in bf16 built on the device (a step's speed does not depend on the values), LoRA
+r=16 alpha=32 dropout 0 on the version's default targets, AdamW (fused) lr 1e-4, random tokens,
+ctx 1024. Variants (all bf16 weights, no autocast):
+  baseline           eager, peft's stock LoRA forward (fp32 adapter compute: the state before issue 11)
+  eager              eager, LoRA in bf16 with fp32 master weights (the library's default now)
+  eager_selective    eager + selective recompute
+  compile            + model.compile_blocks() (inductor, fullgraph, per block)
+  compile_selective  + selective recompute (large matmul outputs kept, the rest recomputed)
+  compile_ckpt       + whole-block activation checkpointing
+  plain_head         compile, with the logits materialised and transformers' loss (no chunked head)
+  recipe             the real entry point (rwkv_ft.train.run: data pipeline, HF Trainer, clipping,
+                     NaN checks) at the compile_selective settings, on rows filled to ctx
+  recipe_shipped     the same with the shipped recipe's own settings (LoRA dropout 0.05, whole-block
+                     checkpointing, no compile) - the issue's 10.6k tok/s path
+Cases run in the order given until --budget-s is spent (model build and compilation included), so
+the most important come first; skipped cases are listed. Each case reports the median step time
+of --steps timed steps after --warmup, peak memory (allocated, after the warm-up), and the first
+step's extra time (compilation, autotuning, allocator growth) separately. --profile adds, for the
+--profile-variants, one profiled step: GPU time by kernel family, kernel launches, GPU busy time
+(union of kernel intervals) and the CPU gap (wall time the GPU sat idle).
+Prints a markdown table last and writes DIR/bench_step.json (DIR: --out, default $OUT or '.').
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
 import os
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 
 import rwkv_ft
+from rwkv_ft.adapters.fast_lora import enable_fast_lora
 from rwkv_ft.train import set_chunk_len
 
 # name: (version, layers, width, vocab, batch, extra config)
@@ -43,7 +62,7 @@ SHAPES = {
         4,
         dict(decay_low_rank=96, a_low_rank=96, v_low_rank=64, gate_low_rank=256),
     ),
-    "tiny4": ("rwkv4", 2, 128, 1000, 2, {}),
+    "tiny4": ("rwkv4", 2, 128, 65536, 2, {}),
     "tiny7": ("rwkv7", 2, 128, 1000, 2, dict(head_size=32)),
 }
 # /work/shared/anchors/README.md (nvidia-h200, 2026-12-02): tok/s, peak GiB of the peers' step.
@@ -52,6 +71,39 @@ ANCHORS = {
     "rwkv4-7.6b": ("transformers + peft + BlinkDL CUDA", 4630, 23.4),
     "rwkv7-1.5b": ("fla RWKV7ForCausalLM + peft", 12750, 19.5),
 }
+# Issue 11's goals: tok/s, peak GiB.
+GOALS = {"rwkv4-1.6b": (59000, 9.4), "rwkv4-7.6b": (11600, 16.0), "rwkv7-1.5b": (32000, 10.0)}
+VARIANTS = {
+    # name: (fast LoRA, compile, recompute, chunked head)
+    "baseline": (False, False, "none", True),
+    "eager": (True, False, "none", True),
+    "eager_selective": (True, False, "selective", True),
+    "compile": (True, True, "none", True),
+    "compile_selective": (True, True, "selective", True),
+    "compile_ckpt": (True, True, "full", True),
+    "plain_head": (True, True, "none", False),
+}
+RECIPE_VARIANTS = {
+    # name: (recipe overrides, the bare-loop variant it is compared with)
+    "recipe": (
+        ["adapter.dropout=0.0", "training.compile=true", "training.gradient_checkpointing=selective"],
+        "compile_selective",
+    ),
+    "recipe_shipped": ([], None),
+}
+DEFAULT_CASES = (
+    "rwkv4-1.6b:baseline,eager,compile,compile_selective,recipe,compile_ckpt,plain_head;"
+    "rwkv7-1.5b:baseline,eager,compile,compile_selective;"
+    "rwkv4-7.6b:eager,compile,compile_selective,compile_ckpt;"
+    "rwkv4-1.6b:eager_selective,recipe_shipped"
+)
+TINY_CASES = (
+    "tiny4:baseline,eager,eager_selective,compile,compile_selective,compile_ckpt,plain_head,recipe,recipe_shipped;"
+    "tiny7:baseline,compile_selective"
+)
+# --tiny: the CPU path is the WKV reference, unrolled over T when compiled: short sequences (the
+# recipe path needs rows long enough to hold an Alpaca prompt).
+TINY_CTX = {"recipe": 24}
 T0 = time.time()
 
 
@@ -65,10 +117,10 @@ def build(shape: str, device: str):
         config = rwkv_ft.Rwkv4Config(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, use_cache=False)
         cls = rwkv_ft.Rwkv4ForCausalLM
     else:
-        config = rwkv_ft.Rwkv7Config(
-            vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, use_cache=False, **extra
-        )
+        config = rwkv_ft.Rwkv7Config(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers, use_cache=False)
         cls = rwkv_ft.Rwkv7ForCausalLM
+    for key, value in extra.items():
+        setattr(config, key, value)
     with torch.device("meta"):
         model = cls(config)
     model = model.to_empty(device=device)
@@ -104,49 +156,57 @@ def gib(x: int) -> float:
     return x / 2**30
 
 
-def run_case(shape, variant, device, ctx, steps, warmup, batch=None, chunk=None, profile=False):
-    version, *_, default_batch, _ = SHAPES[shape]
-    batch = batch or default_batch
-    torch.cuda.empty_cache() if device == "cuda" else None
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_model(shape: str, variant: str, device: str, compile_kwargs: dict):
+    fast, compiled, recompute, chunked_head = VARIANTS[variant]
     model = build(shape, device)
-    if variant == "plain_head":
+    if not chunked_head:
         model.loss_chunk_rows = None
-    if variant == "grad_ckpt":
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0))
+    if fast:
+        enable_fast_lora(model)
+    model.set_activation_recompute(recompute)
+    if compiled:
+        model.compile_blocks(**compile_kwargs)
+    return model.train()
+
+
+def run_case(shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=None, chunk=None, profile=False):
+    batch = batch or SHAPES[shape][4]
+    model = bare_model(shape, variant, device, compile_kwargs)
     set_chunk_len(model, chunk)
-    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
-    vocab = model.config.vocab_size
-    ids = torch.randint(1, vocab, (batch, ctx), device=device)
+    ids = torch.randint(1, model.config.vocab_size, (batch, ctx), device=device)
     lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
     before = lora_b.detach().clone()
-    use_autocast = variant == "autocast" and device == "cuda"
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_autocast):
-            loss = model(ids, labels=ids).loss
+        loss = model(ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    warm_times = []
     for _ in range(warmup):
+        t = time.perf_counter()
         loss = step()
-    sync()
+        sync(device)
+        warm_times.append(time.perf_counter() - t)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
         t = time.perf_counter()
         loss = step()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - t)
-    times.sort()
-    median = times[len(times) // 2]
+    median = sorted(times)[len(times) // 2]
     result = {
         "shape": shape,
         "variant": variant,
@@ -154,10 +214,13 @@ def run_case(shape, variant, device, ctx, steps, warmup, batch=None, chunk=None,
         "ctx": ctx,
         "chunk_len": chunk,
         "step_s_median": median,
+        "step_s_all": times,
         "tok_s": batch * ctx / median,
+        "first_step_extra_s": warm_times[0] - median if warm_times else None,  # compilation, autotuning
         "peak_gib": gib(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
-        "loss": float(loss),
-        "finite": bool(math.isfinite(float(loss))),
+        "reserved_gib": gib(torch.cuda.max_memory_reserved()) if device == "cuda" else None,
+        "loss": float(loss.detach()),
+        "finite": bool(math.isfinite(float(loss.detach()))),
         "lora_moved": bool((lora_b.detach() != before).any()),
     }
     if profile:
@@ -165,9 +228,111 @@ def run_case(shape, variant, device, ctx, steps, warmup, batch=None, chunk=None,
     return result  # the model and optimizer go with this frame; main() collects between cases
 
 
+# --------------------------------------------------------------------------------------------------
+# The recipe path (rwkv_ft.train.run: data pipeline, Trainer), on the same shapes
+
+
+class StepTimer:
+    """A Trainer callback: wall time and tokens of `count` steps after the first `skip`, stopped at
+    the end of the last of them (not after the final save); with `profile`, one more step runs
+    under torch.profiler (from on_step_begin: the data loading before it is not in the profile)."""
+
+    def __init__(self, skip: int, count: int, device: str, profile: bool = False):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                timer.first_started = time.perf_counter()
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                if state.global_step == 1:
+                    timer.first_step_s = time.perf_counter() - timer.first_started
+                if state.global_step == timer.skip:
+                    sync(device)
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    timer.started, timer.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+                if profile and state.global_step == timer.skip + timer.count:
+                    timer.profiler = Profiler(device)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == timer.skip + timer.count:
+                    sync(device)
+                    timer.seconds = time.perf_counter() - timer.started
+                    timer.tokens = state.num_input_tokens_seen - timer.tokens0
+                if timer.profiler is not None and state.global_step == timer.skip + timer.count + 1:
+                    timer.profile = timer.profiler.stop()
+
+        self.skip, self.count, self.callback = skip, count, Callback()
+        self.started = self.first_started = self.first_step_s = self.seconds = None
+        self.profiler = self.profile = None
+
+
+def run_recipe_case(shape, variant, device, ctx, steps, warmup, work: Path, profile: bool = False) -> dict:
+    """rwkv_ft.train.run on a random bf16 model of `shape` saved to disk, rows filled to `ctx`."""
+    from bench_recipe import long_rows
+
+    from rwkv_ft.recipe import load_recipe
+    from rwkv_ft.train import run
+
+    version, *_, batch, _ = SHAPES[shape]
+    base = work / f"base-{shape}"
+    if not base.exists():
+        build(shape, device).save_pretrained(base)
+        gc.collect()
+    recipe_file = Path(__file__).resolve().parents[1] / "recipes" / f"{version}_alpaca_lora.yaml"
+    total = warmup + steps + int(profile)
+    # rows whose prompt does not fit in ctx are skipped by the data pipeline: room for that
+    data = long_rows(work / f"rows-{ctx}.jsonl", rows=4 * total * batch, answers_per_row=max(ctx // 16, 3))
+    overrides, compared_with = RECIPE_VARIANTS[variant]
+    recipe = load_recipe(
+        recipe_file,
+        [
+            f"model.path={base}", "model.dtype=bf16", "tokenizer=world", f"data.path={data}",
+            f"data.max_length={ctx}", "data.eval_fraction=null", "data.pack=false",
+            f"training.output_dir={work / f'out-{shape}-{variant}'}", f"training.max_steps={total}",
+            f"training.batch_size={batch}", "training.grad_accum=1", "training.lr=1e-4",
+            "training.schedule=constant", "training.warmup_ratio=0", "training.save_steps=100000",
+            f"training.logging_steps={total}", "merge.enabled=false", "generate.prompt=null",
+            *overrides,
+        ],
+    )  # fmt: skip
+    timer = StepTimer(warmup, steps, device, profile)
+    summary = run(recipe, callbacks=[timer.callback])
+    median = timer.seconds / steps
+    result = {
+        "shape": shape,
+        "variant": variant,
+        "compared_with": compared_with,
+        "batch": batch,
+        "ctx": ctx,
+        "chunk_len": None,
+        "overrides": overrides,
+        "step_s_median": median,  # the mean over the timed steps: the Trainer gives no per-step times
+        "tok_s": timer.tokens / timer.seconds,
+        "first_step_extra_s": timer.first_step_s - median if timer.first_step_s else None,
+        "peak_gib": gib(torch.cuda.max_memory_allocated()) if device == "cuda" else None,
+        "reserved_gib": gib(torch.cuda.max_memory_reserved()) if device == "cuda" else None,
+        "loss": summary["train_loss"],
+        "finite": bool(math.isfinite(summary["train_loss"])),
+        "lora_moved": True,
+    }
+    if timer.profile is not None:
+        result["profile"] = timer.profile
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Profile
+
+
 FAMILIES = [
     ("wkv", ("_fwd_kernel", "_bwd_kernel", "_fwd_fused", "_bwd_fused", "wkv")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "sm90", "xmma", "matmul", "cublas")),
+    ("fused (inductor)", ("triton_poi", "triton_red", "triton_per", "triton_tem")),
+    ("matmul fp32", ("f32f32", "sgemm", "tf32", "gemm_f32")),
+    ("matmul bf16/fp16", ("gemm", "cutlass", "nvjet", "xmma", "matmul", "cublas")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
     ("loss/softmax", ("softmax", "cross_entropy", "nll", "logsumexp", "log_softmax")),
     ("norm", ("layer_norm", "group_norm", "norm")),
@@ -177,119 +342,248 @@ FAMILIES = [
 ]
 
 
-def profile_step(step, device) -> dict:
-    from torch.profiler import ProfilerActivity, profile
+def family_of(name: str) -> str:
+    name = name.lower()
+    return next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    wall = time.perf_counter()
-    with profile(activities=activities) as prof:
-        step()
-        sync()
-    wall = time.perf_counter() - wall
-    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"] if device == "cuda" else []
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals in us, as ms."""
+    total, end = 0.0, -math.inf
+    for s, e in sorted(intervals):
+        if s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total / 1e3
+
+
+class Profiler:
+    """torch.profiler around what runs between construction and `stop()`."""
+
+    def __init__(self, device: str):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.device = device
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        sync(device)
+        self.prof = profile(activities=activities, acc_events=True)
+        self.prof.__enter__()
+        self.wall = time.perf_counter()
+
+    def stop(self) -> dict:
+        sync(self.device)
+        wall = (time.perf_counter() - self.wall) * 1e3
+        self.prof.__exit__(None, None, None)
+        return summarize(self.prof.events(), wall, self.device)
+
+
+def profile_step(step, device) -> dict:
+    profiler = Profiler(device)
+    step()
+    return profiler.stop()
+
+
+def summarize(events, wall: float, device: str) -> dict:
+    """GPU time by kernel family, launches, GPU busy time and the CPU gap of a profiled span."""
+    kernels = [e for e in events if e.device_type.name == "CUDA"] if device == "cuda" else []
     by_family = defaultdict(lambda: [0.0, 0])
     by_name = defaultdict(float)
+    intervals = []
     for e in kernels:
-        name = e.name.lower()
-        family = next((f for f, keys in FAMILIES if any(k in name for k in keys)), "other")
+        family = family_of(e.name)
         by_family[family][0] += e.device_time / 1e3  # us -> ms
         by_family[family][1] += 1
         by_name[e.name[:90]] += e.device_time / 1e3
-    busy = sum(v[0] for v in by_family.values())
+        intervals.append((e.time_range.start, e.time_range.end))
+    summed = sum(v[0] for v in by_family.values())
+    busy = busy_ms(intervals)
+    cpu_ops = defaultdict(int)
+    for e in events:
+        if e.device_type.name == "CPU" and e.name.startswith("aten::"):
+            cpu_ops[e.name] += 1
     return {
-        "wall_ms_profiled": wall * 1e3,
+        "wall_ms_profiled": wall,
+        "gpu_kernel_ms_summed": summed,
         "gpu_busy_ms": busy,
+        "cpu_gap_ms": max(wall - busy, 0.0) if kernels else None,  # the GPU idle, waiting for the host
         "launches": len(kernels),
         "families": {
-            f: {"ms": round(ms, 3), "pct": round(100 * ms / busy, 1) if busy else 0, "count": n}
+            f: {"ms": round(ms, 3), "pct": round(100 * ms / summed, 1) if summed else 0, "count": n}
             for f, (ms, n) in sorted(by_family.items(), key=lambda kv: -kv[1][0])
         },  # fmt: skip
         "top": sorted(((round(ms, 3), n) for n, ms in by_name.items()), reverse=True)[:15],
+        "aten_calls": sum(cpu_ops.values()),
+        "aten_top": sorted(((c, n) for n, c in cpu_ops.items()), reverse=True)[:12],
     }
+
+
+def log_profile(p: dict) -> None:
+    gap = f"{p['cpu_gap_ms']:.1f}" if p["cpu_gap_ms"] is not None else "-"
+    log(
+        f"  profile: wall {p['wall_ms_profiled']:.1f} ms, GPU busy {p['gpu_busy_ms']:.1f} ms "
+        f"(kernels summed {p['gpu_kernel_ms_summed']:.1f}), CPU gap {gap} ms, {p['launches']} launches, "
+        f"{p['aten_calls']} aten calls"
+    )
+    for f, v in p["families"].items():
+        log(f"    {f:18s} {v['ms']:8.2f} ms {v['pct']:5.1f}%  x{v['count']}")
+    for ms, name in p["top"]:
+        log(f"    {ms:8.2f} ms  {name}")
+    log("    aten calls: " + ", ".join(f"{name.removeprefix('aten::')} {n}" for n, name in p["aten_top"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+
+
+def parse_cases(spec: str) -> list[tuple[str, str]]:
+    """ "shape:v1,v2;shape2:v3" -> [(shape, v1), (shape, v2), (shape2, v3)]."""
+    cases = []
+    for group in filter(None, spec.split(";")):
+        shape, variants = group.split(":")
+        cases += [(shape.strip(), v.strip()) for v in variants.split(",") if v.strip()]
+    for shape, variant in cases:
+        if shape not in SHAPES or (variant not in VARIANTS and variant not in RECIPE_VARIANTS):
+            raise SystemExit(f"unknown case {shape}:{variant} (shapes: {', '.join(SHAPES)}; variants: "
+                             f"{', '.join([*VARIANTS, *RECIPE_VARIANTS])})")  # fmt: skip
+    return cases
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="rwkv4-1.6b,rwkv7-1.5b")
-    ap.add_argument("--variants", default="eager,plain_head,grad_ckpt,autocast")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler of one eager step per shape")
+    ap.add_argument("--cases", default=None, help=f"'shape:variant,...;shape:...' (default: {DEFAULT_CASES})")
+    ap.add_argument("--shapes", default=None, help="with --variants: their product instead of --cases")
+    ap.add_argument("--variants", default=None)
+    ap.add_argument("--profile", action="store_true", help="one profiled step for --profile-variants")
+    ap.add_argument("--profile-variants", default="baseline,compile,compile_selective,recipe")
     ap.add_argument("--long-context", action="store_true", help="batch 1, T up to 131072, chunk 4096")
     ap.add_argument("--long-shapes", default="rwkv7-1.5b,rwkv4-1.6b")
     ap.add_argument("--lengths", default="4096,16384,65536,131072")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--budget-s", type=float, default=420)
+    ap.add_argument("--budget-s", type=float, default=330, help="start no case after this many seconds "
+                    "(a case takes up to ~90 s: build, compilation, steps)")  # fmt: skip
+    ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --tiny: "
+                    "eager: dynamo's fullgraph capture, the graphs run as they are; tests/test_compile.py covers "
+                    "AOTAutograd and inductor)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     chunk = 4096
     if args.tiny:
-        args.shapes, args.long_shapes, args.lengths, args.ctx, args.steps, args.warmup = (
-            "tiny4,tiny7", "tiny7,tiny4", "256,1024", 64, 2, 1)  # fmt: skip
-        chunk = 128
-    results = {"date": datetime.date.today().isoformat(), "device": torch.cuda.get_device_name() if device == "cuda"
-               else "cpu", "torch": torch.__version__, "cases": []}  # fmt: skip
-    cases = [
-        (s, v, None, None, args.profile and v == "eager")
-        for s in args.shapes.split(",")
-        for v in args.variants.split(",")
-    ]
+        args.long_shapes, args.lengths, args.ctx, args.steps, args.warmup = "tiny4", "24", 8, 2, 1
+        args.compile_backend = args.compile_backend or "eager"
+        chunk = 8
+    compile_kwargs = {"backend": args.compile_backend} if args.compile_backend else {}
+    if compile_kwargs:  # the recipe path compiles through model.compile_blocks(): the same backend there
+        from rwkv_ft.models.modeling_utils import RwkvPreTrainedModelMixin
+
+        compile_blocks = RwkvPreTrainedModelMixin.compile_blocks
+        RwkvPreTrainedModelMixin.compile_blocks = lambda self, **kw: compile_blocks(self, **{**compile_kwargs, **kw})
+    if args.shapes or args.variants:
+        shapes = (args.shapes or "rwkv4-1.6b").split(",")
+        variants = (args.variants or "baseline,eager,compile,compile_selective").split(",")
+        cases = [(s, v) for s in shapes for v in variants]
+    else:
+        cases = parse_cases(args.cases or (TINY_CASES if args.tiny else DEFAULT_CASES))
+    profiled = set(args.profile_variants.split(",")) if args.profile else set()
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "compile_backend": args.compile_backend or "inductor",
+        "cases": [],
+    }
+    work = Path(tempfile.mkdtemp(prefix="bench_step_"))
+    jobs = [(s, v, None, None) for s, v in cases]
     if args.long_context:
-        cases += [
-            (s, "eager", int(T), chunk, False) for s in args.long_shapes.split(",") for T in args.lengths.split(",")
-        ]
-    for shape, variant, T, chunk_len, prof in cases:
+        jobs += [(s, "eager", int(T), chunk) for s in args.long_shapes.split(",") for T in args.lengths.split(",")]
+    for shape, variant, T, chunk_len in jobs:
         label = f"{shape} {variant}" + (f" T={T} chunk={chunk_len}" if T else "")
         if time.time() - T0 > args.budget_s:
             log(f"{label}: skipped (time budget)")
-            results["cases"].append({"shape": shape, "variant": variant, "ctx": T, "skipped": "budget"})
+            results["cases"].append({"shape": shape, "variant": variant, "ctx": T or args.ctx, "skipped": "budget"})
             continue
+        started = time.time()
+        ctx = T or (TINY_CTX.get(variant.split("_")[0], args.ctx) if args.tiny else args.ctx)
         try:
-            r = run_case(shape, variant, device, T or args.ctx, args.steps if not T else 2, args.warmup if not T else 1,
-                         batch=1 if T else None, chunk=chunk_len, profile=prof)  # fmt: skip
+            if variant in RECIPE_VARIANTS:
+                r = run_recipe_case(shape, variant, device, ctx, args.steps, args.warmup, work, variant in profiled)
+            else:
+                case = functools.partial(
+                    run_case, shape, variant, device, ctx, args.steps if not T else 2, args.warmup if not T else 1,
+                    batch=1 if T else None, chunk=chunk_len, profile=variant in profiled and not T,
+                )  # fmt: skip
+                try:
+                    r = case(compile_kwargs)
+                except torch._dynamo.exc.TorchDynamoException as exc:
+                    if not VARIANTS[variant][1]:
+                        raise
+                    # A kernel that is not yet a custom op (WKV-7 today) may break the graph: measure
+                    # with the breaks, and say so.
+                    log(f"{label}: fullgraph failed ({type(exc).__name__}: {str(exc)[:200]}); again without")
+                    torch._dynamo.reset()
+                    gc.collect()
+                    r = case({**compile_kwargs, "fullgraph": False})
+                    r["fullgraph_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            r["case_s"] = time.time() - started
+            peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
             log(
-                f"{label}: {r['tok_s']:.0f} tok/s, peak {r['peak_gib']} GiB, loss {r['loss']:.3f}, "
-                + f"lora moved {r['lora_moved']}"
+                f"{label}: {r['tok_s']:.0f} tok/s, step {1e3 * r['step_s_median']:.1f} ms, peak {peak} GiB, "
+                f"first step +{r['first_step_extra_s'] or 0:.1f} s, loss {r['loss']:.3f}, lora moved "
+                f"{r['lora_moved']}, case {r['case_s']:.0f} s"
             )
             if "profile" in r:
-                p = r["profile"]
-                log(
-                    f"  profile: wall {p['wall_ms_profiled']:.1f} ms, GPU busy {p['gpu_busy_ms']:.1f} ms, "
-                    + f"{p['launches']} launches"
-                )
-                for f, v in p["families"].items():
-                    log(f"    {f:14s} {v['ms']:8.2f} ms {v['pct']:5.1f}%  x{v['count']}")
-                for ms, name in p["top"]:
-                    log(f"    {ms:8.2f} ms  {name}")
+                log_profile(r["profile"])
         except torch.cuda.OutOfMemoryError:
-            r = {"shape": shape, "variant": variant, "ctx": T, "error": "OOM"}
+            r = {"shape": shape, "variant": variant, "ctx": T or args.ctx, "error": "OOM"}
             log(f"{label}: OOM")
         except Exception as exc:  # noqa: BLE001  (one failing case must not end the run)
-            r = {"shape": shape, "variant": variant, "ctx": T, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            r = {
+                "shape": shape,
+                "variant": variant,
+                "ctx": T or args.ctx,
+                "error": f"{type(exc).__name__}: {exc}"[:500],
+            }
             log(f"{label}: FAILED {r['error']}")
         results["cases"].append(r)
+        torch._dynamo.reset()  # each case compiles its own graphs (inductor's on-disk cache still applies)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_step.json"), "w") as f:
         json.dump(results, f, indent=1)
-    log(f"\n{results['device']} {results['date']} torch {results['torch']}; wall {time.time() - T0:.0f} s")
-    log("| shape | variant | ctx | tok/s | peak GiB | anchor tok/s, GiB | ours / anchor |")
-    log("|---|---|---|---|---|---|---|")
+    print_table(results, time.time() - T0)
+
+
+def print_table(results: dict, wall: float) -> None:
+    log(f"\n{results['device']} {results['date']} torch {results['torch']}, compile backend "
+        f"{results['compile_backend']}; wall {wall:.0f} s")  # fmt: skip
+    log("| shape | variant | ctx | tok/s | step ms | peak GiB | 1st step + s | vs anchor | goal tok/s, GiB | note |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    by_key = {(r["shape"], r["variant"]): r for r in results["cases"] if "tok_s" in r and not r.get("chunk_len")}
     for r in results["cases"]:
         if "tok_s" not in r:
-            log(f"| {r['shape']} | {r['variant']} | {r.get('ctx')} | {r.get('error', r.get('skipped'))} | | | |")
+            log(f"| {r['shape']} | {r['variant']} | {r.get('ctx')} | {r.get('error', r.get('skipped'))} | | | | | | |")
             continue
         anchor = ANCHORS.get(r["shape"]) if not r["chunk_len"] else None
         ratio = f"{r['tok_s'] / anchor[1]:.2f}x" if anchor else ""
-        a = f"{anchor[1]}, {anchor[2]}" if anchor else ""
+        goal = GOALS.get(r["shape"]) if not r["chunk_len"] else None
+        goal_txt = f"{goal[0]}, {goal[1]}" if goal else ""
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        log(f"| {r['shape']} | {r['variant']} | {r['ctx']} | {r['tok_s']:.0f} | {peak} | {a} | {ratio} |")
+        extra = f"{r['first_step_extra_s']:.1f}" if r.get("first_step_extra_s") is not None else "-"
+        note = "graph breaks (fullgraph failed)" if r.get("fullgraph_error") else ""
+        if r.get("compared_with") and (r["shape"], r["compared_with"]) in by_key:
+            bare = by_key[(r["shape"], r["compared_with"])]
+            note = f"{r['tok_s'] / bare['tok_s']:.2f}x {r['compared_with']}"
+        ms = 1e3 * r["step_s_median"]
+        log(f"| {r['shape']} | {r['variant']} | {r['ctx']} | {r['tok_s']:.0f} | {ms:.1f} | {peak} | {extra} | "
+            f"{ratio} | {goal_txt} | {note} |")  # fmt: skip
 
 
 if __name__ == "__main__":

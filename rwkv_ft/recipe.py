@@ -56,6 +56,9 @@ class AdapterSection:
     modules_to_save: list[str] | None = None
     use_dora: bool = False
     use_rslora: bool = False
+    # base: LoRA matmuls in the activations' dtype (bf16 on a bf16 base), fp32 master weights; fp32: peft's
+    # own forward, which upcasts every adapted layer's input to fp32 (slower; see rwkv_ft/adapters/fast_lora.py)
+    lora_compute: str = "base"
     train_token_shift: bool = False  # state tuning: also learn the token-shift states
 
 
@@ -73,8 +76,10 @@ class TrainingSection:
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
-    gradient_checkpointing: bool = False
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; none needed with bf16 weights, see rwkv_ft.train)
+    # false | true (whole blocks: least memory) | selective (keep the large matmuls' outputs, recompute the rest)
+    gradient_checkpointing: bool | str = False
+    compile: bool = False  # torch.compile every block (fused elementwise work, far fewer kernel launches)
     chunk_len: int | None = None  # long-context training: run samples in chunks of this many tokens (exact gradient)
     logging_steps: int = 1
     eval_steps: int | None = None  # null: evaluate at the end of each epoch
@@ -119,8 +124,10 @@ CHOICES = {
     "model.wkv_backend": ("auto", "triton", "torch"),
     "data.format": ("auto", "alpaca", "sharegpt", "openai", "document"),
     "adapter.type": ("lora", "state", "none"),
+    "adapter.lora_compute": ("base", "fp32"),
     "training.schedule": ("cosine", "linear", "constant_with_warmup", "constant"),
     "training.precision": ("fp32", "bf16", "fp16"),
+    "training.gradient_checkpointing": (False, True, "selective"),
     "merge.dtype": ("fp32", "bf16", "fp16"),
     "merge.format": ("hf", "pth", "transformers"),
 }

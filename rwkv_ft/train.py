@@ -198,19 +198,22 @@ def attach_adapter(model, recipe: Recipe):
     from rwkv_ft.models.modeling_utils import enable_activation_checkpointing
 
     spec, quantized = recipe.adapter, recipe.model.quantization is not None
-    gradient_checkpointing = recipe.training.gradient_checkpointing
+    checkpointing = recipe.training.gradient_checkpointing
+    whole_blocks = checkpointing is True
     if quantized:
         from rwkv_ft.io import DTYPES
         from rwkv_ft.quantization import prepare_for_kbit_training
 
         frozen_dtype = DTYPES[recipe.model.dtype] if recipe.model.dtype != "fp32" else None
-        model = prepare_for_kbit_training(
-            model, gradient_checkpointing=gradient_checkpointing, frozen_dtype=frozen_dtype
-        )
-    elif gradient_checkpointing:
+        model = prepare_for_kbit_training(model, gradient_checkpointing=whole_blocks, frozen_dtype=frozen_dtype)
+    elif whole_blocks:
         enable_activation_checkpointing(model)
         if spec.type != "none":
             model.enable_input_require_grads()
+    if checkpointing == "selective":
+        enable_activation_checkpointing(model, "selective")
+    if recipe.training.compile:
+        model.compile_blocks()  # the blocks are compiled lazily, at their first call
     if spec.type == "none":
         if quantized:
             raise RecipeError("recipe: adapter.type none (full fine-tuning) cannot train a quantized base")
@@ -233,7 +236,12 @@ def attach_adapter(model, recipe: Recipe):
             use_rslora=spec.use_rslora,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
+    if spec.lora_compute == "base":
+        from rwkv_ft.adapters.fast_lora import enable_fast_lora
+
+        enable_fast_lora(model)
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,6 +493,13 @@ def _length_grouping(enabled: bool) -> dict[str, Any]:
     return {"group_by_length": enabled}
 
 
+def needs_autocast(recipe: Recipe) -> bool:
+    """Whether training.precision bf16 needs autocast: not over plain bf16 weights, where the matmuls
+    already run in bf16 and autocast would only upcast norms and some elementwise ops to fp32 (their
+    outputs, and everything after them up to the next matmul, then cost twice the bytes and a cast)."""
+    return not (recipe.model.dtype == "bf16" and recipe.model.quantization is None)
+
+
 def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool):
     import torch
     from transformers import TrainingArguments
@@ -504,7 +519,7 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool):
         warmup_steps=t.warmup_steps or (t.warmup_ratio if 0 < t.warmup_ratio < 1 else 0),
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        bf16=t.precision == "bf16",
+        bf16=t.precision == "bf16" and needs_autocast(recipe),
         fp16=t.precision == "fp16",
         logging_steps=t.logging_steps,
         eval_strategy=eval_strategy,
@@ -523,6 +538,9 @@ def training_arguments(recipe: Recipe, output_dir: Path, has_eval: bool):
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",
+        # RwkvTrainer.training_step stops on a non-finite loss already; the Trainer's own filter
+        # would read the loss on the host once more every step.
+        logging_nan_inf_filter=False,
     )
 
 

@@ -280,3 +280,56 @@ def test_cli_train_merges_and_prints_a_sample(tmp_path, capsys):
     assert main(["train", str(recipe), *args, f"training.output_dir={tmp_path}"]) == 0
     printed = capsys.readouterr().out
     assert f"merged model: {tmp_path / 'merged'}" in printed and "sample: 'Say hi.' -> " in printed
+
+
+# ------------------------------------------------------------------------------------------------
+# Training-step speed switches (issue 11)
+
+
+def test_speed_switches_reach_the_model(tmp_path):
+    """adapter.lora_compute, training.compile and training.gradient_checkpointing=selective are
+    applied by attach_adapter; bf16 weights train without autocast (it would only upcast norms)."""
+    from rwkv_ft.adapters.fast_lora import FastLoraLinear
+    from rwkv_ft.models.modeling_utils import rwkv_blocks
+    from rwkv_ft.testing import tiny_rwkv4
+    from rwkv_ft.train import attach_adapter, needs_autocast, training_arguments
+
+    def attached(*overrides):
+        return attach_adapter(tiny_rwkv4(), tiny_recipe(tmp_path, *overrides))
+
+    fast = attached("training.compile=true", "training.gradient_checkpointing=selective")
+    assert any(isinstance(m, FastLoraLinear) for m in fast.modules())
+    assert all(b.selective_recompute and b._compiled_call_impl is not None for b in rwkv_blocks(fast))
+    stock = attached("adapter.lora_compute=fp32")
+    assert not any(isinstance(m, FastLoraLinear) for m in stock.modules())
+    assert all(not b.selective_recompute and b._compiled_call_impl is None for b in rwkv_blocks(stock))
+
+    bf16 = tiny_recipe(tmp_path, "model.dtype=bf16", "training.precision=bf16")
+    assert not needs_autocast(bf16) and not training_arguments(bf16, tmp_path, False).bf16
+    for other in (["model.dtype=fp32"], ["model.dtype=bf16", "model.quantization=nf4"]):
+        recipe = tiny_recipe(tmp_path, "training.precision=bf16", *other)
+        assert needs_autocast(recipe) and training_arguments(recipe, tmp_path, False).bf16
+
+
+@pytest.mark.slow
+def test_compiled_run_with_selective_recompute_matches_eager(tmp_path):
+    """training.compile=true with selective recompute and the Triton WKV op (interpreter here) trains
+    through the real Trainer loop: the same losses, step by step, as the eager run."""
+    from torch._dynamo.utils import counters
+
+    args = ["training.max_steps=3", "data.eval_fraction=null", "model.wkv_backend=triton", "data.max_length=32"]
+    eager = run(tiny_recipe(tmp_path / "eager", *args))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(
+        tiny_recipe(tmp_path / "compiled", *args, "training.compile=true", "training.gradient_checkpointing=selective")
+    )
+    assert counters["stats"]["unique_graphs"] > 0, "the blocks ran compiled"
+    torch._dynamo.reset()
+
+    def losses(directory):
+        history = json.loads((complete_checkpoints(directory)[-1] / "trainer_state.json").read_text())["log_history"]
+        return torch.tensor([entry["loss"] for entry in history if "loss" in entry])
+
+    assert compiled["steps"] == eager["steps"] == 3
+    assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rel=1e-4, name="losses")

@@ -1,15 +1,17 @@
 """Public entry point of the RWKV-4 WKV operator: validation and backend dispatch.
 
-The Triton backend lives in `triton_wkv4.py` (chunked over time, see its module docstring); it is
-imported lazily so that CPU-only use of the reference never imports triton.
+The Triton backend lives in `triton_wkv4.py` (chunked over time, see its module docstring) and is
+called through the custom ops of `ops.py` (opaque to torch.compile); triton is imported on the first
+launch, so CPU-only use of the reference never imports it.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from rwkv_ft.kernels.custom_ops import runs_kernel
+
+from .ops import wkv4_op
 from .reference import wkv4_reference
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -38,10 +40,6 @@ def _check_shapes(time_decay, time_first, k, v, state) -> None:
         raise ValueError(f"wkv4: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def _triton_available_for(k: torch.Tensor) -> bool:
-    return k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def wkv4(
     time_decay: torch.Tensor,
     time_first: torch.Tensor,
@@ -64,23 +62,22 @@ def wkv4(
         y: (B, T, C) in k's dtype; new_state: (B, 3, C) fp32, the state after the last token.
 
     Differentiable w.r.t. time_decay, time_first, k, v and state; the loss may depend on new_state.
-    "auto" runs Triton on CUDA tensors of the three kernel dtypes and the reference otherwise;
-    "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported).
+    "auto" runs Triton on CUDA tensors of the three kernel dtypes (and the kernel op's shape-only
+    implementation on meta tensors) and the reference otherwise; "triton" on CPU tensors needs
+    TRITON_INTERPRET=1 (set before triton is imported).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"wkv4: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     _check_shapes(time_decay, time_first, k, v, state)
     if backend == "torch":
         return wkv4_reference(time_decay, time_first, k, v, state)
-    if backend == "auto" and not (k.is_cuda and k.dtype in _KERNEL_DTYPES):
+    if backend == "auto" and not ((k.is_cuda or k.is_meta) and k.dtype in _KERNEL_DTYPES):
         return wkv4_reference(time_decay, time_first, k, v, state)
     if k.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"wkv4: the triton backend takes fp32, bf16 or fp16 k/v, got {k.dtype}")
-    if not _triton_available_for(k):
+    if not runs_kernel(k):
         raise RuntimeError(
             "wkv4: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
             "imported) to run on CPU under the Triton interpreter"
         )
-    from .triton_wkv4 import wkv4_triton
-
-    return wkv4_triton(time_decay, time_first, k, v, state)
+    return wkv4_op(time_decay, time_first, k, v, state)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 # model_kwargs key holding our _GenerationState (not a cache name any transformers release knows).
@@ -160,11 +161,60 @@ class RwkvPreTrainedModelMixin:
                 "ignore", message=".*gradient_checkpointing_disable.*deprecated", category=FutureWarning
             )
             PreTrainedModel.gradient_checkpointing_disable(self)
+        for block in rwkv_blocks(self):
+            block.selective_recompute = False
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """`torch.compile` every block (`fullgraph=True` unless overridden), in place.
+
+        The blocks are where the time goes; compiling each one fuses its elementwise chains (token
+        shift and lerps, sigmoid / squared ReLU, norms, LoRA's scale-and-add) and removes most
+        kernel launches, while the embedding, the head and the loss stay eager. Every block after
+        the first shares one compiled graph; the WKV kernels are custom ops the graph calls as they
+        are. Works with peft's LoRA (call it after `get_peft_model`, or on the peft model: peft
+        forwards the call), with gradient checkpointing and selective recompute, in training and
+        inference. Compilation happens at the first call; a new sequence length compiles once more
+        (then with a dynamic length). `rwkv_ft.train` calls this for `training.compile: true`.
+        """
+        kwargs = {"fullgraph": True, **compile_kwargs}
+        # Every block of every model shares one code object, so dynamo's per-code cache holds one
+        # entry per (first block / others) x (train / no-grad) x (static / dynamic length) x (with
+        # a state / mask, ...) x models in this process; past its limit a fullgraph compile fails.
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_BLOCK_VARIANTS)
+        for block in rwkv_blocks(self):
+            block.compile(**kwargs)
+
+    def set_activation_recompute(self, mode: str) -> None:
+        """What the backward recomputes instead of keeping: "none"; "full" (whole-block activation
+        checkpointing, as `gradient_checkpointing_enable`: only each block's input is kept); or
+        "selective" (each block keeps its large matmuls' outputs and recomputes everything else:
+        norms, token shifts, elementwise chains, low-rank products, and the WKV kernels unless
+        their op is registered with `keep_outputs`, see `rwkv_ft.kernels.custom_ops`)."""
+        if mode not in RECOMPUTE_MODES:
+            raise ValueError(f"activation recompute must be one of {', '.join(RECOMPUTE_MODES)}, got {mode!r}")
+        if self.is_gradient_checkpointing:
+            self.gradient_checkpointing_disable()
+        if mode == "full":
+            enable_activation_checkpointing(self)
+        for block in rwkv_blocks(self):
+            block.selective_recompute = mode == "selective"
 
 
-def enable_activation_checkpointing(model: torch.nn.Module) -> None:
-    """Turn on non-reentrant activation checkpointing on a transformers model (or a peft wrapper),
-    through whichever name this transformers release offers."""
+RECOMPUTE_MODES = ("none", "full", "selective")
+# dynamo's recompile limit while blocks are compiled (its default, 8, is reached by one model's
+# training, evaluation and generation graphs at a few sequence lengths).
+COMPILED_BLOCK_VARIANTS = 64
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, mode: str = "full") -> None:
+    """Turn on activation checkpointing on a transformers model (or a peft wrapper): "full"
+    (non-reentrant, through whichever name this transformers release offers) or "selective" (see
+    `RwkvPreTrainedModelMixin.set_activation_recompute`)."""
+    if mode == "selective":
+        for block in rwkv_blocks(model):
+            block.selective_recompute = True
+        return
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -172,9 +222,87 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def rwkv_blocks(model: torch.nn.Module) -> list[RwkvBlock]:
+    """Every RWKV block inside `model` (a model of ours, or a peft / DDP wrapper around one)."""
+    return [m for m in model.modules() if isinstance(m, RwkvBlock)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocks: selective recompute
+
+
+# Matmuls whose outputs selective recompute keeps: recomputing them would cost a large share of the
+# forward. A product over an inner dimension this small (LoRA's r, RWKV-7's low-rank maps) is cheap
+# to recompute and its output may be as large as a big one's.
+SELECTIVE_MIN_INNER_DIM = 128
+
+
+def _selective_recompute_policy(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from rwkv_ft.kernels.custom_ops import KEPT_BY_SELECTIVE_RECOMPUTE
+
+    if op in KEPT_BY_SELECTIVE_RECOMPUTE:
+        return CheckpointPolicy.MUST_SAVE
+    aten = torch.ops.aten
+    if op in (aten.mm.default, aten.bmm.default) and args[0].shape[-1] >= SELECTIVE_MIN_INNER_DIM:
+        return CheckpointPolicy.MUST_SAVE
+    if op in (aten.addmm.default, aten.baddbmm.default) and args[1].shape[-1] >= SELECTIVE_MIN_INNER_DIM:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_recompute_context():
+    """The `context_fn` of `torch.utils.checkpoint.checkpoint` for selective recompute."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_selective_recompute_policy)
+
+
+class RwkvBlock(GradientCheckpointingLayer):
+    """What every version's block shares. A block is called as `block(hidden, layer_state, mask,
+    reset, carry)` and returns `(hidden, new_layer_state, carry)` (see `RwkvModelBase`); the version
+    implements `block_forward` with that contract.
+
+    With `selective_recompute` (set by `set_activation_recompute("selective")`) a training forward
+    runs under a selective activation checkpoint: the outputs of the large matmuls are kept, all
+    else is recomputed in the backward. It lives inside `forward`, so a compiled block
+    (`compile_blocks`) compiles the checkpoint with it and the recompute is part of its backward graph.
+    """
+
+    selective_recompute: bool = False
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        layer_state: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        reset: torch.Tensor | None = None,
+        carry: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self.selective_recompute and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(
+                self.block_forward, hidden, layer_state, mask, reset, carry,
+                use_reentrant=False, context_fn=selective_recompute_context,
+            )  # fmt: skip
+        return self.block_forward(hidden, layer_state, mask, reset, carry)
+
+    def block_forward(
+        self,
+        hidden: torch.Tensor,
+        layer_state: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        reset: torch.Tensor | None = None,
+        carry: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """A clear error for ids outside the embedding (instead of an IndexError or a CUDA assert)."""
-    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+    if input_ids.numel() == 0 or input_ids.is_meta or torch.compiler.is_compiling():
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
@@ -486,7 +614,9 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
     # In training, the head's logits and their cross-entropy are computed this many rows at a time
     # (`rwkv_ft.models.loss`): the B x T x V fp32 logits are never held; the forward returns
     # logits=None then. None: the plain head and loss.
-    loss_chunk_rows: int | None = 4096
+    # 1,024 rows of a 65,536-token vocabulary: 0.75 GiB of logits at a time, and the head's matmuls
+    # still run at full rate (4,096 rows held ~3 GiB in the backward: a third of a 1.6B LoRA step's peak).
+    loss_chunk_rows: int | None = 1024
 
     @classmethod
     def can_generate(cls) -> bool:

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rwkv_ft.kernels import EMPTY_MAX, wkv4
 from rwkv_ft.models.modeling_utils import (
+    RwkvBlock,
     RwkvCausalLMOutput,
     RwkvForCausalLMBase,
     RwkvModelBase,
@@ -62,7 +62,8 @@ def empty_state(batch: int, config: Rwkv4Config, device: torch.device | None = N
 
 
 def mix(x: torch.Tensor, shifted: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    return x * ratio + shifted * (1 - ratio)
+    """x * ratio + shifted * (1 - ratio), as one kernel (rounded once, in fp32 for half inputs)."""
+    return torch.lerp(shifted, x, ratio.to(x.dtype))
 
 
 class Rwkv4TimeMix(nn.Module):
@@ -122,7 +123,7 @@ class Rwkv4ChannelMix(nn.Module):
         return r * self.value(k)
 
 
-class Rwkv4Block(GradientCheckpointingLayer):
+class Rwkv4Block(RwkvBlock):
     def __init__(self, config: Rwkv4Config, layer_id: int):
         super().__init__()
         C, eps = config.hidden_size, config.layer_norm_epsilon
@@ -134,7 +135,7 @@ class Rwkv4Block(GradientCheckpointingLayer):
         self.att = Rwkv4TimeMix(config, layer_id)
         self.ffn = Rwkv4ChannelMix(config, layer_id)
 
-    def forward(
+    def block_forward(
         self,
         hidden: torch.Tensor,
         layer_state: torch.Tensor | None,
@@ -144,7 +145,7 @@ class Rwkv4Block(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
         # hidden: (B, T, C); layer_state: (B, 5, C) fp32 or None (empty); mask: (B, T) bool or None.
         # `reset` is never passed (supports_reset is False: packed rows are laid out one per row).
-        if self.layer_id == 0:
+        if hasattr(self, "ln0"):  # block 0 (not `layer_id == 0`: every other block shares one compiled graph)
             hidden = self.ln0(hidden)
         if layer_state is None:
             att_shift = ffn_shift = wkv_state = None

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rwkv_ft.kernels import wkv7
 from rwkv_ft.models.modeling_utils import (
+    RwkvBlock,
     RwkvForCausalLMBase,
     RwkvModelBase,
     RwkvPreTrainedModelMixin,
@@ -117,8 +117,9 @@ class Rwkv7TimeMix(nn.Module):
         # x: (B, T, C) ln1 output; shift: (B, C); wkv_state: (B, H, N, N) fp32; mask, reset: (B, T) bool
         B, T, C = x.shape
         H, N = self.num_heads, self.head_size
-        xx = token_shift(x, shift, reset) - x
-        xr, xw, xk, xv, xa, xg = (x + xx * getattr(self, name) for name in TIME_MIX_LERPS)
+        shifted = token_shift(x, shift, reset)
+        # x + (shifted - x) * x_?, one kernel each (rounded once, in fp32 for half inputs)
+        xr, xw, xk, xv, xa, xg = (torch.lerp(x, shifted, getattr(self, name).to(x.dtype)) for name in TIME_MIX_LERPS)
 
         r = self.receptance(xr)  # (B, T, C)
         k = self.key(xk)
@@ -128,7 +129,7 @@ class Rwkv7TimeMix(nn.Module):
         g = torch.sigmoid(xg @ self.g1) @ self.g2
         kk = F.normalize((k * self.k_k).view(B, T, H, N), dim=-1, p=2.0).view(B, T, C)
         k = k * (1 + (a - 1) * self.k_a)
-        if self.layer_id == 0:
+        if not hasattr(self, "v0"):  # layer 0 (not `layer_id == 0`: the other layers share one compiled graph)
             v_first = v
         else:
             v = v + (v_first - v) * torch.sigmoid(self.v0 + (xv @ self.v1) @ self.v2)
@@ -161,12 +162,11 @@ class Rwkv7ChannelMix(nn.Module):
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None, reset: torch.Tensor | None) -> torch.Tensor:
         # x: (B, T, C) ln2 output; shift: (B, C)
-        xx = token_shift(x, shift, reset) - x
-        k = torch.relu(self.key(x + xx * self.x_k)) ** 2  # (B, T, F)
+        k = torch.relu(self.key(torch.lerp(x, token_shift(x, shift, reset), self.x_k.to(x.dtype)))) ** 2  # (B, T, F)
         return self.value(k)
 
 
-class Rwkv7Block(GradientCheckpointingLayer):
+class Rwkv7Block(RwkvBlock):
     def __init__(self, config: Rwkv7Config, layer_id: int):
         super().__init__()
         C, eps = config.hidden_size, config.layer_norm_epsilon
@@ -179,7 +179,7 @@ class Rwkv7Block(GradientCheckpointingLayer):
         self.att = Rwkv7TimeMix(config, layer_id)
         self.ffn = Rwkv7ChannelMix(config, layer_id)
 
-    def forward(
+    def block_forward(
         self,
         hidden: torch.Tensor,
         layer_state: torch.Tensor | None,
@@ -188,7 +188,7 @@ class Rwkv7Block(GradientCheckpointingLayer):
         v_first: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # hidden: (B, T, C); layer_state: (B, 2C + H*N*N) fp32 or None (empty); v_first: (B, T, C)
-        if self.layer_id == 0:
+        if hasattr(self, "ln0"):  # block 0
             hidden = self.ln0(hidden)
         att_shift = ffn_shift = wkv_state = None
         if layer_state is not None:
