@@ -210,6 +210,22 @@ def test_compiled_triton_wkv_inductor(recompute, small_chunks):
     compare("rwkv4", torch.float32, {}, random_ids(2, 9, seed=4), recompute=recompute, backend="triton")
 
 
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_compiled_triton_wkv7(recompute):
+    """The WKV-7 custom op inside fullgraph-compiled RWKV-7 blocks (head size 32, the kernel under
+    the interpreter), with and without selective recompute (which keeps the op's outputs)."""
+    from rwkv_ft.testing import randomize_, tiny_rwkv7_config
+
+    factory = MODEL_FACTORIES["rwkv7"]
+    config = tiny_rwkv7_config(hidden_size=64, head_size=32)
+    MODEL_FACTORIES["rwkv7"] = lambda: randomize_(rwkv_ft.Rwkv7ForCausalLM(config), seed=1)
+    try:
+        compare("rwkv7", torch.float32, {"backend": PARTITIONED}, random_ids(2, 9, seed=6), recompute=recompute,
+                backend="triton")  # fmt: skip
+    finally:
+        MODEL_FACTORIES["rwkv7"] = factory
+
+
 def test_selective_recompute_and_full_checkpointing_match_eager_without_compile():
     ids = random_ids(2, 6, seed=5)
     plain = loss_and_grads(lora_model("rwkv7"), ids)

@@ -415,3 +415,70 @@ def test_reference_gradcheck():
 
 def test_tolerance_table_covers_kernel_dtypes():
     assert all(dt in TOLERANCES for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# The custom ops (torch.compile sees one opaque node per direction)
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "no-state"])
+def test_op_registration(with_state):
+    """torch.library.opcheck: schema, fake implementation, autograd registration and AOT dispatch
+    agree with running the kernels (forward, then backward)."""
+    use_config(**SPLIT)
+    xs = make_inputs(1, 19, 1, 32, seed=41, state=with_state)
+    args = [x.requires_grad_() for x in xs[:6]] + [None if xs[6] is None else xs[6].requires_grad_()]
+    reset = torch.zeros(1, 19, dtype=torch.bool, device=DEV)
+    reset[0, 9] = True
+    torch.library.opcheck(torch.ops.rwkv_ft.wkv7_forward.default, (*args, reset, True))
+    y, ns, states, qt, m = torch.ops.rwkv_ft.wkv7_forward(*(x.detach() for x in xs[:6]), xs[6], reset, True)
+    gy, gs = torch.randn_like(y), torch.randn_like(ns)
+    bwd_args = (*(x.detach() for x in xs[:6]), reset, states, qt, m, gy, gs, with_state)
+    torch.library.opcheck(torch.ops.rwkv_ft.wkv7_backward.default, bwd_args)
+
+
+def test_meta_tensors_give_shapes():
+    """Shape-only tools (memory estimates) run the op's fake implementation on meta tensors,
+    including what the forward keeps for the backward."""
+    xs = [x.to("meta") for x in make_inputs(2, 40, 3, 64, torch.bfloat16)]
+    for x in xs[:6]:
+        x.requires_grad_()
+    y, ns = wkv7(*xs[:6], xs[6])
+    assert y.is_meta and y.shape == xs[0].shape and y.dtype == torch.bfloat16
+    assert ns.shape == (2, 3, 64, 64) and ns.dtype == torch.float32
+    *_, states, _, _ = torch.ops.rwkv_ft.wkv7_forward(*xs[:6], xs[6], None, True)
+    assert states.shape == tw.stored_states_shape(2, 40, 3, 64, tw._config(2, 40, 3, 64, torch.bfloat16))
+
+
+def test_compiles_as_one_opaque_node():
+    """wkv7(backend="triton") in a fullgraph-compiled function: y, state and every gradient equal
+    the eager call's exactly (the same kernels run), and the graph holds the op itself."""
+    use_config(**SPLIT)
+    xs = make_inputs(2, 21, 1, 32, seed=43)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    eager = run(triton_fn, xs)
+    compiled = run(torch.compile(triton_fn, fullgraph=True, backend=backend), xs)
+    torch._dynamo.reset()
+    for a, b in zip([compiled[0], compiled[1], *compiled[2]], [eager[0], eager[1], *eager[2]], strict=True):
+        assert torch.equal(a, b)
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert "rwkv_ft.wkv7_forward" in targets
+
+
+def test_inference_stores_nothing():
+    """Without gradients (generation, prefill) the forward keeps no chunk states."""
+    use_config(**SPLIT)
+    xs = make_inputs(1, 20, 1, 32, seed=45)
+    with torch.no_grad():
+        y, ns = wkv7(*xs[:6], xs[6], backend="triton")
+        *_, states, qt, m = torch.ops.rwkv_ft.wkv7_forward(*xs[:6], xs[6], None, False)
+    assert states.numel() == qt.numel() == m.numel() == 0
+    ry, rs = wkv7_reference(*xs)
+    assert_close(y, ry, torch.float32)
+    assert_close(ns, rs, torch.float32)

@@ -1,15 +1,17 @@
 """Public entry point of the RWKV-7 WKV operator: validation and backend dispatch.
 
-The Triton backend lives in `triton_wkv7.py`; it is imported lazily so that CPU-only use of the
-reference never imports triton.
+The Triton backend lives in `triton_wkv7.py`, called through the custom ops of `ops.py` (opaque to
+torch.compile); triton is imported on the first launch, so CPU-only use of the reference never
+imports it.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from rwkv_ft.kernels.custom_ops import runs_kernel
+
+from .ops import wkv7_op
 from .reference import wkv7_reference
 
 _BACKENDS = ("auto", "triton", "torch")
@@ -45,10 +47,6 @@ def _check_inputs(tensors, state, reset) -> None:
         raise ValueError(f"wkv7: all tensors must be on one device, got {sorted(map(str, devices))}")
 
 
-def _triton_available_for(x: torch.Tensor) -> bool:
-    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def wkv7(
     r: torch.Tensor,
     w: torch.Tensor,
@@ -74,7 +72,8 @@ def wkv7(
         state: None (zeros) or (B, H, N, N) fp32, the state before the first token.
         reset: None or (B, T) bool; where true the state is zeroed before that token (packed
             examples in one row).
-        backend: "auto" (Triton on CUDA, the PyTorch reference elsewhere), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, and the kernel op's shape-only implementation on meta
+            tensors; the PyTorch reference elsewhere), "triton" or "torch".
 
     Returns:
         y: (B, T, H, N) in the inputs' dtype; new_state: (B, H, N, N) fp32, the state after the
@@ -88,7 +87,7 @@ def wkv7(
     tensors = (r, w, k, v, a, b)
     _check_inputs(tensors, state, reset)
     if backend == "auto":
-        use_triton = r.is_cuda and r.dtype in _KERNEL_DTYPES and r.shape[-1] in _KERNEL_HEAD_SIZES
+        use_triton = (r.is_cuda or r.is_meta) and r.dtype in _KERNEL_DTYPES and r.shape[-1] in _KERNEL_HEAD_SIZES
         backend = "triton" if use_triton else "torch"
     if backend == "torch":
         return wkv7_reference(*tensors, state, reset)
@@ -96,11 +95,9 @@ def wkv7(
         raise ValueError(f"wkv7: the triton backend takes fp32, bf16 or fp16 inputs, got {r.dtype}")
     if r.shape[-1] not in _KERNEL_HEAD_SIZES:
         raise ValueError(f"wkv7: the triton backend takes head size N in {_KERNEL_HEAD_SIZES}, got {r.shape[-1]}")
-    if not _triton_available_for(r):
+    if not runs_kernel(r):
         raise RuntimeError(
             "wkv7: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
             "imported) to run on CPU under the Triton interpreter"
         )
-    from .triton_wkv7 import wkv7_triton
-
-    return wkv7_triton(*tensors, state, reset)
+    return wkv7_op(*tensors, state, reset)
