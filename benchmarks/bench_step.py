@@ -489,7 +489,8 @@ def main() -> None:
         variants = (args.variants or "baseline,eager,compile,compile_selective").split(",")
         cases = [(s, v) for s in shapes for v in variants]
     else:
-        cases = parse_cases(args.cases or (TINY_CASES if args.tiny else DEFAULT_CASES))
+        default = TINY_CASES if args.tiny else DEFAULT_CASES
+        cases = parse_cases(default if args.cases is None else args.cases)  # --cases "": long context only
     profiled = set(args.profile_variants.split(",")) if args.profile else set()
     results = {
         "date": datetime.date.today().isoformat(),
