@@ -90,6 +90,16 @@ RECIPE_VARIANTS = {
         "compile_selective",
     ),
     "recipe_shipped": ([], None),
+    # the recipe path with the batches prepared by two loader processes (ahead of the GPU)
+    "recipe_workers": (
+        [
+            "adapter.dropout=0.0",
+            "training.compile=true",
+            "training.gradient_checkpointing=selective",
+            "training.dataloader_workers=2",
+        ],
+        "compile_selective",
+    ),  # fmt: skip
 }
 DEFAULT_CASES = (
     "rwkv4-1.6b:baseline,eager,compile,compile_selective,recipe,compile_ckpt,plain_head;"
@@ -460,6 +470,7 @@ def main() -> None:
     ap.add_argument("--profile-variants", default="baseline,compile,compile_selective,recipe")
     ap.add_argument("--long-context", action="store_true", help="batch 1, T up to 131072, chunk 4096")
     ap.add_argument("--long-shapes", default="rwkv7-1.5b,rwkv4-1.6b")
+    ap.add_argument("--profile-long", action="store_true", help="one profiled step of each long-context job")
     ap.add_argument("--lengths", default="4096,16384,65536,131072")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=6)
@@ -517,7 +528,8 @@ def main() -> None:
             else:
                 case = functools.partial(
                     run_case, shape, variant, device, ctx, args.steps if not T else 2, args.warmup if not T else 1,
-                    batch=1 if T else None, chunk=chunk_len, profile=variant in profiled and not T,
+                    batch=1 if T else None, chunk=chunk_len,
+                    profile=(variant in profiled and not T) or bool(T and args.profile_long),
                 )  # fmt: skip
                 try:
                     r = case(compile_kwargs)
