@@ -480,6 +480,8 @@ def main() -> None:
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --tiny: "
                     "eager: dynamo's fullgraph capture, the graphs run as they are; tests/test_compile.py covers "
                     "AOTAutograd and inductor)")  # fmt: skip
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled variants (e.g. "
+                    "reduce-overhead: CUDA graphs of each block's forward and backward)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -490,6 +492,8 @@ def main() -> None:
         args.compile_backend = args.compile_backend or "eager"
         chunk = 8
     compile_kwargs = {"backend": args.compile_backend} if args.compile_backend else {}
+    if args.compile_mode:
+        compile_kwargs["mode"] = args.compile_mode
     if compile_kwargs:  # the recipe path compiles through model.compile_blocks(): the same backend there
         from rwkv_ft.models.modeling_utils import RwkvPreTrainedModelMixin
 
@@ -508,6 +512,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "compile_backend": args.compile_backend or "inductor",
+        "compile_mode": args.compile_mode,
         "cases": [],
     }
     work = Path(tempfile.mkdtemp(prefix="bench_step_"))
