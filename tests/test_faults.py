@@ -196,10 +196,11 @@ def test_a_config_that_is_not_an_object_and_a_transformers_config_without_fields
     assert rc == 2 and "'hidden_size' is missing" in err
 
 
-def test_token_ids_outside_the_vocabulary_are_named():
-    from rwkv_ft import Rwkv4ForCausalLM
+@pytest.mark.parametrize("version", ["rwkv4", "rwkv7"])
+def test_token_ids_outside_the_vocabulary_are_named(version):
+    from rwkv_ft.testing import MODEL_FACTORIES
 
-    model = Rwkv4ForCausalLM(tiny_config())
+    model = MODEL_FACTORIES[version]()
     with pytest.raises(ValueError, match="token id 100 is outside the model's vocabulary of 97"):
         model(torch.tensor([[1, 100, 2]]))
 
@@ -272,4 +273,35 @@ def test_push_to_a_hub_that_never_answers_times_out(tmp_path, monkeypatch):
     finally:
         session.timeout = saved
         server.close()
+    assert time.monotonic() - started < 120  # it gave up (it used to wait forever)
+
+
+def test_a_model_download_from_a_hub_that_never_answers_times_out(tmp_path, monkeypatch):
+    """`model.path` / `rwkv-ft generate` with a Hub id: the download gives up with a clear message."""
+    import huggingface_hub.constants
+    from huggingface_hub import get_session
+
+    from rwkv_ft.io import resolve_model_source
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()  # never answers
+    monkeypatch.setenv("RWKV_FT_HUB_TIMEOUT", "2")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    session = get_session()
+    saved = session.timeout
+    session.timeout = type(saved)(None)  # the newest huggingface_hub's default: no timeout at all
+    started = time.monotonic()
+    try:
+        with pytest.raises(FileNotFoundError, match="someone/model.*no answer within 2 s.*RWKV_FT_HUB_TIMEOUT"):
+            resolve_model_source("someone/model", what="model.path")
+    finally:
+        session.timeout = saved
+        server.close()
+    assert accepted, "the request never reached the server"
     assert time.monotonic() - started < 120  # it gave up (it used to wait forever)

@@ -20,15 +20,16 @@ def _fetch_neox_tokenizer_json() -> Path:
     with HF_HUB_OFFLINE=1. transformers' own from_pretrained would retry for minutes without network."""
     from huggingface_hub import hf_hub_download
 
-    from rwkv_ft.io import hub_is_offline
+    from rwkv_ft.io import ensure_network_timeouts, hub_is_offline, network_failure
 
     offline = hub_is_offline()
+    ensure_network_timeouts()
     try:
         return Path(hf_hub_download(NEOX_HUB_REPO, "tokenizer.json", local_files_only=offline, etag_timeout=10))
     except Exception as exc:  # no network, offline without a cached copy, repo moved
         where = "in the local Hub cache (HF_HUB_OFFLINE=1)" if offline else "from the Hugging Face Hub"
         raise TokenizerUnavailable(
-            f"the GPT-NeoX-20B tokenizer is not available {where} ({type(exc).__name__}); pass a local "
+            f"the GPT-NeoX-20B tokenizer is not available {where} ({network_failure(exc)}); pass a local "
             "tokenizer.json instead (e.g. 20B_tokenizer.json from BlinkDL/ChatRWKV)"
         ) from exc
 
