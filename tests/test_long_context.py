@@ -199,3 +199,18 @@ def test_a_non_finite_chunk_stops_training_naming_the_step_and_the_chunk(tmp_pat
     )
     with pytest.raises(FloatingPointError, match=r"not finite in chunk 0 \(tokens 0\.\.15 of \d+\).* at step 2 "):
         run(recipe, callbacks=[PoisonAfterFirstStep()])
+
+
+def test_documents_up_to_131072_tokens_are_kept_whole(tmp_path):
+    """data.max_length=131072: a 100k-token .txt document is one example, nothing cut to a model's
+    pretraining context."""
+    from rwkv_ft.data import prepare_sft_data
+    from rwkv_ft.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("world")
+    text = "".join(f"Paragraph {i}: the state carries everything before it.\n" for i in range(10_000))
+    (tmp_path / "book.txt").write_text(text)
+    expected = tokenizer.encode(text)
+    assert 100_000 < len(expected) <= 131_072
+    data = prepare_sft_data(tmp_path / "book.txt", tokenizer, template="plain", max_length=131_072)
+    assert len(data.train) == 1 and data.train[0]["input_ids"] == expected == data.train[0]["labels"]
