@@ -285,21 +285,28 @@ def resolve_model_source(spec: str | os.PathLike, *, what: str = "model") -> Mod
 
 
 def _download_model(repo_id: str) -> Path:
-    """The local snapshot of Hub model `repo_id`: downloaded, or from the cache when offline.
+    """The local snapshot of Hub model `repo_id`: downloaded, or from the cache."""
+    from huggingface_hub import snapshot_download
 
-    One metadata request with a timeout comes first: `snapshot_download`'s own requests for the
-    repository's metadata pass no timeout on recent huggingface_hub releases and would wait forever
-    on a Hub that accepts the connection and never answers. When it fails (no network), a cached
-    copy still serves."""
-    from huggingface_hub import HfApi, snapshot_download
+    return fetch_from_hub(repo_id, lambda **kwargs: snapshot_download(repo_id, etag_timeout=10, **kwargs))
+
+
+def fetch_from_hub(repo_id: str, download: Callable[..., str]) -> Path:
+    """`download(local_files_only=..., revision=...)` for Hub model repo `repo_id`, never waiting
+    on a network that is not there: with HF_HUB_OFFLINE=1 the cache only; otherwise one metadata
+    request first, with a timeout and no retries. huggingface_hub's download functions retry a
+    failing request for ~30 s (printing each retry) and, on recent releases, make metadata requests
+    with no timeout at all (forever, on a Hub that accepts the connection and never answers). When
+    that request fails, a cached copy still serves; else its error is raised."""
+    from huggingface_hub import HfApi
 
     if hub_is_offline():
-        return Path(snapshot_download(repo_id, local_files_only=True))
+        return Path(download(local_files_only=True, revision=None))
     try:
         revision = HfApi().model_info(repo_id, timeout=ensure_network_timeouts()).sha
     except Exception as exc:
         try:
-            return Path(snapshot_download(repo_id, local_files_only=True))
+            return Path(download(local_files_only=True, revision=None))
         except Exception:
             raise exc from None
-    return Path(snapshot_download(repo_id, revision=revision, etag_timeout=10))
+    return Path(download(local_files_only=False, revision=revision))

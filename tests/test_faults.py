@@ -309,3 +309,31 @@ def test_a_model_download_from_a_hub_that_never_answers_times_out(tmp_path, monk
         server.close()
     assert accepted, "the request never reached the server"
     assert time.monotonic() - started < 120  # it gave up (it used to wait forever)
+
+
+def test_convert_without_network_neither_waits_nor_retries(tmp_path, monkeypatch, capsys, caplog):
+    """--tokenizer auto on a GPT-NeoX-sized model with no Hub to reach: one failed request (no
+    retries), the weights written, and a message saying that no tokenizer was and how to add one."""
+    import logging
+
+    import huggingface_hub.constants
+
+    from rwkv_ft import Rwkv4ForCausalLM
+    from rwkv_ft.models.rwkv4.conversion_rwkv4 import ours_key_to_blinkdl
+
+    model = Rwkv4ForCausalLM(tiny_config(vocab_size=50277))
+    torch.save({ours_key_to_blinkdl(k): v for k, v in model.state_dict().items()}, tmp_path / "pile.pth")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: every connection is refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO)
+    assert main(["convert", str(tmp_path / "pile.pth"), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "no tokenizer written" in out and "ConnectError" in out and "--tokenizer PATH" in out
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert (tmp_path / "out" / "model.safetensors").exists()
