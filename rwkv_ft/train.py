@@ -292,8 +292,16 @@ def _optimizer_tensors(optimizer):
 
 def _make_trainer_class():
     """RwkvTrainer, built on first use so that importing this module does not import transformers."""
+    import warnings
+
     import torch
     from transformers import Trainer
+
+    # transformers 5.0's non-padding token count wraps a tensor in torch.tensor(), which warns at
+    # every step (later releases do not); nothing a user can act on.
+    warnings.filterwarnings(
+        "ignore", message="To copy construct from a tensor", category=UserWarning, module=r"transformers\.trainer"
+    )
 
     class RwkvTrainer(Trainer):
         """The HF Trainer with these guarantees:
