@@ -341,3 +341,11 @@ def test_the_model_on_the_triton_kernel_equals_the_model_on_the_reference():
     assert_close(packed, ref_packed, name="packed logits")
     for name, grad in ref_grads.items():
         assert_close(grads[name], grad, name=name)
+
+
+def test_the_tokenizer_follows_the_vocabulary_size():
+    """World and G-series (65,536 rows): World; Pile (GPT-NeoX's 50,277 padded to 50,304): GPT-NeoX."""
+    from rwkv_ft.models.rwkv7.conversion_rwkv7 import tokenizer_for_vocab
+
+    assert tokenizer_for_vocab(65536) == "world" and tokenizer_for_vocab(50304) == "neox"
+    assert tokenizer_for_vocab(256) is None  # byte-level test models: none rather than a wrong one
