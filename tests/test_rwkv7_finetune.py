@@ -162,6 +162,28 @@ def test_state_tuning_trains_only_the_state_and_its_blinkdl_file_runs_in_the_pac
     assert_close(package_logits(tmp_path / "m.pth", prompt[0].tolist(), package_state), ours, rel=1e-5, name="state")
 
 
+@pytest.mark.parametrize("base_kind", ["bf16", "nf4"])
+def test_state_tuning_on_a_bf16_or_nf4_base_trains_only_the_state(tmp_path, base_kind):
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from rwkv_ft.quantization import load_quantized
+
+    base(hidden_size=64, head_size=16, intermediate_size=128).save_pretrained(tmp_path / "base")
+    if base_kind == "nf4":  # bitsandbytes' CPU 4-bit kernels need in_features >= 64
+        model = prepare_model_for_kbit_training(load_quantized(tmp_path / "base", "nf4", dtype=torch.float32))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = add_state_tuning(model, StateTuningConfig())
+    assert all(p.dtype == torch.float32 for p in state.parameters())  # the learned state stays fp32
+    losses = train(model, list(state.parameters()), random_ids(4, 12, 97, seed=9), steps=10)
+    assert losses[-1] < losses[0] - 0.02, losses
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), f"{name} changed"
+
+
 def test_state_tuning_with_token_shift_composes_with_lora():
     model = get_peft_model(base(), LoraConfig(r=4))
     add_state_tuning(model, StateTuningConfig(train_token_shift=True))
