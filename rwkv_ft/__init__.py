@@ -67,6 +67,17 @@ _bnb_cpu_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
 if _bnb_cpu_logger.level == logging.NOTSET:
     _bnb_cpu_logger.setLevel(logging.ERROR)
 
+
+class _DropBnbKernelProbe(logging.Filter):
+    """That probe also makes the Hub `kernels` package warn (with HF_HUB_OFFLINE=1) that it skipped a
+    trust check for bitsandbytes' kernel repository: drop those records only, keep its others."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community/quantization-bitsandbytes" not in record.getMessage()
+
+
+logging.getLogger("kernels._internals.hf_hub").addFilter(_DropBnbKernelProbe())
+
 when_imported("transformers.models.auto.configuration_auto", _register_configs)
 when_imported("transformers.models.auto.modeling_auto", _register_models)
 when_imported("transformers.models.auto.tokenization_auto", _register_tokenizers)

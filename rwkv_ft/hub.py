@@ -20,7 +20,7 @@ from typing import Any
 
 from rwkv_ft.adapters.info import ADAPTER_INFO_FILE, read_adapter_info, trained_on_quantized_base
 from rwkv_ft.adapters.state_tuning import STATE_TUNING_FILE
-from rwkv_ft.io import read_json_object
+from rwkv_ft.io import HUB_TIMEOUT_ENV, ensure_network_timeouts, read_json_object
 
 TRAINING_SUMMARY_FILE = "training_summary.json"
 _SKIP_NAMES = {"optimizer.pt", "scheduler.pt", "scaler.pt", "training_args.bin"}
@@ -280,23 +280,6 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
         except (ImportError, AttributeError):
             pass
     return tuple(errors)
-
-
-HUB_TIMEOUT_ENV = "RWKV_FT_HUB_TIMEOUT"
-
-
-def ensure_network_timeouts() -> float:
-    """Give huggingface_hub's shared HTTP client connect/read timeouts where it has none (its 2.x
-    default waits forever on a server that accepts the connection and never answers). The read
-    timeout is `RWKV_FT_HUB_TIMEOUT` seconds (default 60); a timeout the user configured is kept."""
-    from huggingface_hub import get_session
-
-    seconds = float(os.environ.get(HUB_TIMEOUT_ENV, "60"))
-    session = get_session()
-    timeout = session.timeout
-    if timeout.read is None or timeout.connect is None:
-        session.timeout = type(timeout)(seconds, connect=min(seconds, 10.0), write=max(seconds, 300.0))
-    return float(session.timeout.read)
 
 
 def push_to_hub(

@@ -219,6 +219,39 @@ class ModelSource:
         return self.hub_id or str(self.path.resolve())
 
 
+HUB_TIMEOUT_ENV = "RWKV_FT_HUB_TIMEOUT"
+
+
+def ensure_network_timeouts() -> float:
+    """Give huggingface_hub's shared HTTP client connect/read timeouts where it has none (its 2.x
+    default waits forever on a server that accepts the connection and never answers). Called before
+    every Hub request we make (models, tokenizers, datasets, uploads). The read timeout is
+    `RWKV_FT_HUB_TIMEOUT` seconds (default 60); a timeout the user configured is kept."""
+    from huggingface_hub import get_session
+
+    seconds = float(os.environ.get(HUB_TIMEOUT_ENV, "60"))
+    session = get_session()
+    timeout = session.timeout
+    if timeout.read is None or timeout.connect is None:
+        session.timeout = type(timeout)(seconds, connect=min(seconds, 10.0), write=max(seconds, 300.0))
+    return float(session.timeout.read)
+
+
+def network_failure(exc: BaseException) -> str:
+    """`exc` in a few words, saying how long we waited when a timeout caused it (huggingface_hub
+    wraps those in its own errors)."""
+    text = f"{type(exc).__name__}: {_first_line(exc)}"
+    causes, cause = [], exc
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any("Timeout" in type(c).__name__ for c in causes):
+        from huggingface_hub import get_session
+
+        text += f"; no answer within {get_session().timeout.read:g} s, set {HUB_TIMEOUT_ENV} to wait longer"
+    return text
+
+
 def looks_like_hub_id(spec: str) -> bool:
     return bool(_HUB_ID.match(spec)) and not spec.endswith(_FILE_SUFFIXES)
 
@@ -240,14 +273,40 @@ def resolve_model_source(spec: str | os.PathLike, *, what: str = "model") -> Mod
         return ModelSource(path)
     if not looks_like_hub_id(text):
         raise FileNotFoundError(f"{what} {text!r}: no such file or directory")
-    from huggingface_hub import snapshot_download
-
     try:
-        local = snapshot_download(text, local_files_only=hub_is_offline(), etag_timeout=10)
+        local = _download_model(text)
     except Exception as exc:  # missing repo, no network, offline without a cached copy
         where = "in the local Hub cache (HF_HUB_OFFLINE=1)" if hub_is_offline() else "on the Hugging Face Hub"
         raise FileNotFoundError(
             f"{what} {text!r}: no such local file or directory, and no model {text!r} {where} "
-            f"({type(exc).__name__}: {_first_line(exc)}). Check the path, or download the model first"
+            f"({network_failure(exc)}). Check the path, or download the model first"
         ) from exc
-    return ModelSource(Path(local), hub_id=text)
+    return ModelSource(local, hub_id=text)
+
+
+def _download_model(repo_id: str) -> Path:
+    """The local snapshot of Hub model `repo_id`: downloaded, or from the cache."""
+    from huggingface_hub import snapshot_download
+
+    return fetch_from_hub(repo_id, lambda **kwargs: snapshot_download(repo_id, etag_timeout=10, **kwargs))
+
+
+def fetch_from_hub(repo_id: str, download: Callable[..., str]) -> Path:
+    """`download(local_files_only=..., revision=...)` for Hub model repo `repo_id`, never waiting
+    on a network that is not there: with HF_HUB_OFFLINE=1 the cache only; otherwise one metadata
+    request first, with a timeout and no retries. huggingface_hub's download functions retry a
+    failing request for ~30 s (printing each retry) and, on recent releases, make metadata requests
+    with no timeout at all (forever, on a Hub that accepts the connection and never answers). When
+    that request fails, a cached copy still serves; else its error is raised."""
+    from huggingface_hub import HfApi
+
+    if hub_is_offline():
+        return Path(download(local_files_only=True, revision=None))
+    try:
+        revision = HfApi().model_info(repo_id, timeout=ensure_network_timeouts()).sha
+    except Exception as exc:
+        try:
+            return Path(download(local_files_only=True, revision=None))
+        except Exception:
+            raise exc from None
+    return Path(download(local_files_only=False, revision=revision))

@@ -300,8 +300,16 @@ def _optimizer_tensors(optimizer):
 
 def _make_trainer_class():
     """RwkvTrainer, built on first use so that importing this module does not import transformers."""
+    import warnings
+
     import torch
     from transformers import Trainer
+
+    # transformers 5.0's non-padding token count wraps a tensor in torch.tensor(), which warns at
+    # every step (later releases do not); nothing a user can act on.
+    warnings.filterwarnings(
+        "ignore", message="To copy construct from a tensor", category=UserWarning, module=r"transformers\.trainer"
+    )
 
     class RwkvTrainer(Trainer):
         """The HF Trainer with these guarantees:
@@ -320,7 +328,13 @@ def _make_trainer_class():
         session_start: float = 0.0
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            try:
+                loss = super().training_step(model, inputs, num_items_in_batch)
+            except FloatingPointError as exc:  # a non-finite chunk (training.chunk_len), raised in forward
+                raise FloatingPointError(
+                    f"{exc} at step {self.state.global_step + 1} (epoch {self.state.epoch:.2f}); "
+                    "training stopped before the optimizer step"
+                ) from exc
             bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
             if self.accelerator.num_processes > 1:
                 bad = self.accelerator.reduce(bad, reduction="sum")
@@ -562,14 +576,19 @@ def _raised(old: dict[str, Any], new: dict[str, float]) -> bool:
 def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) -> dict[str, Any]:
     """Train as `recipe` says. Returns the training summary (also written to training_summary.json)."""
     output_dir = Path(recipe.training.output_dir)
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
-    with OutputLock(output_dir, enabled=_is_main_process()):
-        return _run_locked(recipe, output_dir, resume=resume, callbacks=callbacks)
+    with OutputLock(output_dir, enabled=_is_main_process()) as lock:
+        try:
+            return _run_locked(recipe, output_dir, resume=resume, callbacks=callbacks)
+        except BaseException:
+            if created:  # a run that failed before writing anything leaves no empty folder behind
+                lock.remove_folder_if_unused()
+            raise
 
 
 def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) -> dict[str, Any]:
     import torch
-    from transformers import set_seed
 
     from rwkv_ft.data import SFTDataCollator, check_data_source, prepare_sft_data
     from rwkv_ft.io import read_json_object
@@ -594,6 +613,8 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     vocab_size, model_source = model_vocab_size(recipe)
     tokenizer = load_tokenizer_for(recipe, model_source, vocab_size)
     check_data_source(recipe.data.path)
+
+    from transformers import set_seed  # imports peft and bitsandbytes: only after the cheap checks
 
     set_seed(recipe.training.seed)
     base, base_record = prepare_base_model(recipe, output_dir, tokenizer)
@@ -806,6 +827,17 @@ class OutputLock:
             os.close(self._fd)  # releases the flock
             self._fd = None
         return False
+
+    def remove_folder_if_unused(self) -> None:
+        """Remove the lock file and the output folder when they are all the folder holds (while the
+        lock is still held, so no other run can be using them)."""
+        if self._fd is None or any(p.name != self.NAME for p in self.path.parent.iterdir()):
+            return
+        self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()
+        except OSError:  # something appeared in the meantime: keep it
+            pass
 
 
 def _distributed_state():

@@ -373,6 +373,20 @@ def test_world_template_flattens_blank_lines_and_joins_alpaca_input():
     assert get_template("world").render_text(messages) == "User: Fix this:\na\nb\n\nAssistant: Done.\n\n"
 
 
+def test_g1_template_is_the_g_series_chat_form_and_trains_thinking_replies():
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "<think>\nshort\n</think> Because."},
+    ]
+    template = get_template("g1")
+    assert template.generation_prompt(messages[:2]) == "System: Be brief.\n\nUser: Why?\n\nAssistant:"
+    assert template.render(messages) == [
+        Segment("System: Be brief.\n\nUser: Why?\n\nAssistant:", False),
+        Segment(" <think>\nshort\n</think> Because.\n\n", True),
+    ]
+
+
 def test_world_generation_prompt_matches_training_prefix():
     prompt = get_template("world").generation_prompt(MULTI_TURN[:2])
     assert prompt == "System: Be brief.\n\nUser: Name a color.\n\nAssistant:"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +45,8 @@ def train(out: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedP
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # No library warning a user can do nothing about (deprecations of APIs we call, probes, ...).
+    assert not re.search(r"[a-z]Warning: ", proc.stderr), proc.stderr[-3000:]
     return proc
 
 
@@ -63,8 +66,9 @@ def test_a_base_left_half_written_by_a_kill_is_rebuilt(tmp_path):
     out = tmp_path / "run"
     (out / "base").mkdir(parents=True)
     (out / "base" / "config.json").write_text("")  # what a kill during save_pretrained leaves
-    proc = train(out, "training.max_steps=2")
+    proc = train(out, "training.max_steps=2", "merge.enabled=true")  # merged too: no warnings on that path
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "merged" / "model.safetensors").exists()
     assert json.loads((out / "base" / "config.json").read_text())["model_type"] == "rwkv4"
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
@@ -196,10 +200,11 @@ def test_a_config_that_is_not_an_object_and_a_transformers_config_without_fields
     assert rc == 2 and "'hidden_size' is missing" in err
 
 
-def test_token_ids_outside_the_vocabulary_are_named():
-    from rwkv_ft import Rwkv4ForCausalLM
+@pytest.mark.parametrize("version", ["rwkv4", "rwkv7"])
+def test_token_ids_outside_the_vocabulary_are_named(version):
+    from rwkv_ft.testing import MODEL_FACTORIES
 
-    model = Rwkv4ForCausalLM(tiny_config())
+    model = MODEL_FACTORIES[version]()
     with pytest.raises(ValueError, match="token id 100 is outside the model's vocabulary of 97"):
         model(torch.tensor([[1, 100, 2]]))
 
@@ -273,3 +278,62 @@ def test_push_to_a_hub_that_never_answers_times_out(tmp_path, monkeypatch):
         session.timeout = saved
         server.close()
     assert time.monotonic() - started < 120  # it gave up (it used to wait forever)
+
+
+def test_a_model_download_from_a_hub_that_never_answers_times_out(tmp_path, monkeypatch):
+    """`model.path` / `rwkv-ft generate` with a Hub id: the download gives up with a clear message."""
+    import huggingface_hub.constants
+    from huggingface_hub import get_session
+
+    from rwkv_ft.io import resolve_model_source
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()  # never answers
+    monkeypatch.setenv("RWKV_FT_HUB_TIMEOUT", "2")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    session = get_session()
+    saved = session.timeout
+    session.timeout = type(saved)(None)  # the newest huggingface_hub's default: no timeout at all
+    started = time.monotonic()
+    try:
+        with pytest.raises(FileNotFoundError, match="someone/model.*no answer within 2 s.*RWKV_FT_HUB_TIMEOUT"):
+            resolve_model_source("someone/model", what="model.path")
+    finally:
+        session.timeout = saved
+        server.close()
+    assert accepted, "the request never reached the server"
+    assert time.monotonic() - started < 120  # it gave up (it used to wait forever)
+
+
+def test_convert_without_network_neither_waits_nor_retries(tmp_path, monkeypatch, capsys, caplog):
+    """--tokenizer auto on a GPT-NeoX-sized model with no Hub to reach: one failed request (no
+    retries), the weights written, and a message saying that no tokenizer was and how to add one."""
+    import logging
+
+    import huggingface_hub.constants
+
+    from rwkv_ft import Rwkv4ForCausalLM
+    from rwkv_ft.models.rwkv4.conversion_rwkv4 import ours_key_to_blinkdl
+
+    model = Rwkv4ForCausalLM(tiny_config(vocab_size=50277))
+    torch.save({ours_key_to_blinkdl(k): v for k, v in model.state_dict().items()}, tmp_path / "pile.pth")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: every connection is refused
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO)
+    assert main(["convert", str(tmp_path / "pile.pth"), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "no tokenizer written" in out and "ConnectError" in out and "--tokenizer PATH" in out
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -57,7 +57,7 @@ def test_with_lora_and_state_tuning(model):
     with torch.no_grad():
         for p in state.parameters():
             p.normal_(0, 0.5)
-    ids = random_ids(2, 300, model.config.vocab_size, seed=2)
+    ids = random_ids(1, T, model.config.vocab_size, seed=2)
     whole = loss_and_grads(peft_model, ids)
     set_chunk(peft_model, 64)
     chunked = loss_and_grads(peft_model, ids)
@@ -88,24 +88,32 @@ def test_packed_rows_with_a_start_on_a_chunk_boundary():
     assert_same(loss_and_grads(model, ids, labels, position_ids=positions), whole)
 
 
-def test_nf4_base():
-    pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dependency; its CPU kernels run NF4")
-    import tempfile
+def nf4_base_config(version: str):
+    """(model class, config) with C=64: bitsandbytes' CPU 4-bit kernels need in_features >= 64."""
+    from rwkv_ft.models.rwkv4 import Rwkv4ForCausalLM
+    from rwkv_ft.models.rwkv7 import Rwkv7ForCausalLM
+    from rwkv_ft.testing import tiny_config, tiny_rwkv7_config
 
+    if version == "rwkv4":
+        return Rwkv4ForCausalLM, tiny_config(hidden_size=64, intermediate_size=128)
+    return Rwkv7ForCausalLM, tiny_rwkv7_config(hidden_size=64, head_size=16, intermediate_size=128)
+
+
+@pytest.mark.parametrize("version", sorted(MODEL_FACTORIES))
+def test_nf4_base(version, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is a dependency; its CPU kernels run NF4")
     from peft import prepare_model_for_kbit_training
 
-    from rwkv_ft.models.rwkv7 import Rwkv7ForCausalLM
     from rwkv_ft.quantization import load_quantized
-    from rwkv_ft.testing import randomize_, tiny_rwkv7_config
+    from rwkv_ft.testing import randomize_
 
-    with tempfile.TemporaryDirectory() as tmp:
-        config = tiny_rwkv7_config(hidden_size=64, head_size=16, intermediate_size=128)
-        randomize_(Rwkv7ForCausalLM(config), seed=5).save_pretrained(tmp)
-        base = prepare_model_for_kbit_training(
-            load_quantized(tmp, "nf4", compute_dtype=torch.float32, dtype=torch.float32)
-        )
+    model_class, config = nf4_base_config(version)
+    randomize_(model_class(config), seed=5).save_pretrained(tmp_path)
+    base = prepare_model_for_kbit_training(
+        load_quantized(tmp_path, "nf4", compute_dtype=torch.float32, dtype=torch.float32)
+    )
     model = get_peft_model(base, LoraConfig(r=4, init_lora_weights=False)).train()
-    ids = random_ids(1, 256, 97, seed=6)
+    ids = random_ids(1, T, 97, seed=6)
     whole = loss_and_grads(model, ids)
     set_chunk(model, 64)
     assert_same(loss_and_grads(model, ids), whole)
@@ -161,3 +169,48 @@ def test_plain_template_trains_every_document_token():
     example, _ = tokenize_conversation(messages, tokenizer, "plain", 100_000)
     assert example["labels"] == example["input_ids"] == tokenizer.encode(messages[0]["content"])
     assert get_template("plain").render_text(messages) == messages[0]["content"]
+
+
+def test_a_non_finite_chunk_stops_training_naming_the_step_and_the_chunk(tmp_path):
+    from pathlib import Path
+
+    from transformers import TrainerCallback
+
+    from rwkv_ft.recipe import load_recipe
+    from rwkv_ft.train import run
+
+    class PoisonAfterFirstStep(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                with torch.no_grad():
+                    next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+
+    recipe = load_recipe(
+        Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml",
+        [
+            "model.config={vocab_size: 65536, hidden_size: 32, num_hidden_layers: 2}",
+            "data.max_length=64",
+            "training.chunk_len=16",
+            "training.max_steps=3",
+            "merge.enabled=false",
+            "generate.prompt=null",
+            f"training.output_dir={tmp_path}",
+        ],
+    )
+    with pytest.raises(FloatingPointError, match=r"not finite in chunk 0 \(tokens 0\.\.15 of \d+\).* at step 2 "):
+        run(recipe, callbacks=[PoisonAfterFirstStep()])
+
+
+def test_documents_up_to_131072_tokens_are_kept_whole(tmp_path):
+    """data.max_length=131072: a 100k-token .txt document is one example, nothing cut to a model's
+    pretraining context."""
+    from rwkv_ft.data import prepare_sft_data
+    from rwkv_ft.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer("world")
+    text = "".join(f"Paragraph {i}: the state carries everything before it.\n" for i in range(10_000))
+    (tmp_path / "book.txt").write_text(text)
+    expected = tokenizer.encode(text)
+    assert 100_000 < len(expected) <= 131_072
+    data = prepare_sft_data(tmp_path / "book.txt", tokenizer, template="plain", max_length=131_072)
+    assert len(data.train) == 1 and data.train[0]["input_ids"] == expected == data.train[0]["labels"]

@@ -72,6 +72,28 @@ def test_adapters_record_an_absolute_base_and_generate_from_anywhere(trained, tm
         assert isinstance(text, str)
 
 
+def test_a_base_from_the_hub_is_recorded_by_its_hub_id(tmp_path, monkeypatch):
+    """A base named by its Hub id (here from a prepared local Hub cache) is recorded as that id, not
+    as the cache folder, so the adapter loads on any machine."""
+    import huggingface_hub.constants
+
+    from rwkv_ft import Rwkv4ForCausalLM
+    from rwkv_ft.testing import tiny_config
+    from rwkv_ft.train import prepare_base_model
+
+    cache, revision = tmp_path / "hub", "0" * 40
+    repo = cache / "models--someone--tiny-rwkv"
+    Rwkv4ForCausalLM(tiny_config()).save_pretrained(repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    overrides = ["model.path=someone/tiny-rwkv", "model.config=null", f"training.output_dir={tmp_path / 'run'}"]
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", overrides)
+    base, record = prepare_base_model(recipe, tmp_path / "run", tokenizer=None)
+    assert record == "someone/tiny-rwkv" and base.resolve() == (repo / "snapshots" / revision).resolve()
+
+
 def test_state_tuning_adapter_generates_with_its_learned_state(trained, capsys):
     """generate on a state-tuning adapter uses the learned state: same tokens as base + state by hand."""
     from rwkv_ft.adapters import load_state_tuning

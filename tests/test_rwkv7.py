@@ -152,8 +152,7 @@ def model():
     return tiny_rwkv7().eval()
 
 
-def test_parallel_equals_rnn_equals_pieces(model):
-    ids = random_ids(2, 13, 97, seed=4)
+def assert_parallel_equals_rnn_equals_pieces(model, ids: torch.Tensor, split: list[int]) -> None:
     with torch.no_grad():
         whole = model(ids, use_cache=True)
         state, steps = None, []
@@ -163,11 +162,22 @@ def test_parallel_equals_rnn_equals_pieces(model):
         assert_close(torch.cat(steps, 1), whole.logits, name="rnn logits")
         assert_close(state, whole.state, name="rnn state")
         state, pieces = None, []
-        for chunk in ids.split([5, 1, 7], dim=1):
+        for chunk in ids.split(split, dim=1):
             out = model(chunk, state=state, use_cache=True)
             state, _ = out.state, pieces.append(out.logits)
     assert_close(torch.cat(pieces, 1), whole.logits, name="piece logits")
     assert_close(state, whole.state, name="piece state")
+
+
+def test_parallel_equals_rnn_equals_pieces(model):
+    assert_parallel_equals_rnn_equals_pieces(model, random_ids(2, 13, 97, seed=4), [5, 1, 7])
+
+
+@needs_fixture
+def test_trained_model_parallel_equals_rnn_equals_pieces(tiny_trained):
+    model = AutoModelForCausalLM.from_pretrained(tiny_trained).eval()
+    ids = torch.tensor([list(b"Feeding it whole, byte by byte, or in pieces gives one answer.")])
+    assert_parallel_equals_rnn_equals_pieces(model, ids, [20, 1, 9, ids.shape[1] - 30])
 
 
 def test_state_layout_matches_the_rwkv_package(tiny_trained):
@@ -231,7 +241,9 @@ def test_bf16_weights_keep_the_decay_offset_fp32(model, tmp_path):
     assert att.key.weight.dtype == torch.bfloat16 and att.w0.dtype == torch.float32
     ids = random_ids(2, 11, 97, seed=11)
     with torch.no_grad():
-        assert_close(low(ids).logits.float(), model(ids).logits, dtype=torch.bfloat16, rel=4e-2, name="bf16 logits")
+        out = low(ids, use_cache=True)
+        assert_close(out.logits.float(), model(ids).logits, dtype=torch.bfloat16, rel=4e-2, name="bf16 logits")
+    assert out.state.dtype == torch.float32  # the carried state (shifts and WKV) stays fp32 too
 
 
 def test_save_and_auto_load_round_trip(model, tmp_path):
@@ -329,3 +341,11 @@ def test_the_model_on_the_triton_kernel_equals_the_model_on_the_reference():
     assert_close(packed, ref_packed, name="packed logits")
     for name, grad in ref_grads.items():
         assert_close(grads[name], grad, name=name)
+
+
+def test_the_tokenizer_follows_the_vocabulary_size():
+    """World and G-series (65,536 rows): World; Pile (GPT-NeoX's 50,277 padded to 50,304): GPT-NeoX."""
+    from rwkv_ft.models.rwkv7.conversion_rwkv7 import tokenizer_for_vocab
+
+    assert tokenizer_for_vocab(65536) == "world" and tokenizer_for_vocab(50304) == "neox"
+    assert tokenizer_for_vocab(256) is None  # byte-level test models: none rather than a wrong one

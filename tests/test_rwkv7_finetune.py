@@ -113,6 +113,27 @@ def test_quantized_bases_stay_close_and_qlora_lowers_the_loss(tmp_path, mode, to
     assert losses[-1] < losses[0], losses
 
 
+def test_qlora_adapter_folds_into_the_full_precision_base(tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rwkv_ft.quantization import load_quantized
+
+    shape = dict(hidden_size=64, head_size=16, intermediate_size=128)
+    base(**shape).save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    quantized = load_quantized(tmp_path / "base", "nf4", dtype=torch.float32)
+    peft_model = get_peft_model(quantized, LoraConfig(r=4, init_lora_weights=False)).eval()
+    save_adapter(peft_model, tmp_path / "adapter", base_model=str(tmp_path / "base"))
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")]) == 0
+    assert "trained on a 4-bit nf4 base" in capsys.readouterr().out
+    ids = random_ids(2, 10, 97, seed=8)
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(ids).logits
+        full = PeftModel.from_pretrained(base(**shape), tmp_path / "adapter").eval()(ids).logits
+    assert_close(merged, full, name="merged vs the fp32 base + adapter")
+
+
 def test_state_tuning_trains_only_the_state_and_its_blinkdl_file_runs_in_the_package(tmp_path):
     model = base(head_size=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -139,6 +160,28 @@ def test_state_tuning_trains_only_the_state_and_its_blinkdl_file_runs_in_the_pac
     with torch.no_grad():
         ours = model(prompt).logits[0]
     assert_close(package_logits(tmp_path / "m.pth", prompt[0].tolist(), package_state), ours, rel=1e-5, name="state")
+
+
+@pytest.mark.parametrize("base_kind", ["bf16", "nf4"])
+def test_state_tuning_on_a_bf16_or_nf4_base_trains_only_the_state(tmp_path, base_kind):
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    from rwkv_ft.quantization import load_quantized
+
+    base(hidden_size=64, head_size=16, intermediate_size=128).save_pretrained(tmp_path / "base")
+    if base_kind == "nf4":  # bitsandbytes' CPU 4-bit kernels need in_features >= 64
+        model = prepare_model_for_kbit_training(load_quantized(tmp_path / "base", "nf4", dtype=torch.float32))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = add_state_tuning(model, StateTuningConfig())
+    assert all(p.dtype == torch.float32 for p in state.parameters())  # the learned state stays fp32
+    losses = train(model, list(state.parameters()), random_ids(4, 12, 97, seed=9), steps=10)
+    assert losses[-1] < losses[0] - 0.02, losses
+    for name, p in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), f"{name} changed"
 
 
 def test_state_tuning_with_token_shift_composes_with_lora():

@@ -272,14 +272,23 @@ def test_qlora_and_state_tuning_recipes_train_and_merge(tmp_path, extra):
         assert (tmp_path / "adapter" / "state_tuning.safetensors").exists()
 
 
-def test_cli_train_merges_and_prints_a_sample(tmp_path, capsys):
+def test_cli_train_merges_and_prints_a_sample(tmp_path, capsys, monkeypatch):
+    import rwkv_ft.generation as generation
     from rwkv_ft.cli import main
 
+    prompts, real = [], generation.chat_prompt
+
+    def spy(tokenizer, message):
+        prompts.append(real(tokenizer, message))
+        return prompts[-1]
+
+    monkeypatch.setattr(generation, "chat_prompt", spy)
     recipe = ROOT / "recipes" / "quickstart.yaml"
     args = [*TINY, "training.max_steps=2", "merge.enabled=true", "generate.prompt=Say hi.", "generate.max_new_tokens=4"]
     assert main(["train", str(recipe), *args, f"training.output_dir={tmp_path}"]) == 0
     printed = capsys.readouterr().out
     assert f"merged model: {tmp_path / 'merged'}" in printed and "sample: 'Say hi.' -> " in printed
+    assert prompts == ["User: Say hi.\n\nAssistant:"]  # the sample is prompted through the chat template
 
 
 # ------------------------------------------------------------------------------------------------

@@ -239,3 +239,60 @@ def test_version_and_train_help_name_themselves(capsys):
 def test_recipe_values_out_of_range_are_named(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "train", QUICKSTART, "training.batch_size=0", f"training.output_dir={tmp_path}")
     assert rc == 2 and "training.batch_size must be >= 1" in err
+
+
+def test_deeply_nested_row_stops_a_strict_run_naming_the_line(tmp_path, capsys):
+    data = tmp_path / "deep.jsonl"
+    data.write_text("\n".join([GOOD, "[" * 5000 + "]" * 5000, GOOD]) + "\n")
+    argv = ["train", QUICKSTART, *TINY, f"data.path={data}", f"training.output_dir={tmp_path / 'out'}"]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and "deep.jsonl, line 2" in err and "nested too deeply" in err
+    assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "adapter").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# As a user's shell sees it: a fresh process, the newest releases' warnings and all
+
+
+def cli(*argv: str, cwd: Path = ROOT) -> tuple[int, str, str]:
+    """`rwkv-ft ARGV` in a fresh process, offline (a test never touches the network)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rwkv_ft.cli", *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_import_and_help_load_nothing_heavy_and_print_no_warnings():
+    import subprocess
+    import sys
+
+    heavy = ("torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate")
+    probe = f"import sys, rwkv_ft; print([m for m in {heavy!r} if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]" and proc.stderr == "", proc.stderr
+    for argv in (["--help"], ["train", "--help"], ["generate", "--help"], ["--version"]):
+        rc, out, err = cli(*argv)
+        assert rc == 0 and out and err == "", (argv, err)
+
+
+def test_error_paths_print_one_line_and_nothing_else(tmp_path):
+    """Bad input in a fresh process: exit 2 and a single line on stderr (no warning from a library
+    imported on the way, no traceback), nothing written."""
+    out = tmp_path / "out"
+    commands = [
+        ("generate", "/nonexistent", "--prompt", "hi"),
+        ("convert", str(tmp_path / "missing.pth"), str(out)),
+        ("train", QUICKSTART, "model.path=models/rwkv4-world-1b5", f"training.output_dir={out}"),
+        ("train", QUICKSTART, *TINY, f"data.path={tmp_path / 'nothing.jsonl'}", f"training.output_dir={out}"),
+    ]
+    for argv in commands:
+        rc, _, err = cli(*argv)
+        assert rc == 2, (argv, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"rwkv-ft {argv[0]}: error: "), (argv, err)
+        assert not out.exists(), argv

@@ -276,6 +276,9 @@ def read_parquet(path: Path) -> Iterator[RawRow]:
 
 def read_hub(name: str, split: str, hub_kwargs: Mapping[str, Any]) -> Iterator[RawRow]:
     """Rows of a Hub dataset, located by 0-based row index."""
+    from rwkv_ft.io import ensure_network_timeouts
+
+    ensure_network_timeouts()
     try:
         table = datasets.load_dataset(name, split=split, **hub_kwargs)
     except Exception as error:  # network, auth, missing repo or split: all mean "cannot use it"

@@ -16,19 +16,20 @@ class TokenizerUnavailable(OSError):
 
 
 def _fetch_neox_tokenizer_json() -> Path:
-    """tokenizer.json of the Hub's GPT-NeoX-20B repo: one request (no retries), or the local cache only
-    with HF_HUB_OFFLINE=1. transformers' own from_pretrained would retry for minutes without network."""
+    """tokenizer.json of the Hub's GPT-NeoX-20B repo, without waiting on a missing network (one
+    request, no retries; see `fetch_from_hub`), or the local cache only with HF_HUB_OFFLINE=1."""
     from huggingface_hub import hf_hub_download
 
-    from rwkv_ft.io import hub_is_offline
+    from rwkv_ft.io import fetch_from_hub, hub_is_offline, network_failure
 
-    offline = hub_is_offline()
     try:
-        return Path(hf_hub_download(NEOX_HUB_REPO, "tokenizer.json", local_files_only=offline, etag_timeout=10))
+        return fetch_from_hub(
+            NEOX_HUB_REPO, lambda **kwargs: hf_hub_download(NEOX_HUB_REPO, "tokenizer.json", etag_timeout=10, **kwargs)
+        )
     except Exception as exc:  # no network, offline without a cached copy, repo moved
-        where = "in the local Hub cache (HF_HUB_OFFLINE=1)" if offline else "from the Hugging Face Hub"
+        where = "in the local Hub cache (HF_HUB_OFFLINE=1)" if hub_is_offline() else "from the Hugging Face Hub"
         raise TokenizerUnavailable(
-            f"the GPT-NeoX-20B tokenizer is not available {where} ({type(exc).__name__}); pass a local "
+            f"the GPT-NeoX-20B tokenizer is not available {where} ({network_failure(exc)}); pass a local "
             "tokenizer.json instead (e.g. 20B_tokenizer.json from BlinkDL/ChatRWKV)"
         ) from exc
 
