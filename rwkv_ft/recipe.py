@@ -79,7 +79,9 @@ class TrainingSection:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; none needed with bf16 weights, see rwkv_ft.train)
     # false | true (whole blocks: least memory) | selective (keep the large matmuls' outputs, recompute the rest)
     gradient_checkpointing: bool | str = False
-    compile: bool = False  # torch.compile every block (fused elementwise work, far fewer kernel launches)
+    # false | true (torch.compile every block: fused elementwise work, far fewer kernel launches) |
+    # reduce-overhead (also CUDA graphs of each block's forward and backward: no per-op launch cost)
+    compile: bool | str = False
     chunk_len: int | None = None  # long-context training: run samples in chunks of this many tokens (exact gradient)
     logging_steps: int = 1
     eval_steps: int | None = None  # null: evaluate at the end of each epoch
@@ -128,6 +130,7 @@ CHOICES = {
     "training.schedule": ("cosine", "linear", "constant_with_warmup", "constant"),
     "training.precision": ("fp32", "bf16", "fp16"),
     "training.gradient_checkpointing": (False, True, "selective"),
+    "training.compile": (False, True, "reduce-overhead"),
     "merge.dtype": ("fp32", "bf16", "fp16"),
     "merge.format": ("hf", "pth", "transformers"),
 }

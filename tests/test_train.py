@@ -313,6 +313,18 @@ def test_speed_switches_reach_the_model(tmp_path):
     assert not any(isinstance(m, FastLoraLinear) for m in stock.modules())
     assert all(not b.selective_recompute and b._compiled_call_impl is None for b in rwkv_blocks(stock))
 
+    calls = []
+    real_compile = type(fast.base_model.model).compile_blocks
+    try:  # reduce-overhead reaches torch.compile as its mode (CUDA graphs; a GPU-only effect)
+        type(fast.base_model.model).compile_blocks = lambda self, **kw: calls.append(kw)
+        attached("training.compile=reduce-overhead")
+        attached("training.compile=true")
+    finally:
+        type(fast.base_model.model).compile_blocks = real_compile
+    assert calls == [{"mode": "reduce-overhead"}, {}]
+    with pytest.raises(RecipeError, match="training.compile"):
+        tiny_recipe(tmp_path, "training.compile=fast")
+
     bf16 = tiny_recipe(tmp_path, "model.dtype=bf16", "training.precision=bf16")
     assert not needs_autocast(bf16) and not training_arguments(bf16, tmp_path, False).bf16
     for other in (["model.dtype=fp32"], ["model.dtype=bf16", "model.quantization=nf4"]):
