@@ -411,6 +411,20 @@ def _segments(reset_ptr, bi, t0, T, rows, HAS_RESET: tl.constexpr):
         return tl.zeros_like(rows)
 
 
+@triton.jit
+def _chunk_key_inputs(
+    r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET: tl.constexpr
+):  # fmt: skip
+    """One chunk's key-side inputs, (L, N) each: r, k, a, b in their stored dtype (read several
+    times, they widen where they meet fp32 values), w in fp32; and its segment ids (L,)."""
+    r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
+    w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
+    k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
+    a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
+    b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
+    return r, w, k, a, b, _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
+
+
 # ----------------------------------------------------------------------------------------------
 # One chunk, forward and backward
 
@@ -539,12 +553,9 @@ def _prep_kernel(
     t0 = c * L
     x_off = bi.to(tl.int64) * s_b + hi.to(tl.int64) * s_h
     base = bh.to(tl.int64) * NC + c
-    r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
-    w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
-    k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
-    a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
-    b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
-    seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
+    r, w, k, a, b, seg = _chunk_key_inputs(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
+    )
     P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _ = _key_side(
         r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
     )
@@ -667,12 +678,9 @@ def _grad_kernel(
     x_off = bi.to(tl.int64) * s_b + hi.to(tl.int64) * s_h
     o_off = bi.to(tl.int64) * T * H * N + hi * N  # dy and the gradients: (B, T, H, N) contiguous
     base = bh.to(tl.int64) * NC + c
-    r = _load_raw(r_ptr + x_off, t0, T, s_t, rows, cols)
-    w = _load_rows(w_ptr + x_off, t0, T, s_t, rows, cols)
-    k = _load_raw(k_ptr + x_off, t0, T, s_t, rows, cols)
-    a = _load_raw(a_ptr + x_off, t0, T, s_t, rows, cols)
-    b = _load_raw(b_ptr + x_off, t0, T, s_t, rows, cols)
-    seg = _segments(reset_ptr, bi, t0, T, rows, HAS_RESET)
+    r, w, k, a, b, seg = _chunk_key_inputs(
+        r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
+    )
     P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, G64, w64, n_lev, h0, m0, m_end = _key_side(
         r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
     )
