@@ -541,7 +541,7 @@ def main() -> None:
                 except torch._dynamo.exc.TorchDynamoException as exc:
                     if not VARIANTS[variant][1]:
                         raise
-                    # A kernel that is not yet a custom op (WKV-7 today) may break the graph: measure
+                    # Should a block ever break the graph (a kernel that is not a custom op), measure
                     # with the breaks, and say so.
                     log(f"{label}: fullgraph failed ({type(exc).__name__}: {str(exc)[:200]}); again without")
                     torch._dynamo.reset()
