@@ -335,6 +335,12 @@ def is_adapter_model(model) -> bool:
     return hasattr(model, "peft_config") or find_initial_state(model) is not None
 
 
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage the run uses, or None without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
 def fp32_trained_parameters(model) -> None:
     """Keep every trained parameter in fp32 (master weights; compute still follows the base's dtype).
     FSDP2 needs one dtype for the trained parameters of a unit, and a bf16 one (a peft
@@ -876,6 +882,14 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     trainer.equal_chunk_counts = how != "none" and recipe.training.chunk_len is not None
     if how == "fsdp2":  # before the Trainer shards the model
         fp32_trained_parameters(model)
+    if recipe.training.compile and zero_stage(trainer.accelerator) == 3:
+        # ZeRO-3 gathers each layer's parameters in module hooks that torch.compile may not trace
+        # (torch.compiler.disable), so a compiled block sees the empty partitions. FSDP2's hooks
+        # are outside dynamo's view: its blocks compile whole.
+        raise RecipeError(
+            "training.compile does not work under DeepSpeed ZeRO-3 (its parameter gathering cannot be "
+            "compiled); set training.compile=false, or use recipes/accelerate/fsdp.yaml (FSDP2) or ZeRO-2"
+        )
     if resume_from is not None:
         progress = read_json_object(resume_from / PROGRESS_FILE) or {}
         trainer.prior_runtime_s = float(progress.get("runtime_s", 0.0))

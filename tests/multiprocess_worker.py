@@ -8,9 +8,11 @@ rank when RWKV_FT_TEST_FAULT says so:
 
 `fsdp2 OUT_DIR`: a LoRA + state-tuning model of each RWKV version sharded with FSDP2 the way
 accelerate shards it (torch's fully_shard: each block a unit, then the root) over gloo; trains one
-step, then checks that rwkv_ft.train gathers its trained parameters whole (and saves them as a
-normal adapter, in OUT_DIR/<version>/sharded, beside the unsharded model's in .../whole), copies
-whole tensors back into the shards, and finds a non-finite value in one rank's shard.
+step (RWKV-7: compiled blocks over the Triton kernel, under the interpreter: TRITON_INTERPRET=1)
+with the loss of the unsharded eager model, then checks that rwkv_ft.train gathers its trained
+parameters whole (and saves them as a normal adapter, in OUT_DIR/<version>/sharded, beside the
+unsharded model's in .../whole), copies whole tensors back into the shards, and finds a
+non-finite value in one rank's shard.
 """
 
 from __future__ import annotations
@@ -73,10 +75,15 @@ def lora_and_state_model(version: str, base_dir: Path):
 
     from rwkv_ft.adapters import add_state_tuning
     from rwkv_ft.convert import save_model_dir
-    from rwkv_ft.testing import MODEL_FACTORIES
+    from rwkv_ft.models.rwkv7 import Rwkv7ForCausalLM
+    from rwkv_ft.testing import randomize_, tiny_rwkv4, tiny_rwkv7_config
 
     torch.manual_seed(0)
-    base = MODEL_FACTORIES[version]().to(torch.bfloat16)
+    if version == "rwkv4":
+        base = tiny_rwkv4()
+    else:  # heads of 32: a size the Triton kernel takes
+        base = randomize_(Rwkv7ForCausalLM(tiny_rwkv7_config(hidden_size=64, head_size=32)), seed=1)
+    base = base.to(torch.bfloat16)
     if rank() == 0:
         save_model_dir(base, base_dir, tokenizer=None, overwrite=True)
     base.name_or_path = base.config._name_or_path = str(base_dir.resolve())
@@ -100,7 +107,13 @@ def fsdp2(out_dir: Path) -> int:
     from rwkv_ft.adapters import save_adapter
     from rwkv_ft.models.modeling_utils import rwkv_blocks
     from rwkv_ft.testing import assert_close
-    from rwkv_ft.train import _nonfinite_tensors, consolidated_state_dict, fp32_trained_parameters, load_trained_tensors
+    from rwkv_ft.train import (
+        _nonfinite_tensors,
+        consolidated_state_dict,
+        fp32_trained_parameters,
+        load_trained_tensors,
+        set_kernel_backend,
+    )
 
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
@@ -109,6 +122,9 @@ def fsdp2(out_dir: Path) -> int:
         model = lora_and_state_model(version, where / "base")
         fp32_trained_parameters(model)  # as rwkv_ft.train does under FSDP2 (the trained head is bf16)
         whole = copy.deepcopy(model)
+        if version == "rwkv7":  # the GPU recipes' path: compiled blocks over the Triton kernel
+            set_kernel_backend(model, "triton")
+            model.compile_blocks()
         for block in rwkv_blocks(model):
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -117,7 +133,10 @@ def fsdp2(out_dir: Path) -> int:
 
         # One step on each rank's own batch: FSDP2 gathers bf16 base and fp32 LoRA weights together.
         ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(rank()))
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        with torch.no_grad():
+            assert_close(loss, whole(input_ids=ids, labels=ids).loss, rel=2e-2, name=f"{version} loss")  # bf16
+        loss.backward()
         optimizer = torch.optim.SGD([p for _, p in trained], lr=0.1)
         optimizer.step()
         optimizer.zero_grad()

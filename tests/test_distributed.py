@@ -54,19 +54,24 @@ TINY = [
 ]
 
 
-def launch(config: Path, out: Path, *args: str, fault: str | None = None, timeout: int = 300):
+def launch(config: Path, out: Path, *args: str, fault: str | None = None, env: dict | None = None, timeout: int = 300):
     """`accelerate launch --config_file CONFIG worker train quickstart.yaml ...` with 2 processes on
     the CPU; the launcher and its workers are killed if they outlive `timeout` (a hang fails)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
         str(WORKER), "train", str(QUICKSTART), *TINY, "training.batch_size=2", f"training.output_dir={out}", *args,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("RWKV_FT_TEST_FAULT", None)
-    if fault:
-        env["RWKV_FT_TEST_FAULT"] = fault
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    environment.pop("RWKV_FT_TEST_FAULT", None)
+    environment.update(env or {}, **({"RWKV_FT_TEST_FAULT": fault} if fault else {}))
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        command,
+        cwd=ROOT,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -228,14 +233,15 @@ def test_saved_adapters_read_back_by_parameter_name(tmp_path, version):
 
 @pytest.mark.slow
 def test_fsdp2_shards_gather_into_a_normal_adapter(tmp_path):
-    """Under FSDP2 (2 gloo processes) the trained parameters (LoRA, a trained head, the learned
+    """Under FSDP2 (2 gloo processes; RWKV-7 with compiled blocks over the Triton kernel) a step
+    gives the unsharded model's loss; the trained parameters (LoRA, a trained head, the learned
     state) are gathered whole and saved as the adapter an unsharded model of the same values saves;
     `rwkv-ft merge` reads it; whole tensors go back into the shards (resume)."""
     from rwkv_ft.merge import merge_adapter
 
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command = [*torchrun, str(WORKER), "fsdp2", str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _, stderr = proc.communicate(timeout=300)
@@ -258,10 +264,11 @@ def test_fsdp2_shards_gather_into_a_normal_adapter(tmp_path):
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_matches_one_process_and_a_killed_run_resumes_exactly(tmp_path, stage):
-    """ZeRO-2 (the shipped config) and ZeRO-3 (every parameter partitioned, long-context chunks
-    whose count differs between the ranks' batches) on 2 CPU processes: the adapter of one process
-    with the same global batch; a checkpoint `rwkv-ft merge` reads; a run killed after its
-    checkpoint resumes to exactly the adapter of the run that was not killed."""
+    """ZeRO-2 (the shipped config) and ZeRO-3 (every parameter partitioned; long-context chunks of 4
+    tokens, whose count differs between the ranks' batches: unpadded, the ranks' parameter fetches
+    mismatch and the run aborts) on 2 CPU processes: the adapter of one process with the same global
+    batch; a checkpoint `rwkv-ft merge` reads; a run killed after its checkpoint resumes to exactly
+    the adapter of the run that was not killed."""
     from rwkv_ft.merge import merge_adapter
     from rwkv_ft.train import complete_checkpoints
 
@@ -269,7 +276,7 @@ def test_deepspeed_zero_matches_one_process_and_a_killed_run_resumes_exactly(tmp
     config = CONFIGS / "deepspeed_zero2.yaml"
     if stage == 3:
         config = zero3_partitioning_everything(tmp_path)
-        args.append("training.chunk_len=16")
+        args.append("training.chunk_len=4")
     single = one_process(tmp_path / "one", *args)
     straight = launch(config, tmp_path / "two", *args)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -346,3 +353,24 @@ def test_an_error_on_one_rank_ends_the_run_with_its_message(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count("error (rank 1): injected: a bad batch on rank 1 at step 2") == 1, proc.stderr[-3000:]
     assert proc.stderr.count("Traceback (most recent call last)") == 1, "the launcher's own; none from a worker"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
+def test_compiled_blocks_and_triton_kernels_train_under_zero2(tmp_path):
+    """The GPU recipes' path (compiled blocks, selective recompute, the Triton WKV kernel: here under
+    the interpreter) under ZeRO-2 on 2 processes: step by step the losses of one eager process."""
+    from rwkv_ft.train import complete_checkpoints
+
+    args = ["training.max_steps=3", "data.max_length=32"]
+    one_process(tmp_path / "eager", *args)
+    fast = ["training.compile=true", "training.gradient_checkpointing=selective", "model.wkv_backend=triton"]
+    proc = launch(CONFIGS / "deepspeed_zero2.yaml", tmp_path / "compiled", *args, *fast, env={"TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def losses(directory: Path) -> torch.Tensor:
+        history = json.loads((complete_checkpoints(directory)[-1] / "trainer_state.json").read_text())["log_history"]
+        return torch.tensor([entry["loss"] for entry in history if "loss" in entry])
+
+    assert len(losses(tmp_path / "compiled")) == 3
+    assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rel=1e-4, name="losses")
