@@ -374,3 +374,14 @@ def test_compiled_blocks_and_triton_kernels_train_under_zero2(tmp_path):
 
     assert len(losses(tmp_path / "compiled")) == 3
     assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rel=1e-4, name="losses")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
+def test_zero3_refuses_compiled_blocks_by_name(tmp_path):
+    """training.compile under ZeRO-3 (whose parameter gathering cannot be compiled) stops at once,
+    naming the key and what to use instead."""
+    proc = launch(CONFIGS / "deepspeed_zero3.yaml", tmp_path, "training.max_steps=1", "training.compile=true")
+    assert proc.returncode != 0
+    assert "training.compile does not work under DeepSpeed ZeRO-3" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("Traceback (most recent call last)") == 1, "the launcher's own; none from a worker"
