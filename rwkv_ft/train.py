@@ -477,7 +477,7 @@ def _make_trainer_class():
         """The HF Trainer with these guarantees:
 
         - a non-finite loss on any rank stops training on every rank at the same step, naming the
-          rank and (long context) the chunk, before the backward; non-finite trainable weights or
+          rank and (long context) the chunk, before the optimizer step; non-finite trainable weights or
           optimizer state on any rank are never saved. The ranks agree first, so none waits
           forever in a collective the others left;
         - checkpoints of an adapter run hold the adapter as `save_adapter` writes it (peft's
@@ -498,14 +498,18 @@ def _make_trainer_class():
         session_start: float = 0.0
 
         cudagraph_steps: bool = False  # training.compile: reduce-overhead
-        equal_chunk_counts: bool = False  # sharded model and training.chunk_len: see pad_to_longest
+        equal_chunk_counts: bool = False  # sharded model and training.chunk_len: see _pad_to_longest
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.cudagraph_steps:  # a new step: the graphs may reuse the last step's output memory
                 torch.compiler.cudagraph_mark_step_begin()
             if self.equal_chunk_counts:
                 inputs = self._pad_to_longest(inputs)
-            return super().training_step(model, inputs, num_items_in_batch)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # After the backward (whose collectives every rank runs alike, NaN or not), so that the
+            # host never waits between forward and backward; before the optimizer step.
+            self._stop_if_not_finite(loss)
+            return loss
 
         def _pad_to_longest(self, inputs):
             """`inputs` padded to the longest batch on any rank: a sharded model's every block call
@@ -513,12 +517,6 @@ def _make_trainer_class():
             width = torch.tensor([inputs["input_ids"].shape[1]], device=self.args.device)
             longest = int(self.accelerator.gather(width).max())
             return pad_batch(inputs, longest, self.data_collator.pad_token_id)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if model.training:  # before the backward: a non-finite loss must not reach the weights
-                self._stop_if_not_finite(result[0] if return_outputs else result)
-            return result
 
         def _stop_if_not_finite(self, loss) -> None:
             """Raise StoppedOnEveryRank on every rank if the loss is not finite on any: one small

@@ -328,7 +328,7 @@ def zero3_partitioning_everything(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_a_nonfinite_chunk_on_one_rank_stops_every_rank_naming_it(tmp_path):
     """A NaN in one long-context chunk of one rank's batch: every rank stops at that step, before the
-    backward (no rank left waiting in a collective); the main process names the rank, the chunk
+    optimizer step (no rank left waiting in a collective); the main process names the rank, the chunk
     and the step, sets aside the checkpoint whose weights produced it and names the last good one."""
     from rwkv_ft.train import REJECTED_DIR, complete_checkpoints
 
