@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -21,7 +20,6 @@ from rwkv_ft.train import complete_checkpoints, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 
 TINY = [
     "model.config={vocab_size: 65536, hidden_size: 32, num_hidden_layers: 2}",
@@ -59,13 +57,6 @@ def test_every_recipe_loads_and_names_its_command(path):
 def test_recipe_set_covers_lora_qlora_and_state_tuning():
     kinds = {(r.adapter.type, r.model.quantization) for r in map(load_recipe, RECIPES)}
     assert {("lora", None), ("lora", "nf4"), ("lora", "int8"), ("state", None)} <= kinds
-
-
-@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.name for p in ACCELERATE_CONFIGS])
-def test_accelerate_configs_parse(path):
-    config = yaml.safe_load(path.read_text())
-    assert config["distributed_type"] in {"NO", "MULTI_GPU", "FSDP"}
-    assert config["num_processes"] >= 1
 
 
 def test_unknown_keys_and_bad_values_are_named(tmp_path):
@@ -117,8 +108,16 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash at step {self.step}")
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    args = ["training.max_steps=6", "training.save_steps=3", "training.eval_steps=100"]
+STATE_TUNING = ["adapter.type=state", "adapter.modules_to_save=null", "training.lr=0.1"]
+
+
+@pytest.mark.parametrize("extra", [[], STATE_TUNING], ids=["lora", "state"])
+def test_resume_continues_bit_for_bit(tmp_path, extra):
+    """A crashed run resumed from its checkpoint ends with exactly the straight run's adapter; the
+    checkpoint is itself an adapter (LoRA and/or the learned state) that the merge reads."""
+    from rwkv_ft.merge import merge_adapter
+
+    args = ["training.max_steps=6", "training.save_steps=3", "training.eval_steps=100", *extra]
     run(tiny_recipe(tmp_path / "straight", *args))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_recipe(tmp_path / "crashed", *args), callbacks=[CrashAt(5)])
@@ -126,10 +125,14 @@ def test_resume_continues_bit_for_bit(tmp_path):
     with pytest.raises(RecipeError, match="--resume"):
         run(tiny_recipe(tmp_path / "crashed", *args))  # refuses to start over existing checkpoints
     run(tiny_recipe(tmp_path / "crashed", *args), resume=True)
-    straight, resumed = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "crashed")
+    name = "state_tuning.safetensors" if extra else "adapter_model.safetensors"
+    straight, resumed = (load_file(tmp_path / run_dir / "adapter" / name) for run_dir in ("straight", "crashed"))
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert (checkpoint / name).exists() and not (checkpoint / "model.safetensors").exists()
+    merge_adapter(tmp_path / "straight" / "base", checkpoint, tmp_path / "merged")
 
 
 class PoisonAfter(TrainerCallback):

@@ -611,6 +611,11 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
     # this many tokens are run in chunks with the state carried, gradient included (see
     # `_chunked_loss`). None: one pass over the whole sequence.
     train_chunk_len: int | None = None
+    # What a non-finite chunk loss does: raise FloatingPointError naming the chunk (True), or leave
+    # the returned loss non-finite and name the chunk through `nonfinite_chunk()` (False: rwkv_ft.train,
+    # where every rank must reach the cross-rank check of the step's loss before any of them stops).
+    raise_on_nonfinite_chunk: bool = True
+    _chunk_report: tuple[torch.Tensor, list[tuple[int, int]], int] | None = None
     # In training, the head's logits and their cross-entropy are computed this many rows at a time
     # (`rwkv_ft.models.loss`): the B x T x V fp32 logits are never held; the forward returns
     # logits=None then. None: the plain head and loss.
@@ -653,6 +658,7 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         (shifted inside, -100 ignored), and the state after the last token. See the base model's
         `forward` for the other arguments."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._chunk_report = None
         chunk = self.train_chunk_len
         if labels is not None and chunk and (input_ids if input_ids is not None else inputs_embeds).shape[1] > chunk:
             loss = self._chunked_loss(
@@ -733,10 +739,10 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         each) and, in the backward, recomputes one chunk at a time from its boundary state while
         the state's gradient flows back across every boundary. Peak activation memory is that of
         one chunk. The loss is token-weighted over all chunks (or divided by `num_items_in_batch`,
-        as the Trainer passes under gradient accumulation); a non-finite chunk loss stops at once,
-        naming the chunk. Right padding (the collator's) is dropped: it only follows a row's real
-        tokens, so it can change nothing they see; packed rows keep their resets, column 0 of a
-        chunk included.
+        as the Trainer passes under gradient accumulation); a non-finite chunk loss raises naming the
+        chunk, or is reported by `nonfinite_chunk()` (`raise_on_nonfinite_chunk`). Right padding
+        (the collator's) is dropped: it only follows a row's real tokens, so it can change nothing
+        they see; packed rows keep their resets, column 0 of a chunk included.
         """
         from torch.utils.checkpoint import checkpoint
 
@@ -762,7 +768,8 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
             return self._head_loss_sum(out.last_hidden_state, piece_targets), out.state
 
         total, scored = source.new_zeros((), dtype=torch.float32), 0
-        for index, begin in enumerate(range(0, T, chunk_len)):
+        finite, bounds = [], []
+        for begin in range(0, T, chunk_len):
             end = min(begin + chunk_len, T)
             piece_targets = targets[:, begin:end]
             piece_reset = None if starts is None else starts[:, begin:end]
@@ -771,11 +778,36 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
             loss_sum, state = checkpoint(
                 run_chunk, source[:, begin:end], piece_targets, piece_reset, state, use_reentrant=False
             )
-            if not torch.isfinite(loss_sum):
-                raise FloatingPointError(
-                    f"the loss is not finite in chunk {index} (tokens {begin}..{end - 1} of {T}) of this batch"
-                )
+            # Every chunk runs even after a non-finite one: under FSDP or ZeRO-3 each block call is a
+            # collective, so every rank must make the same calls. The flags stay on the device (no sync).
+            finite.append(torch.isfinite(loss_sum.detach()))
+            bounds.append((begin, end))
             total = total + loss_sum
             scored += int((piece_targets != -100).sum())
+        self._chunk_report = (torch.stack(finite), bounds, T)
+        if self.raise_on_nonfinite_chunk:
+            bad = self.nonfinite_chunk()
+            if bad is not None:
+                raise FloatingPointError(f"the loss is not finite in {describe_chunk(bad)} of this batch")
         denominator = num_items_in_batch if num_items_in_batch is not None else max(scored, 1)
         return total / denominator
+
+    def nonfinite_chunk(self) -> tuple[int, int, int, int] | None:
+        """(chunk index, first token, last token, sequence length) of the first chunk of the last
+        chunked forward whose loss was not finite, or None (all finite, or the last forward was not
+        chunked). Reads the chunk flags from the device."""
+        if self._chunk_report is None:
+            return None
+        finite, bounds, T = self._chunk_report
+        bad = (~finite).nonzero()
+        if len(bad) == 0:
+            return None
+        index = int(bad[0])
+        begin, end = bounds[index]
+        return index, begin, end - 1, T
+
+
+def describe_chunk(chunk: tuple[int, int, int, int]) -> str:
+    """A `nonfinite_chunk()` result as "chunk I (tokens A..B of T)"."""
+    index, first, last, T = chunk
+    return f"chunk {index} (tokens {first}..{last} of {T})"
