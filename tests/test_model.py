@@ -188,6 +188,29 @@ def test_packed_row_continues_a_passed_state(model):
     assert_close(packed.state, last.state, name="state")
 
 
+@pytest.mark.parametrize("version", ["rwkv4", "rwkv7"])
+def test_packed_rows_refuse_padding_they_cannot_run_exactly(version):
+    """Packed rows run in parallel mode with resets: left padding without a state is exact; inner
+    padding, or left padding with a state, is refused (a pad would still decay the RWKV-4 state or
+    hide the previous token from the token shift)."""
+    from rwkv_ft.testing import MODEL_FACTORIES
+
+    m = MODEL_FACTORIES[version]().eval()
+    a, b = random_ids(1, 5, seed=37), random_ids(1, 4, seed=38)
+    ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), a, b], 1)
+    left = torch.tensor([[0, 0] + [1] * 9])
+    position_ids = torch.tensor([[0, 0, 0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    inner = torch.tensor([[1, 1, 0, 0] + [1] * 7])
+    with torch.no_grad():
+        packed = m(ids, attention_mask=left, position_ids=position_ids).logits
+        state = m(a, use_cache=True).state
+        assert_close(packed[:, 2:], torch.cat([m(a).logits, m(b).logits], 1), name="left-padded packed logits")
+        with pytest.raises(ValueError, match="padding only after"):
+            m(ids, attention_mask=left, position_ids=position_ids, state=state)
+        with pytest.raises(ValueError, match="padding only after"):
+            m(ids, attention_mask=inner, position_ids=position_ids)
+
+
 # Two packed rows: three examples (5, 7, 6 tokens), and two (9, 4) followed by five pads, laid out
 # as SFTDataCollator pads a packed row (position ids continue the count over the padding).
 PACKED_LENGTHS = [[5, 7, 6], [9, 4]]
