@@ -240,10 +240,11 @@ def test_compiled_triton_wkv7(recompute):
         MODEL_FACTORIES["rwkv7"] = factory
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compiled_packed_rows_rwkv4(backend, small_chunks):
+@pytest.mark.parametrize("backend,recompute", [("torch", "none"), ("triton", "none"), ("triton", "selective")])
+def test_compiled_packed_rows_rwkv4(backend, recompute, small_chunks):
     """Packed rows (position ids restarting at 0) through compiled RWKV-4 blocks: the reset flags
-    reach the WKV-4 op and the token shifts inside the graph; loss and LoRA gradients equal eager."""
+    reach the WKV-4 op and the token shifts inside the graph (and the op's recompute under
+    selective recompute); loss and LoRA gradients equal eager."""
     ids = random_ids(2, 10, seed=10)
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]])
 
@@ -254,7 +255,7 @@ def test_compiled_packed_rows_rwkv4(backend, small_chunks):
         return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     eager = step(lora_model("rwkv4", backend=backend))
-    compiled = lora_model("rwkv4", backend=backend)
+    compiled = lora_model("rwkv4", backend=backend, recompute=recompute)
     compiled.compile_blocks(backend=PARTITIONED)
     assert_same_step(step(compiled), eager, torch.float32)
 
