@@ -76,8 +76,7 @@ def test_right_padding_and_grad_accumulation_weighting(model):
     assert_same(chunked, whole)
 
 
-def test_packed_rows_with_a_start_on_a_chunk_boundary():
-    model = MODEL_FACTORIES["rwkv7"]().train()
+def test_packed_rows_with_a_start_on_a_chunk_boundary(model):
     lengths = [40, 24, 50, 14]  # starts at 0, 40, 64 (a chunk boundary), 114
     ids = random_ids(1, sum(lengths), 97, seed=4)
     positions = torch.cat([torch.arange(n) for n in lengths])[None]

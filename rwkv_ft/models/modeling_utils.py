@@ -366,6 +366,12 @@ def is_right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
+def has_inner_padding(mask: torch.Tensor) -> bool:
+    """Some row has padding between two of its real tokens."""
+    runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]  # runs of real tokens per row
+    return bool((runs > 1).any())
+
+
 def segment_starts(position_ids: torch.Tensor | None, mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
     """(B, T) bool: True where a packed example starts after column 0, or None when no row restarts.
 
@@ -488,6 +494,7 @@ class RwkvModelBase:
         starts = reset if reset is not None else segment_starts(position_ids, mask, T)
         if starts is not None and bool(starts.any()):
             if self.supports_reset and self.initial_state is None:
+                _check_packed_padding(mask, state, name)
                 hidden, new_state, all_hidden = self._run_blocks(hidden, state, mask, starts, output_hidden_states)
             elif state is not None:
                 raise ValueError(
@@ -589,6 +596,19 @@ class RwkvModelBase:
     def _learned_initial_state(self, batch: int) -> torch.Tensor | None:
         """The state-tuned initial state for `batch` rows, or None (empty history) when none is attached."""
         return None if self.initial_state is None else self.initial_state(batch)
+
+
+def _check_packed_padding(mask: torch.Tensor | None, state: torch.Tensor | None, name: str) -> None:
+    """Packed rows run in parallel mode with resets, which is exact with padding after a row's
+    tokens, and before them when the row starts empty. Elsewhere a pad would still decay (RWKV-4)
+    or hide the previous token from the token shift: refuse rather than return wrong values."""
+    if mask is None:
+        return
+    if has_inner_padding(mask) or (state is not None and not is_right_padded(mask)):
+        raise ValueError(
+            f"{name}: packed sequences (position_ids restarting at 0) take padding only after a row's tokens, "
+            "or before them when no state is passed; split rows with inner padding into separate rows"
+        )
 
 
 def _token_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
