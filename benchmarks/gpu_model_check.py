@@ -45,10 +45,9 @@ def check_version(version: str, dtype: torch.dtype) -> list[str]:
     ids = torch.randint(1, 1000, (3, 257), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     bound = TOLERANCES[dtype][0] * 3
     failures, report = [], []
-    cases = [("plain", {})]
-    if version == "rwkv7":  # packed rows: one pass with the kernel's resets
-        positions = torch.cat([torch.arange(100), torch.arange(57), torch.arange(100)]).repeat(3, 1).cuda()
-        cases.append(("packed", {"position_ids": positions}))
+    # packed rows: one pass with the kernels' resets
+    positions = torch.cat([torch.arange(100), torch.arange(57), torch.arange(100)]).repeat(3, 1).cuda()
+    cases = [("plain", {}), ("packed", {"position_ids": positions})]
     for case, kwargs in cases:
         ref = forward_backward(model_with(version, "torch", dtype), ids, **kwargs)
         got = forward_backward(model_with(version, "triton", dtype), ids, **kwargs)
