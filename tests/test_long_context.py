@@ -119,11 +119,29 @@ def test_nf4_base(version, tmp_path):
 
 
 def test_a_non_finite_chunk_is_named(model):
-    set_chunk(model, 50)
+    """The model on its own raises naming the chunk (its default)."""
+    model.train_chunk_len = 50
     with torch.no_grad():
         model.get_decoder().blocks[0].ln1.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"chunk 0 \(tokens 0\.\.49 of 120\)"):
         model(random_ids(1, 120, model.config.vocab_size), labels=random_ids(1, 120, model.config.vocab_size))
+
+
+def test_training_reports_a_non_finite_chunk_instead_of_raising(model):
+    """Under rwkv_ft.train (set_chunk_len) every chunk runs and the first non-finite one is reported,
+    so that all ranks reach the step's cross-rank loss check before any of them stops."""
+    from rwkv_ft.models.modeling_utils import describe_chunk
+
+    set_chunk(model, 50)
+    ids = random_ids(1, 120, model.config.vocab_size)
+    model(ids, labels=ids)
+    assert model.nonfinite_chunk() is None
+    with torch.no_grad():
+        model.get_decoder().blocks[0].ln1.weight.fill_(float("nan"))
+    loss = model(ids, labels=ids).loss
+    assert not torch.isfinite(loss)
+    assert model.nonfinite_chunk() == (0, 0, 49, 120)
+    assert describe_chunk(model.nonfinite_chunk()) == "chunk 0 (tokens 0..49 of 120)"
 
 
 def test_document_data_trains_in_chunks_through_the_recipe(tmp_path):
