@@ -25,7 +25,11 @@ from rwkv_ft.kernels import empty_wkv_state, wkv4
 from rwkv_ft.models.modeling_utils import rwkv_blocks
 from rwkv_ft.testing import MODEL_FACTORIES, assert_close, random_ids, relative_error
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the Triton kernels on CPU tensors, which needs the interpreter (conftest sets TRITON_INTERPRET=1 "
+    "where there is no CUDA device)",
+)
 PARTITIONED = "aot_eager_decomp_partition"
 
 
