@@ -49,6 +49,21 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence(model, chunk):
     assert_same(loss_and_grads(model, ids, labels), whole)
 
 
+@pytest.mark.parametrize("recompute_last", [False, True])
+def test_each_chunk_but_the_last_is_recomputed_once(model, recompute_last):
+    """Memory stays that of one chunk, and the last chunk (whose backward runs first) is not re-run,
+    except where rwkv_ft.train asks for it (DeepSpeed ZeRO-3)."""
+    calls = []
+    model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    set_chunk(model, 64)
+    model.recompute_last_chunk = recompute_last
+    ids = random_ids(1, T, model.config.vocab_size, seed=5)
+    loss = model(ids, labels=ids).loss
+    assert len(calls) == 16  # ceil(1000 / 64) chunks
+    loss.backward()
+    assert len(calls) == 16 + 15 + recompute_last
+
+
 def test_with_lora_and_state_tuning(model):
     from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
 

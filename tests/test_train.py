@@ -357,3 +357,62 @@ def test_compiled_run_with_selective_recompute_matches_eager(tmp_path):
 
     assert compiled["steps"] == eager["steps"] == 3
     assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rel=1e-4, name="losses")
+
+
+def test_trainer_bookkeeping_runs_over_the_trained_parameters(tmp_path):
+    """The Trainer's per-step FLOP count, training-mode switch, gradient zeroing and clipping give
+    what the stock Trainer gives, without walking the frozen base each step; eval() still reaches
+    every module, and train() puts the model's own methods back."""
+    from transformers import Trainer
+
+    from rwkv_ft.testing import tiny_rwkv4
+    from rwkv_ft.train import _make_trainer_class, attach_adapter, training_arguments
+
+    recipe = tiny_recipe(tmp_path)
+    model = attach_adapter(tiny_rwkv4(), recipe)
+    trainer = _make_trainer_class()(model=model, args=training_arguments(recipe, tmp_path, False))
+    ids = torch.randint(1, model.config.vocab_size, (2, 9))
+    assert trainer.floating_point_ops({"input_ids": ids}) == Trainer.floating_point_ops(trainer, {"input_ids": ids}) > 0
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trainer.trained_parameters() == trained and len(trained) < len(list(model.parameters()))
+    trainer._walk_trained_parameters_only(model)
+    model(ids, labels=ids).loss.backward()
+    if hasattr(Trainer, "_clip_grad_norm"):  # transformers releases that clip in a method
+        norms = [float(torch.linalg.vector_norm(p.grad)) for p in trained]
+        expected = sum(n * n for n in norms) ** 0.5
+        assert float(trainer._clip_grad_norm(model)) == pytest.approx(expected, rel=1e-5)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+    model.eval()  # a walk: every module leaves training mode
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.base_model.model.eval()  # the LM alone (from_pretrained returns it so): the next train() walks
+    model.train()
+    assert all(m.training for m in model.modules())
+    lora = next(m for name, m in model.named_modules() if name.endswith("lora_A"))
+    lora.eval()
+    model.train()  # already in training mode: skipped
+    assert not lora.training
+    trainer._restore_walks()
+    assert "train" not in vars(model) and "zero_grad" not in vars(model)
+    model.train()  # the model's own method again: a walk
+    assert lora.training
+
+
+class ModesAtEachStep(TrainerCallback):
+    """Records whether every module of the model was in training mode at the end of each step."""
+
+    def __init__(self):
+        self.all_training = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.all_training.append(all(m.training for m in model.modules()))
+
+
+def test_every_module_trains_at_every_step_around_evaluations(tmp_path):
+    modes = ModesAtEachStep()
+    run(tiny_recipe(tmp_path, "training.max_steps=4", "training.eval_steps=2"), callbacks=[modes])
+    assert modes.all_training == [True] * 4

@@ -635,6 +635,11 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
     # the returned loss non-finite and name the chunk through `nonfinite_chunk()` (False: rwkv_ft.train,
     # where every rank must reach the cross-rank check of the step's loss before any of them stops).
     raise_on_nonfinite_chunk: bool = True
+    # Whether the last chunk is recomputed in the backward like the others. It need not be (its
+    # backward runs first, so keeping its activations does not raise the peak), but under DeepSpeed
+    # ZeRO-3 a chunk recomputed after one that was not sees some parameters still partitioned
+    # (a CheckpointError on 2 processes); rwkv_ft.train sets this there.
+    recompute_last_chunk: bool = False
     _chunk_report: tuple[torch.Tensor, list[tuple[int, int]], int] | None = None
     # In training, the head's logits and their cross-entropy are computed this many rows at a time
     # (`rwkv_ft.models.loss`): the B x T x V fp32 logits are never held; the forward returns
@@ -754,12 +759,14 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         """The causal-LM loss of a long sequence, computed `chunk_len` tokens at a time with the
         exact whole-sequence gradient (not truncated backpropagation).
 
-        Each chunk runs under activation checkpointing with the incoming state as an input and the
-        outgoing state as an output, so autograd keeps only the chunk-boundary states (B x L x state
-        each) and, in the backward, recomputes one chunk at a time from its boundary state while
-        the state's gradient flows back across every boundary. Peak activation memory is that of
-        one chunk. The loss is token-weighted over all chunks (or divided by `num_items_in_batch`,
-        as the Trainer passes under gradient accumulation); a non-finite chunk loss raises naming the
+        Each chunk but the last runs under activation checkpointing with the incoming state as an
+        input and the outgoing state as an output, so autograd keeps only the chunk-boundary states
+        (B x L x state each) and, in the backward, recomputes one chunk at a time from its boundary
+        state while the state's gradient flows back across every boundary. The last chunk keeps its
+        activations (unless `recompute_last_chunk`): its backward comes first, so it needs no
+        recompute. Peak activation memory is that of one chunk. The loss is token-weighted over all
+        chunks (or divided by `num_items_in_batch`, as the Trainer passes under gradient
+        accumulation); a non-finite chunk loss raises naming the
         chunk, or is reported by `nonfinite_chunk()` (`raise_on_nonfinite_chunk`). Right padding
         (the collator's) is dropped: it only follows a row's real tokens, so it can change nothing
         they see; packed rows keep their resets, column 0 of a chunk included.
@@ -787,30 +794,30 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
             )
             return self._head_loss_sum(out.last_hidden_state, piece_targets), out.state
 
-        total, scored = source.new_zeros((), dtype=torch.float32), 0
+        total = source.new_zeros((), dtype=torch.float32)
         finite, bounds = [], []
         for begin in range(0, T, chunk_len):
             end = min(begin + chunk_len, T)
-            piece_targets = targets[:, begin:end]
-            piece_reset = None if starts is None else starts[:, begin:end]
+            piece = (source[:, begin:end], targets[:, begin:end], None if starts is None else starts[:, begin:end])
             if state is None:  # the first chunk: the learned initial state, if any, as a differentiable input
                 state = self.rwkv._learned_initial_state(B)
-            loss_sum, state = checkpoint(
-                run_chunk, source[:, begin:end], piece_targets, piece_reset, state, use_reentrant=False
-            )
+            if end < T or self.recompute_last_chunk:
+                loss_sum, state = checkpoint(run_chunk, *piece, state, use_reentrant=False)
+            else:
+                loss_sum, state = run_chunk(*piece, state)
             # Every chunk runs even after a non-finite one: under FSDP or ZeRO-3 each block call is a
             # collective, so every rank must make the same calls. The flags stay on the device (no sync).
             finite.append(torch.isfinite(loss_sum.detach()))
             bounds.append((begin, end))
             total = total + loss_sum
-            scored += int((piece_targets != -100).sum())
         self._chunk_report = (torch.stack(finite), bounds, T)
         if self.raise_on_nonfinite_chunk:
             bad = self.nonfinite_chunk()
             if bad is not None:
                 raise FloatingPointError(f"the loss is not finite in {describe_chunk(bad)} of this batch")
-        denominator = num_items_in_batch if num_items_in_batch is not None else max(scored, 1)
-        return total / denominator
+        if num_items_in_batch is None:  # counted on the device: no host sync
+            num_items_in_batch = (targets != -100).sum().clamp_min(1)
+        return total / num_items_in_batch
 
     def nonfinite_chunk(self) -> tuple[int, int, int, int] | None:
         """(chunk index, first token, last token, sequence length) of the first chunk of the last
