@@ -200,13 +200,14 @@ def host_time(work: Path, name: str, stock: bool, steps: int = 30) -> dict[str, 
     row = {}
     for kind, names in BOOKKEEPING.items():
         # cumulative time of the calls made from elsewhere (a recursive walk's inner calls not counted twice)
-        row[kind] = 1000 * sum(
+        seconds = sum(
             edge[3]
             for (_, _, fn), (*_, callers) in stats.items()
             if fn in names
             for caller, edge in callers.items()
             if caller[2] not in names
-        ) / steps
+        )
+        row[kind] = 1000 * seconds / steps
     row["total"] = sum(row.values())
     return row
 
