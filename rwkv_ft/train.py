@@ -500,6 +500,10 @@ def _make_trainer_class():
         cudagraph_steps: bool = False  # training.compile: reduce-overhead
         equal_chunk_counts: bool = False  # sharded model and training.chunk_len: see _pad_to_longest
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.how_sharded = sharding(self.accelerator)  # fixed for the run: read once, used every step
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.cudagraph_steps:  # a new step: the graphs may reuse the last step's output memory
                 torch.compiler.cudagraph_mark_step_begin()
@@ -538,7 +542,7 @@ def _make_trainer_class():
             return 6 * inputs[main_input].numel() * self._counted_parameters
 
         def _clip_grad_norm(self, model):  # transformers >= 5.3 (earlier releases clip inline, over every parameter)
-            if sharding(self.accelerator) != "none":  # FSDP2 and DeepSpeed clip their own way
+            if self.how_sharded != "none":  # FSDP2 and DeepSpeed clip their own way
                 return super()._clip_grad_norm(model)
             return self.accelerator.clip_grad_norm_(self.trained_parameters(), self.args.max_grad_norm)
 
@@ -548,7 +552,7 @@ def _make_trainer_class():
             clears the LM's flag, so the next `train()` walks again), and `model.zero_grad()` clears
             the trained parameters' gradients only (the frozen ones have none). One process or DDP;
             FSDP2 and DeepSpeed keep their own."""
-            if self._walks_skipped_on is model or sharding(self.accelerator) != "none":
+            if self._walks_skipped_on is model or self.how_sharded != "none":
                 return
             trained, walking_train, lms = self.trained_parameters(), model.train, causal_lms(model)
 
@@ -654,7 +658,7 @@ def _make_trainer_class():
             from rwkv_ft.adapters import save_adapter
 
             output_dir = output_dir if output_dir is not None else self.args.output_dir
-            tensors = consolidated_state_dict(self.model, sharding(self.accelerator), trainable_only=True)
+            tensors = consolidated_state_dict(self.model, self.how_sharded, trainable_only=True)
             if self.args.should_save:
                 save_adapter(self.model, output_dir, state_dict=tensors)
                 if self.processing_class is not None:
@@ -671,7 +675,7 @@ def _make_trainer_class():
             if not is_adapter_model(self.model) or not (checkpoint / ADAPTER_INFO_FILE).exists():
                 return super()._load_from_checkpoint(resume_from_checkpoint, model)
             tensors = read_trained_tensors(self.model, checkpoint)
-            load_trained_tensors(model if model is not None else self.model, tensors, sharding(self.accelerator))
+            load_trained_tensors(model if model is not None else self.model, tensors, self.how_sharded)
 
         def _keep_latest_checkpoints(self, run_dir: Path) -> None:
             limit = self.args.save_total_limit
@@ -942,10 +946,11 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         callbacks=[*_callbacks(output_dir), *(callbacks or [])],
     )
     trainer.cudagraph_steps = recipe.training.compile == "reduce-overhead"
-    how = sharding(trainer.accelerator)
+    how = trainer.how_sharded
     trainer.equal_chunk_counts = how != "none" and recipe.training.chunk_len is not None
+    zero3 = zero_stage(trainer.accelerator) == 3
     for lm in causal_lms(model):
-        lm.recompute_last_chunk = zero_stage(trainer.accelerator) == 3
+        lm.recompute_last_chunk = zero3
     if how == "fsdp2":  # before the Trainer shards the model
         fp32_trained_parameters(model)
     if recipe.training.compile and zero_stage(trainer.accelerator) == 3:
