@@ -94,6 +94,7 @@ REC_VARIANTS = [  # knobs of triton_wkv7_recurrent._CFG_OVERRIDE, at RECURRENT_S
     ("warps8", {"warps": 8}),
     ("warps2", {"warps": 2}),
     ("replay16(less exact)", {"replay": 16}),
+    ("join_sums", {"join_sums": True}),
 ]
 HBM_TBPS = 4.24  # copy rate measured on the H200 (anchors README); re-measured below
 BF16_TFLOPS = 790.0

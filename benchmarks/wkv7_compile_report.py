@@ -97,12 +97,14 @@ def recurrent_specs(bv: int, N: int) -> dict:
         grads.update(dr="*fp32", dk="*fp32", da="*fp32", db="*fp32")
     bwd = dict(
         **xin, reset=None, dy="*bf16", ck="*fp32", sa_in="*fp32", sT="*fp32", dsT=None, ds0=None, **grads,
-        **ints, s_part="i64", N=N, BV=bv, CH=16, RS=8, HAS_RESET=False, HAS_DY=True, HAS_DST=False, WANT_DS0=False,
+        **ints, s_part="i64", N=N, BV=bv, CH=16, RS=8, JOIN_SUMS=False, HAS_RESET=False, HAS_DY=True,
+        HAS_DST=False, WANT_DS0=False,
     )  # fmt: skip
     return {
         "rec_fwd": (trec._rec_fwd_kernel, fwd),
         "rec_bwd": (trec._rec_bwd_kernel, bwd),
         "rec_bwd_reset": (trec._rec_bwd_kernel, dict(bwd, reset="*u8", HAS_RESET=True)),
+        "rec_bwd_joined": (trec._rec_bwd_kernel, dict(bwd, JOIN_SUMS=True)),
     }
 
 

@@ -614,8 +614,14 @@ def check_recurrent(xs, dtype=torch.float32, **kw):
 REC_SPLIT = dict(bv=16, ch=8, replay=4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cfg", [None, REC_SPLIT], ids=["rule", "split"])
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize(
+    "dtype, cfg",
+    [(F32, None), (BF16, None), (F16, None), (F32, REC_SPLIT), (BF16, REC_SPLIT), (F32, {**REC_SPLIT, "join_sums": 1})],
+    ids=["fp32", "bf16", "fp16", "fp32-split", "bf16-split", "fp32-split-joined-sums"],
+)
 def test_recurrent_matches_fp64_reference(dtype, cfg):
     trec._CFG_OVERRIDE = cfg
     check_recurrent(make_inputs(2, 37, 2, 32, dtype, seed=51), dtype)

@@ -63,6 +63,7 @@ class RecurrentConfig:
     ch: int  # tokens between the exact states the forward stores for the backward
     replay: int  # tokens between the states the backward rebuilds exactly (by replaying from ch's)
     warps: int
+    join_sums: bool = False  # the backward's four column sums as one joined reduction
 
 
 def _config(B: int, T: int, H: int, N: int) -> RecurrentConfig:
@@ -196,7 +197,7 @@ def _rec_bwd_kernel(
     r, w, k, v, a, b, reset, dy, ck, sa_in, sT, dsT, ds0,
     dr, dw, dk, dv, da, db,
     T, H, s_b, s_t, s_h, s_part,
-    N: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr, RS: tl.constexpr,
+    N: tl.constexpr, BV: tl.constexpr, CH: tl.constexpr, RS: tl.constexpr, JOIN_SUMS: tl.constexpr,
     HAS_RESET: tl.constexpr, HAS_DY: tl.constexpr, HAS_DST: tl.constexpr, WANT_DS0: tl.constexpr,
 ):  # fmt: skip
     """Program (value block, b * H + h), tokens last first. dv (B, T, H, N) is complete per
@@ -252,10 +253,22 @@ def _rec_bwd_kernel(
         dt = tl.exp(wt)
         dsa = tl.sum(dS * bt[None, :], axis=1)  # (BV,)
         tl.store(dv + obase + o + rows, _to(tl.sum(dS * kt[None, :], axis=1), dv.dtype.element_ty))
-        tl.store(dk + pbase + o + cols, _to(tl.sum(dS * vt[:, None], axis=0), dk.dtype.element_ty))
-        tl.store(db + pbase + o + cols, _to(tl.sum(dS * sa[:, None], axis=0), db.dtype.element_ty))
-        tl.store(dw + pbase + o + cols, _to(dt * tl.sum(dS * used, axis=0), dw.dtype.element_ty))
-        tl.store(da + pbase + o + cols, _to(tl.sum(dsa[:, None] * used, axis=0), da.dtype.element_ty))
+        if JOIN_SUMS:  # the four column sums as one reduction over the value rows (one pass through shared memory)
+            sums = tl.sum(
+                tl.join(tl.join(dS * vt[:, None], dS * sa[:, None]), tl.join(dS * used, dsa[:, None] * used)), 0
+            )
+            kb, wa = tl.split(sums)
+            dk_t, db_t = tl.split(kb)
+            dw_t, da_t = tl.split(wa)
+        else:
+            dk_t = tl.sum(dS * vt[:, None], axis=0)
+            db_t = tl.sum(dS * sa[:, None], axis=0)
+            dw_t = tl.sum(dS * used, axis=0)
+            da_t = tl.sum(dsa[:, None] * used, axis=0)
+        tl.store(dk + pbase + o + cols, _to(dk_t, dk.dtype.element_ty))
+        tl.store(db + pbase + o + cols, _to(db_t, db.dtype.element_ty))
+        tl.store(dw + pbase + o + cols, _to(dt * dw_t, dw.dtype.element_ty))
+        tl.store(da + pbase + o + cols, _to(da_t, da.dtype.element_ty))
         dS = tl.where(is_reset, 0.0, dS * dt[None, :] + dsa[:, None] * at[None, :])
         S = prev
     if WANT_DS0:
@@ -307,8 +320,8 @@ def wkv7_recurrent_bwd(r, w, k, v, a, b, reset, saved, sT, dy, dsT, cfg: Recurre
     _rec_bwd_kernel[(nv, B * H)](
         r, w, k, v, a, b, reset, dy, ck, sa, sT, dsT, ds0, dr, dw, dk, dv, da, db,
         T, H, s_b, s_t, s_h, 0 if nv == 1 else B * T * H * N,
-        N=N, BV=cfg.bv, CH=cfg.ch, RS=cfg.replay, HAS_RESET=reset is not None, HAS_DY=dy is not None,
-        HAS_DST=dsT is not None, WANT_DS0=want_ds0, num_warps=cfg.warps,
+        N=N, BV=cfg.bv, CH=cfg.ch, RS=cfg.replay, JOIN_SUMS=cfg.join_sums, HAS_RESET=reset is not None,
+        HAS_DY=dy is not None, HAS_DST=dsT is not None, WANT_DS0=want_ds0, num_warps=cfg.warps,
     )  # fmt: skip
     if nv > 1:
         dr, dk, da, db = (g.sum(0).to(r.dtype) for g in (dr, dk, da, db))
