@@ -7,7 +7,7 @@ import math
 from transformers import PretrainedConfig
 
 from rwkv_ft.kernels.rwkv7.wkv7 import BACKENDS as WKV_BACKENDS
-from rwkv_ft.models.config_checks import check_positive_fields
+from rwkv_ft.models.config_checks import check_positive_fields, check_wkv_backend
 from rwkv_ft.models.registration import register_config
 
 
@@ -36,6 +36,7 @@ class Rwkv7Config(PretrainedConfig):
 
     model_type = "rwkv7_ft"  # not "rwkv7": flash-linear-attention registers that, and transformers will
     attribute_map = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers"}
+    wkv_backends = WKV_BACKENDS  # what `wkv_backend` may be
 
     def __init__(
         self,
@@ -69,8 +70,7 @@ class Rwkv7Config(PretrainedConfig):
         )
         if hidden_size % head_size:
             raise ValueError(f"Rwkv7Config: hidden_size {hidden_size} is not a multiple of head_size {head_size}")
-        if wkv_backend not in WKV_BACKENDS:
-            raise ValueError(f"wkv_backend must be one of {', '.join(map(repr, WKV_BACKENDS))}, got {wkv_backend!r}")
+        check_wkv_backend("Rwkv7Config", wkv_backend, self.wkv_backends)
         low_rank = {
             "decay_low_rank": decay_low_rank or default_low_rank(hidden_size, 2.5),
             "a_low_rank": a_low_rank or default_low_rank(hidden_size, 2.5),
