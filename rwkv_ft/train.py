@@ -20,6 +20,8 @@ nothing; the adapter's initialisation does not depend on what a restart skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import logging
 import math
@@ -87,6 +89,25 @@ def _discard_incomplete(base: Path) -> None:
     if base.exists():
         logger.warning("%s is incomplete (an interrupted write); building it again", base)
         shutil.rmtree(base) if base.is_dir() else base.unlink()
+
+
+@contextlib.contextmanager
+def objects_frozen_for_gc():
+    """Python's cyclic garbage collector ignores the objects that exist on entry (the model, the
+    tokenizer, the data: ~500k objects for a 24-layer LoRA model), until exit. Each full
+    collection otherwise walks them all: 23 ms per step of a 24-layer LoRA step's host time on a
+    2-core CPU, 4 ms frozen (benchmarks/trainer_vs_loop.py --host-time). Memory is still freed by
+    reference counting; only cycles among those objects wait until the exit. A program that froze
+    objects itself keeps its own arrangement."""
+    if gc.get_freeze_count() or not gc.isenabled():
+        yield
+        return
+    gc.collect()  # what is already garbage goes now, not into the frozen set
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class torch_rng_isolated:
@@ -710,7 +731,8 @@ def _make_trainer_class():
         def train(self, *args, **kwargs):
             self.session_start = time.time()
             try:
-                return super().train(*args, **kwargs)
+                with objects_frozen_for_gc():
+                    return super().train(*args, **kwargs)
             finally:
                 self._restore_walks()
 
