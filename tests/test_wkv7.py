@@ -128,12 +128,13 @@ def test_matches_fp64_reference(dtype):
     check(make_inputs(2, 37, 3, 32, dtype), dtype)
 
 
-def test_fp32_decay_with_bf16_inputs():
+@pytest.mark.parametrize("backend", ["triton", "recurrent"])
+def test_fp32_decay_with_bf16_inputs(backend):
     """The model passes w in fp32 (the decay loses nothing) and the rest in bf16; dw comes back fp32."""
     use_config(**SPLIT)
     xs = make_inputs(2, 21, 3, 32, torch.bfloat16, seed=12)
     xs[1] = xs[1].float()
-    y, ns, grads = run(triton_fn, xs)
+    y, ns, grads = run(triton_fn if backend == "triton" else recurrent_fn, xs)
     ry, rns, rgrads = ref64(xs)
     assert y.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[0].dtype == torch.bfloat16
     assert_close(y, ry, torch.bfloat16, name="y")
