@@ -19,12 +19,15 @@ Backward, tokens last first, with dS the adjoint of S_t (dy_t r_t^T added first)
 The column sums (dr, dk, dw, da, db) run over the value rows: complete in one program when BV = N,
 else per value block (fp32 partials summed after the kernel). S_{t-1} is rebuilt from S_t by
 undoing the step, S_{t-1} = (S_t - v_t k_t^T - sa_t b_t^T) diag(1 / d_t), with sa_t stored by the
-forward (fp32, 256 bytes per token and head at N = 64) and the exact state reloaded at every CH-token
-boundary (stored by the forward: 1 KB per token and head at CH = 16), so rounding is amplified over
-at most CH - 1 steps, by at most (1 / d_min)^(CH - 1). That is why this path requires the decay
-bounded away from 0: w >= W_MIN_RECURRENT = -exp(-0.5) (per-step decay >= 0.545), the range of the
-RWKV-7 model (its w is -exp(-0.5) * sigmoid(.)); the chunked kernels take any w. (BlinkDL's
-`rwkv7_clampw` CUDA kernels rebuild the state the same way, under the same clamp.)
+forward (fp32, 256 bytes per token and head at N = 64), the exact state reloaded at every CH-token
+boundary (stored by the forward: 1 KB per token and head at CH = 16) and rebuilt exactly half-way
+(`replay`: run forward from the block's stored state), so rounding is amplified over at most
+replay - 1 = 7 undone steps, by at most (1 / d_min)^7 = 69 (15 steps without the replay: 8,700,
+1.4e-4 fp32 relative error in dr, dw, da at the fastest decay; 1.7e-6 with it). That is why this path
+requires the decay bounded away from 0: w >= W_MIN_RECURRENT = -exp(-0.5) (per-step decay >= 0.545),
+the range of the RWKV-7 model (its w is -exp(-0.5) * sigmoid(.)); not checked (that would cost a
+host sync); the chunked kernels take any w. (BlinkDL's `rwkv7_clampw` CUDA kernels rebuild the
+state by undoing steps too, under the same clamp.)
 
 Resets (packed sequences) zero the state before a token. Undoing a step cannot cross one (S_t does
 not depend on the state before the reset), so the backward at a reset token inside a block runs
