@@ -274,23 +274,23 @@ def fla_fn():
 COMPILE_SNIPPET = r"""
 import os, time, torch, json
 import rwkv_ft.kernels.rwkv7.triton_wkv7 as tw
-import rwkv_ft.kernels.rwkv7.triton_wkv7_recurrent as trec
 from rwkv_ft.kernels import wkv7
 base = os.environ.get("WKV7_BASE_CONFIG")
 tw._CFG_OVERRIDE = (json.load(open(base)) if base else None) or None
 out = {}
-for B, H in ((8, 32), (4, 16)):  # two goal shapes: 64-row and smaller scan value blocks
+# two goal shapes (64-row and smaller scan value blocks), then the token-by-token kernels (one config)
+for backend, B, H in (("triton", 8, 32), ("triton", 4, 16), ("recurrent", 8, 32)):
     xs = [torch.randn(B, 64, H, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
     with torch.no_grad():
         xs[1].copy_(-torch.rand_like(xs[1]) * 0.6)
     torch.cuda.synchronize()
     t0 = time.time()
-    y, s = wkv7(*xs, backend="triton")
+    y, s = wkv7(*xs, backend=backend)
     torch.cuda.synchronize()
     t1 = time.time()
     y.float().sum().backward()
     torch.cuda.synchronize()
-    out[f"B{B} H{H}"] = {"fwd_s": t1 - t0, "bwd_s": time.time() - t1}
+    out[f"{backend} B{B} H{H}"] = {"fwd_s": t1 - t0, "bwd_s": time.time() - t1}
 print("COMPILE_JSON", json.dumps(out))
 """
 
@@ -503,8 +503,41 @@ def baseline_section(res, base_mod):
         log(f"(b) {shape}: {json.dumps(row)}")
 
 
+# The recurrent kernels on small inputs against float64, in a fresh process: a fault there (which
+# poisons a CUDA context) costs only this check, not the section.
+RECURRENT_CHECK = r"""
+import math, torch
+from rwkv_ft.kernels import wkv7, wkv7_reference
+from rwkv_ft.testing import relative_error
+
+def recurrent(*a, **k):
+    return wkv7(*a, backend="recurrent", **k)
+
+for B, T, H, N in ((2, 100, 3, 64), (1, 37, 2, 128), (2, 50, 2, 32)):
+    rn = lambda: torch.randn(B, T, H, N, device="cuda")
+    kk = torch.nn.functional.normalize(rn(), dim=-1)
+    xs = [rn(), -math.exp(-0.5) * torch.sigmoid(rn()), rn(), rn(), -kk, kk * torch.sigmoid(rn())]
+    reset = torch.zeros(B, T, dtype=torch.bool, device="cuda")
+    reset[0, T // 3] = True
+    outs = []
+    for fn, dtype in ((recurrent, torch.float32), (wkv7_reference, torch.float64)):
+        p = [x.detach().to(dtype).clone().requires_grad_() for x in xs]
+        y, s = fn(*p, reset=reset)
+        (y.sum() + s.sum()).backward()
+        outs.append([y, s] + [x.grad for x in p])
+    errs = [relative_error(a, b) for a, b in zip(*outs)]
+    assert max(errs) < 1e-5, errs
+print("RECURRENT_OK")
+"""
+
+
 def recurrent_section(res):
     """backend="recurrent" next to the chunked kernels in one process: accuracy, then timings."""
+    p = subprocess.run([sys.executable, "-c", RECURRENT_CHECK], capture_output=True, text=True, timeout=300)
+    res["recurrent_check"] = "ok" if "RECURRENT_OK" in p.stdout else p.stderr[-2000:]
+    log(f"(r) fresh-process check of the recurrent kernels (fp32, N = 64/128/32, resets): {res['recurrent_check']}")
+    if "RECURRENT_OK" not in p.stdout:
+        return
     other = [("rec", recurrent)]
     for B, T, H in ACC_SHAPES:
         accuracy_case(res, "recurrent: plain", B, T, H, torch.bfloat16, others=other)
