@@ -338,7 +338,7 @@ def run_recipe_case(shape, variant, device, ctx, steps, warmup, work: Path, prof
             f"training.batch_size={batch}", "training.grad_accum=1", "training.lr=1e-4",
             "training.schedule=constant", "training.warmup_ratio=0", "training.save_steps=100000",
             f"training.logging_steps={total}", "merge.enabled=false", "generate.prompt=null",
-            *overrides,
+            *([f"model.wkv_backend={WKV7_BACKEND}"] if version == "rwkv7" and WKV7_BACKEND else []), *overrides,
         ],
     )  # fmt: skip
     timer = StepTimer(warmup, steps, device, profile)
