@@ -975,7 +975,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         lm.recompute_last_chunk = zero3
     if how == "fsdp2":  # before the Trainer shards the model
         fp32_trained_parameters(model)
-    if recipe.training.compile and zero_stage(trainer.accelerator) == 3:
+    if recipe.training.compile and zero3:
         # ZeRO-3 gathers each layer's parameters in module hooks that torch.compile may not trace
         # (torch.compiler.disable), so a compiled block sees the empty partitions. FSDP2's hooks
         # are outside dynamo's view: its blocks compile whole.
