@@ -504,6 +504,9 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--long-steps", type=int, default=2, help="timed steps of each long-context job")
+    ap.add_argument("--long-warmup", type=int, default=1, help="warm-up steps of each long-context job (under "
+                    "CUDA graphs: 2, the graphs are recorded at a node's second call)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=330, help="start no case after this many seconds "
                     "(a case takes up to ~90 s: build, compilation, steps)")  # fmt: skip
     ap.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; --tiny: "
@@ -564,12 +567,14 @@ def main() -> None:
         try:
             if variant in RECIPE_VARIANTS:
                 r = run_recipe_case(
-                    shape, variant, device, ctx, args.steps if not T else 2, args.warmup if not T else 1, work,
+                    shape, variant, device, ctx, args.steps if not T else args.long_steps,
+                    args.warmup if not T else args.long_warmup, work,
                     variant in profiled,
                 )  # fmt: skip
             else:
                 case = functools.partial(
-                    run_case, shape, variant, device, ctx, args.steps if not T else 2, args.warmup if not T else 1,
+                    run_case, shape, variant, device, ctx, args.steps if not T else args.long_steps,
+                    args.warmup if not T else args.long_warmup,
                     batch=1 if T else None, chunk=chunk_len,
                     profile=(variant in profiled and not T) or bool(T and args.profile_long),
                 )  # fmt: skip
