@@ -10,6 +10,13 @@ on the same inputs (when it imports and agrees); the final state after 16384 tok
 the five goal shapes, fla at its anchor shapes, and every variant knob of `triton_wkv7` at three
 shapes; (4) a table and DIR/bench_wkv7.json (DIR defaults to $OUT or '.'). One failing case is
 recorded and skipped; a time budget keeps the whole run under ~7 minutes.
+
+--baseline-file PATH loads a second copy of the kernel module from PATH (e.g. the main branch's:
+`git show main:kernels/rwkv7/triton_wkv7.py > /tmp/base_wkv7.py`) and adds the section "baseline":
+both copies at BASELINE_SHAPES in the same process, fwd and fwd+bwd CUDA-graph medians (timed
+alternately, best of two each), and both copies' bf16 errors over the rounding floor:
+
+    python -u benchmarks/bench_wkv7.py --sections baseline --baseline-file /tmp/base_wkv7.py
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import inspect
 import json
 import math
@@ -48,6 +56,7 @@ ANCHORS = {
     (1, 16384, 32): (27.14, None, 10.0),
 }
 ACC_SHAPES = [(2, 1024, 4), (1, 4096, 2)]
+BASELINE_SHAPES = [(8, 4096, 32), (4, 1024, 16), (8, 1024, 64), (1, 16384, 32)]
 FLA_SHAPES = [(8, 4096, 32), (4, 1024, 16)]
 VARIANT_SHAPES = [(8, 4096, 32), (4, 1024, 16), (1, 16384, 32)]
 # Knobs of triton_wkv7._CFG_OVERRIDE compared at VARIANT_SHAPES (the rule's choice is "default").
@@ -164,6 +173,48 @@ def reference64(*args):
     return wkv7_reference(*(x.double() for x in xs), None if s is None else s.double(), reset)
 
 
+def load_baseline(path: str):
+    """A second copy of the kernel module from `path`, under its own module name (its kernels are
+    distinct JIT functions: no clash in Triton's caches or in sys.modules)."""
+    spec = importlib.util.spec_from_file_location("triton_wkv7_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    mod._CFG_OVERRIDE = BASE or None
+    return mod
+
+
+def module_fn(mod):
+    """A differentiable call of a kernel module's host functions (wkv7_fwd / wkv7_bwd, as ops.py
+    calls them), with the calling convention of `ours`."""
+
+    class Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, r, w, k, v, a, b, s, reset):
+            xs = mod._shared_strides([r, w, k, v, a, b])
+            rs = None if reset is None else reset.contiguous().view(torch.uint8)
+            cfg = mod._config(*r.shape, r.dtype)
+            s0 = None if s is None else s.float().contiguous()
+            y, ns, saved = mod.wkv7_fwd(*xs, s0, rs, cfg, True)
+            ctx.save_for_backward(*xs, *saved)
+            ctx.cfg, ctx.rs, ctx.has_state = cfg, rs, s is not None
+            return y, ns
+
+        @staticmethod
+        def backward(ctx, gy, gs):
+            xs, saved = ctx.saved_tensors[:6], list(ctx.saved_tensors[6:])
+            dy = None if gy is None else gy.to(xs[0].dtype).contiguous()
+            dsT = None if gs is None else gs.float().contiguous()
+            *grads, g_state = mod.wkv7_bwd(*xs, ctx.rs, saved, dy, dsT, ctx.cfg, ctx.has_state)
+            return (*grads, g_state, None)
+
+    def run(*args):
+        *xs, s, reset = args
+        return Fn.apply(*xs, s, reset)
+
+    return run
+
+
 def fla_fn():
     """fla's chunk_rwkv7 mapped to our conventions (its state is [K, V]: ours transposed), or None."""
     try:
@@ -241,13 +292,14 @@ def compile_time(res):
 # (2) correctness
 
 
-def accuracy_case(res, name, B, T, H, dtype, fla=None, ours_too=True, **kw):
+def accuracy_case(res, name, B, T, H, dtype, fla=None, ours_too=True, others=(), **kw):
     xs, s, reset = inputs(B, T, H, dtype, **kw)
     ref = fwd_bwd(reference64, xs, s, reset, dtype, leaf_dtype=torch.float64)
     names = ["y", "state_T"] + [f"d{n}" for n in ("r", "w", "k", "v", "a", "b", "state")]
     refs = [ref[0], ref[1], *ref[2]]
     row = {"case": name, "shape": [B, T, H], "dtype": str(dtype), "errors": {}}
     impls = ([("ours", ours)] if ours_too else []) + ([("fla", fla)] if fla is not None and reset is None else [])
+    impls += list(others)
     for impl, fn in impls:
         try:
             with time_limit(120):
@@ -396,6 +448,37 @@ def variants(res, quick):
                 log(f"(3) variant {str(shape):15s} {name:20s} {json.dumps(out)} accuracy {acc}")
 
 
+def baseline_section(res, base_mod):
+    """This kernel module against the baseline copy in one process: accuracy (bf16 error / floor),
+    then fwd and fwd+bwd CUDA-graph medians at BASELINE_SHAPES, alternating base, ours, base, ours
+    (best of two each)."""
+    base = module_fn(base_mod)
+    for B, T, H in ACC_SHAPES[:1]:
+        accuracy_case(res, "baseline: plain", B, T, H, torch.bfloat16, others=[("base", base)])
+        accuracy_case(res, "baseline: state + resets", B, T, H, torch.bfloat16, others=[("base", base)], state=True,
+                      resets=3)  # fmt: skip
+        accuracy_case(res, "baseline: fp32 w mixed", 2, 256, 4, torch.float32, others=[("base", base)], state=True,
+                      w="mixed")  # fmt: skip
+    for shape in BASELINE_SHAPES:
+        if left() < 40:
+            log(f"(b) {shape}: skipped (time budget)")
+            continue
+        row = {"shape": list(shape)}
+        try:
+            runs = {"base": [], "ours": []}
+            for impl in ("base", "ours", "base", "ours"):
+                runs[impl].append(time_impl(base if impl == "base" else ours, shape, eager=False, first_limit=90))
+            for impl, outs in runs.items():
+                row[impl] = {k: min(o[k] for o in outs) for k in ("fwd_graph", "fwdbwd_graph")}
+                row[impl]["peak_GiB"] = outs[-1]["peak_GiB"]
+            row["ratio_fwdbwd"] = row["ours"]["fwdbwd_graph"] / row["base"]["fwdbwd_graph"]
+            row["ratio_fwd"] = row["ours"]["fwd_graph"] / row["base"]["fwd_graph"]
+        except Exception as e:
+            row["exception"] = repr(e)[:400]
+        res["baseline"].append(row)
+        log(f"(b) {shape}: {json.dumps(row)}")
+
+
 def fla_section(res, fla):
     """Last (its first call autotunes for minutes): agreement with the reference on the accuracy
     inputs, then timings at its anchor shapes with whatever time is left."""
@@ -508,6 +591,19 @@ def report(res):
             log(f"  {row['case']:30s} {str(row['shape']):15s} {row['dtype']:15s} {impl:4s} {vals}")
     for d in res["drift"]:
         log(f"  state after 16384 tokens {d['dtype']}: {d['state_rel_err']:.2e}")
+    if res["baseline"]:
+        log(f"\nAgainst the baseline copy {res.get('baseline_file')} (CUDA-graph ms, bf16; ours / base)")
+        log("| B, T, H | base fwd | ours fwd | base fwd+bwd | ours fwd+bwd | ours / base fwd+bwd |")
+        log("|---|---|---|---|---|---|")
+        for row in res["baseline"]:
+            if "exception" in row:
+                log(f"| {', '.join(map(str, row['shape']))} | FAILED {row['exception'][:100]} |")
+                continue
+            b, o = row["base"], row["ours"]
+            log(
+                f"| {', '.join(map(str, row['shape']))} | {b['fwd_graph']:.3f} | {o['fwd_graph']:.3f} | "
+                f"{b['fwdbwd_graph']:.3f} | **{o['fwdbwd_graph']:.3f}** | {row['ratio_fwdbwd']:.3f} |"
+            )
     log("\nVariants (CUDA-graph ms; accuracy = bf16 error / floor for y, dw, dk)")
     for v in res["variants"]:
         if "exception" in v:
@@ -534,12 +630,19 @@ def main():
     ap.add_argument("--variants", default=None, help="comma list of variant names (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--budget-s", type=float, default=BUDGET_S)
+    ap.add_argument(
+        "--baseline-file", default=None, help="a second copy of triton_wkv7.py to time and check side by side"
+    )
     args = ap.parse_args()
     BUDGET_S = args.budget_s
     if args.variants:
         wanted = args.variants.split(",")
         VARIANTS = [(n, kw) for n, kw in VARIANTS if n in wanted]
     want = set(args.sections.split(","))
+    base_mod = None
+    if args.baseline_file:
+        base_mod = load_baseline(args.baseline_file)
+        want.add("baseline")
     res = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(),
@@ -549,6 +652,8 @@ def main():
         "drift": [],
         "timings": [],
         "variants": [],
+        "baseline": [],
+        "baseline_file": args.baseline_file,
         "errors": [],
     }
     if args.profile:
@@ -558,6 +663,7 @@ def main():
         ("compile", lambda: compile_time(res)),
         ("copy", lambda: res.__setitem__("copy_TBps", copy_tbps())),
         ("correctness", lambda: correctness(res)),
+        ("baseline", lambda: baseline_section(res, base_mod)),
         ("timings", lambda: timings(res)),
         ("profile", lambda: profile(res)),
         ("variants", lambda: variants(res, args.quick)),
