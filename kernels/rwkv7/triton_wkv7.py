@@ -44,10 +44,13 @@ The union covers every pair t >= s exactly once. With w clamped at W_MIN = -16 (
 1.1e-7, numerically zero: the clamp moves results by < 1e-6 relative, see the tests) no factor
 exceeds e^64, so fp32 never overflows and each product keeps fp32 relative accuracy. A chunk whose
 w are all >= -80 / L (-5 for L = 16: always in the model, whose w >= -0.61) takes one pass instead,
-the whole chunk with R at its middle (factors <= e^40): half the pair work. G is summed in fp64:
-exponents are differences of prefix sums, and once a few steps at w = -16 have made |G| ~ 100, fp32
-would lose ~1e-5 in exp(G_t - G_s) even for nearby t, s. (I - A_ab)^-1 = (I + A)(I + A^2)(I + A^4)
-(I + A^8) for L = 16 (A^L = 0).
+the whole chunk with R = G_L / 2 (G is monotone, so every factor is <= e^40): half the pair work,
+and its factors are the state-side ones times a per-channel constant, exp(G - R) = exp(G) exp(-G_L
+/ 2) etc. (no exponentials or reference search of their own). G is summed in fp64: exponents are
+differences of prefix sums, and once a few steps at w = -16 have made |G| ~ 100, fp32 would lose
+~1e-5 in exp(G_t - G_s) even for nearby t, s; the level passes sum it again where they need it (a
+rare path), so no fp64 tile stays live. (I - A_ab)^-1 = (I + A)(I + A^2)(I + A^4)(I + A^8) for
+L = 16 (A^L = 0), unrolled (a loop would hold M, P in one fixed layout across iterations).
 
 The four pair matrices share operands, so they come from one stacked product
 [r; a] (2L, N) x [b; k]^T -> [[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L); the backward stacks likewise.
@@ -164,7 +167,7 @@ def _inv_unit_lower(A, LOG2_L: tl.constexpr, PREC: tl.constexpr):
     rows = tl.arange(0, A.shape[0])
     M = (rows[:, None] == rows[None, :]).to(tl.float32) + A
     P = A
-    for _ in range(LOG2_L - 1):
+    for _ in tl.static_range(LOG2_L - 1):
         P = _mm(P, P, PREC, False, False)
         M = M + _mm(M, P, PREC, False, False)
     return M
@@ -227,25 +230,29 @@ def _ref_rows(G64, rows, h):
 
 
 @triton.jit
-def _level(G64, w64, GL64, eg, egx, eL, rows, lev, h0):
+def _level(wc, eh, eg, egx, eL, rows, lev, h0):
     """Factors of level `lev` (see the module docstring): row factors exp(Gx - R) (for a rows) and
     exp(G - R) (for r rows), column factor exp(R - G), each (L, N), and the level's pair mask,
     (2L, 2L) to match the stacked pair matrices. Level 0 is block-diagonal (blocks of 2 h0).
-    G64 = G in fp64: exponents are differences of prefix sums, and after a few steps at w = -16
-    |G| ~ 100, whose fp32 rounding would cost exp(G_t - G_s) ~1e-5 where t - s is small.
-    GL64 = G_L (1, N); eg, egx, eL = exp(G), exp(Gx), exp(G_L - G) (L, N)."""
-    L: tl.constexpr = G64.shape[0]
+    wc: the clamped w (L, N); eh = exp(-G_L / 2) (1, N); eg, egx, eL = exp(G), exp(Gx),
+    exp(G_L - G) (L, N)."""
+    L: tl.constexpr = wc.shape[0]
     h = h0 << lev  # half a block
     diag = lev == 0
     if h0 == L // 2:
         # The one pass of a mild chunk (`_levels`) refers to R = G_L / 2: G is monotone, so
         # every exponent lies within +-|G_L| / 2 <= 40, and the factors are the state-side
         # ones times exp(-G_L / 2) (no exponentials of (L, N) tiles, no reference-row search).
-        c = tl.exp(-0.5 * GL64.to(tl.float32))  # (1, N)
-        fa = egx * c
-        fr = eg * c
-        fc = eL * c
+        fa = egx * eh
+        fr = eg * eh
+        fc = eL * eh
     else:
+        # G in fp64, summed again here (rare: a chunk with some w < -80 / L), so that no fp64
+        # tile stays live in the common path. Exponents are differences of prefix sums, and after
+        # a few steps at w = -16 |G| ~ 100, whose fp32 rounding would cost exp(G_t - G_s) ~1e-5
+        # where t - s is small.
+        w64 = wc.to(tl.float64)
+        G64 = tl.cumsum(w64, axis=0)
         R = _ref_rows(G64, rows, h)
         D = (G64 - R).to(tl.float32)  # G - R
         Dx = (G64 - w64 - R).to(tl.float32)  # Gx - R
@@ -301,12 +308,12 @@ def _last_row(x, rows):
 
 
 @triton.jit
-def _pair_matrices(r, k, a, b, G64, w64, GL64, eg, egx, eL, rows, n_lev, h0, PREC: tl.constexpr):
+def _pair_matrices(r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC: tl.constexpr):
     """[[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L) before the causal mask."""
     L: tl.constexpr = r.shape[0]
     P = tl.zeros([2 * L, 2 * L], dtype=tl.float32)
     for lev in range(n_lev):
-        fa, fr, fc, pairs = _level(G64, w64, GL64, eg, egx, eL, rows, lev, h0)
+        fa, fr, fc, pairs = _level(wc, eh, eg, egx, eL, rows, lev, h0)
         X = _vstack(r * fr, a * fa)  # (2L, N) row operands
         Y = _vstack(b * fc, k * fc)  # (2L, N) column operands
         P += tl.where(pairs, _mm(X, tl.trans(Y), PREC, False, False), 0.0)
@@ -321,8 +328,8 @@ def _key_side(
     """Everything of a chunk that does not involve the state. r, w, k, a, b: (L, N) fp32, zero past
     the sequence end; seg: (L,) segment ids. Returns the masked stacked pair matrices (2L, 2L),
     (I - A_ab)^-1 (L, L), the state-side operands As, Rs, Bs, Ks (L, N), exp(G_L) (1, N) (0 when a
-    reset cuts S_0 off), exp(G), exp(Gx), exp(G_L - G) (L, N), G and the clamped w in fp64, the
-    level plan and the masks."""
+    reset cuts S_0 off), exp(G), exp(Gx), exp(G_L - G) (L, N), the clamped w (L, N),
+    exp(-G_L / 2) (1, N), the level plan and the masks."""
     wc = tl.maximum(w, _W_MIN)
     w64 = wc.to(tl.float64)
     G64 = tl.cumsum(w64, axis=0)  # (L, N): log decay from the chunk start through token t
@@ -330,9 +337,11 @@ def _key_side(
     eg = tl.exp(G64.to(tl.float32))
     egx = tl.exp((G64 - w64).to(tl.float32))  # exp(G[t - 1])
     eL = tl.exp((GL64 - G64).to(tl.float32))  # exp(G_L - G_t)
+    gl = GL64.to(tl.float32)
+    eh = tl.exp(-0.5 * gl)  # the one-pass plan's reference, exp(-G_L / 2)
     n_lev, h0 = _levels(wc, r.shape[0], NLEV)
     m0, m_end, keep = _masks(seg, rows, HAS_RESET)
-    pm = _pair_matrices(r, k, a, b, G64, w64, GL64, eg, egx, eL, rows, n_lev, h0, PREC)
+    pm = _pair_matrices(r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC)
     P = tl.where(_causal(seg, rows, HAS_RESET), pm, 0.0)
     _, Pb = _vsplit(P)
     Aab, _ = _hsplit(Pb)
@@ -341,8 +350,8 @@ def _key_side(
     Rs = tl.where(m0, r * eg, 0.0)
     Bs = tl.where(m_end, b * eL, 0.0)
     Ks = tl.where(m_end, k * eL, 0.0)
-    gam = tl.where(keep, tl.exp(GL64.to(tl.float32)), 0.0)
-    return P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, G64, w64, GL64, n_lev, h0, m0, m_end
+    gam = tl.where(keep, tl.exp(gl), 0.0)
+    return P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, eh, n_lev, h0, m0, m_end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,14 +449,14 @@ def _chunk_key_inputs(
 
 
 @triton.jit
-def _level_grads(D, r, k, a, b, G64, w64, GL64, eg, egx, eL, rows, n_lev, h0, PREC: tl.constexpr):
+def _level_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC: tl.constexpr):
     """dr, dk, da, db (L, N) from D = the gradient of the stacked pair matrices (2L, 2L)."""
     dr = tl.zeros(r.shape, dtype=tl.float32)
     dk = tl.zeros(r.shape, dtype=tl.float32)
     da = tl.zeros(r.shape, dtype=tl.float32)
     db = tl.zeros(r.shape, dtype=tl.float32)
     for lev in range(n_lev):
-        fa, fr, fc, pairs = _level(G64, w64, GL64, eg, egx, eL, rows, lev, h0)
+        fa, fr, fc, pairs = _level(wc, eh, eg, egx, eL, rows, lev, h0)
         Dp = tl.where(pairs, D, 0.0)
         # [dA_rb B + dA_rk K; dA_ab B + dA_ak K] and [dA_rb^T R + dA_ab^T A; dA_rk^T R + dA_ak^T A]
         x_r, x_a = _vsplit(_mm(Dp, _vstack(b * fc, k * fc), PREC, False, False))
@@ -506,7 +515,7 @@ def _value_block_grads(
 
 @triton.jit
 def _key_grads(
-    D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, G64, w64, GL64, n_lev, h0, m0, m_end,
+    D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, wc, eh, n_lev, h0, m0, m_end,
     HAS_RESET: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """dr, dw, dk, da, db (L, N) of one chunk from the key-side sums over every value row: D (2L,
@@ -519,9 +528,7 @@ def _key_grads(
     # depend on w: they go to dr, dk, da, db directly and stay out of the decay sums below (in
     # those they would cancel, leaving fp32 round-off that swamps dw of fast-decaying channels).
     zero = _zero_span(rows)
-    dr, dk, da, db = _level_grads(
-        tl.where(zero, 0.0, D), r, k, a, b, G64, w64, GL64, eg, egx, eL, rows, n_lev, h0, PREC
-    )
+    dr, dk, da, db = _level_grads(tl.where(zero, 0.0, D), r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC)
     dr += tl.where(m0, dRs * eg, 0.0)
     da += tl.where(m0, dAs * egx, 0.0)
     db_end = tl.where(m_end, dBs * eL, 0.0)
@@ -569,7 +576,7 @@ def _prep_kernel(
     r, w, k, a, b, seg = _chunk_key_inputs(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
     )
-    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _, _ = _key_side(
+    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _ = _key_side(
         r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
     )
     Pl, Pr = _hsplit(P)  # [[A_rb], [A_ab]], [[A_rk], [A_ak]]  (2L, L)
@@ -694,7 +701,7 @@ def _grad_kernel(
     r, w, k, a, b, seg = _chunk_key_inputs(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
     )
-    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, G64, w64, GL64, n_lev, h0, m0, m_end = _key_side(
+    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, eh, n_lev, h0, m0, m_end = _key_side(
         r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
     )
     Pt, Pb = _vsplit(P)  # [A_rb, A_rk], [A_ab, A_ak]  (L, 2L)
@@ -721,7 +728,7 @@ def _grad_kernel(
         dBK += dBK_v
         sdS += tl.sum(S0 * dS, axis=0)[None, :]
     dr, dw, dk, da, db = _key_grads(
-        D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, G64, w64, GL64, n_lev, h0, m0, m_end,
+        D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, wc, eh, n_lev, h0, m0, m_end,
         HAS_RESET, PREC,
     )  # fmt: skip
     _store_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
