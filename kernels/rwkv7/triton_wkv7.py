@@ -308,15 +308,21 @@ def _last_row(x, rows):
 
 
 @triton.jit
+def _pair_pass(r, k, a, b, wc, eh, eg, egx, eL, rows, lev, h0, PREC: tl.constexpr):
+    """Level `lev`'s share of the stacked pair matrices (2L, 2L)."""
+    fa, fr, fc, pairs = _level(wc, eh, eg, egx, eL, rows, lev, h0)
+    X = _vstack(r * fr, a * fa)  # (2L, N) row operands
+    Y = _vstack(b * fc, k * fc)  # (2L, N) column operands
+    return tl.where(pairs, _mm(X, tl.trans(Y), PREC, False, False), 0.0)
+
+
+@triton.jit
 def _pair_matrices(r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC: tl.constexpr):
-    """[[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L) before the causal mask."""
-    L: tl.constexpr = r.shape[0]
-    P = tl.zeros([2 * L, 2 * L], dtype=tl.float32)
-    for lev in range(n_lev):
-        fa, fr, fc, pairs = _level(wc, eh, eg, egx, eL, rows, lev, h0)
-        X = _vstack(r * fr, a * fa)  # (2L, N) row operands
-        Y = _vstack(b * fc, k * fc)  # (2L, N) column operands
-        P += tl.where(pairs, _mm(X, tl.trans(Y), PREC, False, False), 0.0)
+    """[[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L) before the causal mask. The first pass is outside the
+    loop: the one-pass plan (the common case) runs as straight-line code."""
+    P = _pair_pass(r, k, a, b, wc, eh, eg, egx, eL, rows, 0, h0, PREC)
+    for lev in range(1, n_lev):
+        P += _pair_pass(r, k, a, b, wc, eh, eg, egx, eL, rows, lev, h0, PREC)
     return P
 
 
@@ -449,22 +455,27 @@ def _chunk_key_inputs(
 
 
 @triton.jit
+def _pass_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, lev, h0, PREC: tl.constexpr):
+    """Level `lev`'s share of dr, dk, da, db (L, N) from D (2L, 2L)."""
+    fa, fr, fc, pairs = _level(wc, eh, eg, egx, eL, rows, lev, h0)
+    Dp = tl.where(pairs, D, 0.0)
+    # [dA_rb B + dA_rk K; dA_ab B + dA_ak K] and [dA_rb^T R + dA_ab^T A; dA_rk^T R + dA_ak^T A]
+    x_r, x_a = _vsplit(_mm(Dp, _vstack(b * fc, k * fc), PREC, False, False))
+    x_b, x_k = _vsplit(_mm(tl.trans(Dp), _vstack(r * fr, a * fa), PREC, False, False))
+    return fr * x_r, fc * x_k, fa * x_a, fc * x_b
+
+
+@triton.jit
 def _level_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC: tl.constexpr):
-    """dr, dk, da, db (L, N) from D = the gradient of the stacked pair matrices (2L, 2L)."""
-    dr = tl.zeros(r.shape, dtype=tl.float32)
-    dk = tl.zeros(r.shape, dtype=tl.float32)
-    da = tl.zeros(r.shape, dtype=tl.float32)
-    db = tl.zeros(r.shape, dtype=tl.float32)
-    for lev in range(n_lev):
-        fa, fr, fc, pairs = _level(wc, eh, eg, egx, eL, rows, lev, h0)
-        Dp = tl.where(pairs, D, 0.0)
-        # [dA_rb B + dA_rk K; dA_ab B + dA_ak K] and [dA_rb^T R + dA_ab^T A; dA_rk^T R + dA_ak^T A]
-        x_r, x_a = _vsplit(_mm(Dp, _vstack(b * fc, k * fc), PREC, False, False))
-        x_b, x_k = _vsplit(_mm(tl.trans(Dp), _vstack(r * fr, a * fa), PREC, False, False))
-        dr += fr * x_r
-        da += fa * x_a
-        db += fc * x_b
-        dk += fc * x_k
+    """dr, dk, da, db (L, N) from D = the gradient of the stacked pair matrices (2L, 2L); the first
+    pass outside the loop, as in `_pair_matrices`."""
+    dr, dk, da, db = _pass_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, 0, h0, PREC)
+    for lev in range(1, n_lev):
+        dr_l, dk_l, da_l, db_l = _pass_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, lev, h0, PREC)
+        dr += dr_l
+        dk += dk_l
+        da += da_l
+        db += db_l
     return dr, dk, da, db
 
 
