@@ -44,9 +44,11 @@ The union covers every pair t >= s exactly once. With w clamped at W_MIN = -16 (
 1.1e-7, numerically zero: the clamp moves results by < 1e-6 relative, see the tests) no factor
 exceeds e^64, so fp32 never overflows and each product keeps fp32 relative accuracy. A chunk whose
 w are all >= -80 / L (-5 for L = 16: always in the model, whose w >= -0.61) takes one pass instead,
-the whole chunk with R = G_L / 2 (G is monotone, so every factor is <= e^40): half the pair work,
-and its factors are the state-side ones times a per-channel constant, exp(G - R) = exp(G) exp(-G_L
-/ 2) etc. (no exponentials or reference search of their own). G is summed in fp64: exponents are
+the whole chunk with R = G_L / 2 (G is monotone, so every factor is <= e^40; no search for a
+reference row): half the pair work. Its row and column factors are exp(x), exp(-x) of one rounded
+x = G - R each, so the pairs whose exponent spans no step get exactly 1 * (1 + rounding of exp):
+the state-side exp(G), exp(G_L - G) times constants would be cheaper but cost ~10x the fp32 error
+near w = -5 (measured; the errors of three exponents add up). G is summed in fp64: exponents are
 differences of prefix sums, and once a few steps at w = -16 have made |G| ~ 100, fp32 would lose
 ~1e-5 in exp(G_t - G_s) even for nearby t, s; the level passes sum it again where they need it (a
 rare path), so no fp64 tile stays live. (I - A_ab)^-1 = (I + A)(I + A^2)(I + A^4)(I + A^8) for
@@ -230,22 +232,22 @@ def _ref_rows(G64, rows, h):
 
 
 @triton.jit
-def _level(wc, eh, eg, egx, eL, rows, lev, h0):
+def _level(wc, g_mid, gx_mid, rows, lev, h0):
     """Factors of level `lev` (see the module docstring): row factors exp(Gx - R) (for a rows) and
     exp(G - R) (for r rows), column factor exp(R - G), each (L, N), and the level's pair mask,
     (2L, 2L) to match the stacked pair matrices. Level 0 is block-diagonal (blocks of 2 h0).
-    wc: the clamped w (L, N); eh = exp(-G_L / 2) (1, N); eg, egx, eL = exp(G), exp(Gx),
-    exp(G_L - G) (L, N)."""
+    wc: the clamped w (L, N); g_mid, gx_mid = G - G_L / 2, Gx - G_L / 2 (L, N)."""
     L: tl.constexpr = wc.shape[0]
     h = h0 << lev  # half a block
     diag = lev == 0
     if h0 == L // 2:
         # The one pass of a mild chunk (`_levels`) refers to R = G_L / 2: G is monotone, so
-        # every exponent lies within +-|G_L| / 2 <= 40, and the factors are the state-side
-        # ones times exp(-G_L / 2) (no exponentials of (L, N) tiles, no reference-row search).
-        fa = egx * eh
-        fr = eg * eh
-        fc = eL * eh
+        # every exponent lies within +-|G_L| / 2 <= 40 (no reference-row search). Row and
+        # column factors come from one rounded exponent each, so a pair (t, t) gets exactly
+        # exp(x) exp(-x): products of the state-side exp(G), exp(G_L - G) would not cancel.
+        fa = tl.exp(gx_mid)
+        fr = tl.exp(g_mid)
+        fc = tl.exp(-g_mid)
     else:
         # G in fp64, summed again here (rare: a chunk with some w < -80 / L), so that no fp64
         # tile stays live in the common path. Exponents are differences of prefix sums, and after
@@ -308,21 +310,21 @@ def _last_row(x, rows):
 
 
 @triton.jit
-def _pair_pass(r, k, a, b, wc, eh, eg, egx, eL, rows, lev, h0, PREC: tl.constexpr):
+def _pair_pass(r, k, a, b, wc, g_mid, gx_mid, rows, lev, h0, PREC: tl.constexpr):
     """Level `lev`'s share of the stacked pair matrices (2L, 2L)."""
-    fa, fr, fc, pairs = _level(wc, eh, eg, egx, eL, rows, lev, h0)
+    fa, fr, fc, pairs = _level(wc, g_mid, gx_mid, rows, lev, h0)
     X = _vstack(r * fr, a * fa)  # (2L, N) row operands
     Y = _vstack(b * fc, k * fc)  # (2L, N) column operands
     return tl.where(pairs, _mm(X, tl.trans(Y), PREC, False, False), 0.0)
 
 
 @triton.jit
-def _pair_matrices(r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC: tl.constexpr):
+def _pair_matrices(r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC: tl.constexpr):
     """[[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L) before the causal mask. The first pass is outside the
     loop: the one-pass plan (the common case) runs as straight-line code."""
-    P = _pair_pass(r, k, a, b, wc, eh, eg, egx, eL, rows, 0, h0, PREC)
+    P = _pair_pass(r, k, a, b, wc, g_mid, gx_mid, rows, 0, h0, PREC)
     for lev in range(1, n_lev):
-        P += _pair_pass(r, k, a, b, wc, eh, eg, egx, eL, rows, lev, h0, PREC)
+        P += _pair_pass(r, k, a, b, wc, g_mid, gx_mid, rows, lev, h0, PREC)
     return P
 
 
@@ -335,7 +337,7 @@ def _key_side(
     the sequence end; seg: (L,) segment ids. Returns the masked stacked pair matrices (2L, 2L),
     (I - A_ab)^-1 (L, L), the state-side operands As, Rs, Bs, Ks (L, N), exp(G_L) (1, N) (0 when a
     reset cuts S_0 off), exp(G), exp(Gx), exp(G_L - G) (L, N), the clamped w (L, N),
-    exp(-G_L / 2) (1, N), the level plan and the masks."""
+    G - G_L / 2 and Gx - G_L / 2 (L, N), the level plan and the masks."""
     wc = tl.maximum(w, _W_MIN)
     w64 = wc.to(tl.float64)
     G64 = tl.cumsum(w64, axis=0)  # (L, N): log decay from the chunk start through token t
@@ -344,10 +346,11 @@ def _key_side(
     egx = tl.exp((G64 - w64).to(tl.float32))  # exp(G[t - 1])
     eL = tl.exp((GL64 - G64).to(tl.float32))  # exp(G_L - G_t)
     gl = GL64.to(tl.float32)
-    eh = tl.exp(-0.5 * gl)  # the one-pass plan's reference, exp(-G_L / 2)
+    g_mid = (G64 - 0.5 * GL64).to(tl.float32)  # exponents of the one-pass plan (R = G_L / 2)
+    gx_mid = (G64 - w64 - 0.5 * GL64).to(tl.float32)
     n_lev, h0 = _levels(wc, r.shape[0], NLEV)
     m0, m_end, keep = _masks(seg, rows, HAS_RESET)
-    pm = _pair_matrices(r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC)
+    pm = _pair_matrices(r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC)
     P = tl.where(_causal(seg, rows, HAS_RESET), pm, 0.0)
     _, Pb = _vsplit(P)
     Aab, _ = _hsplit(Pb)
@@ -357,7 +360,7 @@ def _key_side(
     Bs = tl.where(m_end, b * eL, 0.0)
     Ks = tl.where(m_end, k * eL, 0.0)
     gam = tl.where(keep, tl.exp(gl), 0.0)
-    return P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, eh, n_lev, h0, m0, m_end
+    return P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, g_mid, gx_mid, n_lev, h0, m0, m_end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,9 +458,9 @@ def _chunk_key_inputs(
 
 
 @triton.jit
-def _pass_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, lev, h0, PREC: tl.constexpr):
+def _pass_grads(D, r, k, a, b, wc, g_mid, gx_mid, rows, lev, h0, PREC: tl.constexpr):
     """Level `lev`'s share of dr, dk, da, db (L, N) from D (2L, 2L)."""
-    fa, fr, fc, pairs = _level(wc, eh, eg, egx, eL, rows, lev, h0)
+    fa, fr, fc, pairs = _level(wc, g_mid, gx_mid, rows, lev, h0)
     Dp = tl.where(pairs, D, 0.0)
     # [dA_rb B + dA_rk K; dA_ab B + dA_ak K] and [dA_rb^T R + dA_ab^T A; dA_rk^T R + dA_ak^T A]
     x_r, x_a = _vsplit(_mm(Dp, _vstack(b * fc, k * fc), PREC, False, False))
@@ -466,12 +469,12 @@ def _pass_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, lev, h0, PREC: tl.cons
 
 
 @triton.jit
-def _level_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC: tl.constexpr):
+def _level_grads(D, r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC: tl.constexpr):
     """dr, dk, da, db (L, N) from D = the gradient of the stacked pair matrices (2L, 2L); the first
     pass outside the loop, as in `_pair_matrices`."""
-    dr, dk, da, db = _pass_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, 0, h0, PREC)
+    dr, dk, da, db = _pass_grads(D, r, k, a, b, wc, g_mid, gx_mid, rows, 0, h0, PREC)
     for lev in range(1, n_lev):
-        dr_l, dk_l, da_l, db_l = _pass_grads(D, r, k, a, b, wc, eh, eg, egx, eL, rows, lev, h0, PREC)
+        dr_l, dk_l, da_l, db_l = _pass_grads(D, r, k, a, b, wc, g_mid, gx_mid, rows, lev, h0, PREC)
         dr += dr_l
         dk += dk_l
         da += da_l
@@ -526,7 +529,7 @@ def _value_block_grads(
 
 @triton.jit
 def _key_grads(
-    D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, wc, eh, n_lev, h0, m0, m_end,
+    D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, wc, g_mid, gx_mid, n_lev, h0, m0, m_end,
     HAS_RESET: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """dr, dw, dk, da, db (L, N) of one chunk from the key-side sums over every value row: D (2L,
@@ -539,7 +542,7 @@ def _key_grads(
     # depend on w: they go to dr, dk, da, db directly and stay out of the decay sums below (in
     # those they would cancel, leaving fp32 round-off that swamps dw of fast-decaying channels).
     zero = _zero_span(rows)
-    dr, dk, da, db = _level_grads(tl.where(zero, 0.0, D), r, k, a, b, wc, eh, eg, egx, eL, rows, n_lev, h0, PREC)
+    dr, dk, da, db = _level_grads(tl.where(zero, 0.0, D), r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC)
     dr += tl.where(m0, dRs * eg, 0.0)
     da += tl.where(m0, dAs * egx, 0.0)
     db_end = tl.where(m_end, dBs * eL, 0.0)
@@ -587,7 +590,7 @@ def _prep_kernel(
     r, w, k, a, b, seg = _chunk_key_inputs(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
     )
-    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _ = _key_side(
+    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _, _ = _key_side(
         r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
     )
     Pl, Pr = _hsplit(P)  # [[A_rb], [A_ab]], [[A_rk], [A_ak]]  (2L, L)
@@ -712,7 +715,7 @@ def _grad_kernel(
     r, w, k, a, b, seg = _chunk_key_inputs(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
     )
-    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, eh, n_lev, h0, m0, m_end = _key_side(
+    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, g_mid, gx_mid, n_lev, h0, m0, m_end = _key_side(
         r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
     )
     Pt, Pb = _vsplit(P)  # [A_rb, A_rk], [A_ab, A_ak]  (L, 2L)
@@ -739,7 +742,7 @@ def _grad_kernel(
         dBK += dBK_v
         sdS += tl.sum(S0 * dS, axis=0)[None, :]
     dr, dw, dk, da, db = _key_grads(
-        D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, wc, eh, n_lev, h0, m0, m_end,
+        D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, wc, g_mid, gx_mid, n_lev, h0, m0, m_end,
         HAS_RESET, PREC,
     )  # fmt: skip
     _store_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
