@@ -504,15 +504,15 @@ def _level_grads_unit(D, r, k, a, b, PREC: tl.constexpr, XE: tl.constexpr):
 
 @triton.jit
 def _value_block_grads(
-    S0, dS, vt, dyt, Pt, Aak, Minv, As, BsKs, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
+    S0, dS, vt, dyt, Pt, Aak, Minv, Wa, MA, BsKs, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
 ):  # fmt: skip
     """The value side of one chunk's backward for BV value rows. S0 (BV, N): state entering the
     chunk; dS (BV, N): adjoint of the state after it; vt, dyt: V^T, dY^T (BV, L). Returns dV^T
     (BV, L) and this block's shares of the key-side sums: [dY; dU] S0 (2L, N) (the gradients of
-    Rs, As), [SA; V] dS (2L, N) (of Bs, Ks) and [dY; dU][SA; V]^T (2L, 2L) (of the pair matrices)."""
-    # Recompute SA^T (BV, L), value-major like the forward.
-    Ut = _mm(S0, tl.trans(As), PREC, False, False) + _mm(vt, tl.trans(Aak), PREC, VE, False)
-    SAt = _mm(Ut, tl.trans(Minv), PREC, False, False)
+    Rs, As), [SA; V] dS (2L, N) (of Bs, Ks) and [dY; dU][SA; V]^T (2L, 2L) (of the pair matrices).
+    Wa = (I - A_ab)^-1 As (L, N), MA = (I - A_ab)^-1 A_ak (L, L)."""
+    # Recompute SA^T = S0 Wa^T + V^T MA^T (BV, L), value-major like the forward.
+    SAt = _mm(S0, tl.trans(Wa), PREC, False, False) + _mm(vt, tl.trans(MA), PREC, VE, False)
     # Transposed: dSA^T = dY^T A_rb + dS Bs^T, dU^T = dSA^T (I - A_ab)^-1,
     # dV^T = dY^T A_rk + dU^T A_ak + dS Ks^T.
     yb, yk = _hsplit(_mm(dyt, Pt, PREC, GE, False))  # (BV, L) each
@@ -606,8 +606,12 @@ def _prep_kernel(
     tl.store(m_ptr + base * N * N + nn, M)
     if VALUE_SIDE:
         V = _load_rows(v_ptr + x_off, t0, T, s_t, rows, cols)  # (L, N)
-        Ua = _mm(Minv, _mm(Aak, V, PREC, False, VE), PREC, False, False)  # (L, N)
-        Yc = _mm(Arb, Ua, PREC, False, False) + _mm(Ark, V, PREC, False, VE)
+        # Through (L, L) maps of the keys alone, Ua = (Minv A_ak) V and Yc = (A_rb Minv A_ak + A_rk) V
+        # are one product each with V, whose operand is exact for bf16 inputs (two MMAs), instead
+        # of a chain of (L, N) products.
+        MA = _mm(Minv, Aak, PREC, False, False)  # (L, L)
+        Ua = _mm(MA, V, PREC, False, VE)  # (L, N)
+        Yc = _mm(_mm(Arb, MA, PREC, False, False) + Ark, V, PREC, False, VE)
         D = _mm(tl.trans(Ua), Bs, PREC, False, False) + _mm(tl.trans(V), Ks, PREC, VE, False)  # (N, N)
         tl.store(yct_ptr + base * N * L + lt, tl.trans(Yc))
         tl.store(d_ptr + base * N * N + nn, D)
@@ -721,6 +725,8 @@ def _grad_kernel(
     Pt, Pb = _vsplit(P)  # [A_rb, A_rk], [A_ab, A_ak]  (L, 2L)
     _, Aak = _hsplit(Pb)
     BsKs = _vstack(Bs, Ks)
+    Wa = _mm(Minv, As, PREC, False, False)  # key-side factors of SA, once per chunk
+    MA = _mm(Minv, Aak, PREC, False, False)
     D = tl.zeros([2 * L, 2 * L], dtype=tl.float32)
     dRA = tl.zeros([2 * L, N], dtype=tl.float32)
     dBK = tl.zeros([2 * L, N], dtype=tl.float32)
@@ -735,7 +741,7 @@ def _grad_kernel(
             dyt = _load_cols(dy_ptr + o_off, t0, T, H * N, rows, vcols)
         else:
             dyt = tl.zeros([BV, L], dtype=tl.float32)
-        dvt, dRA_v, dBK_v, D_v = _value_block_grads(S0, dS, vt, dyt, Pt, Aak, Minv, As, BsKs, PREC, VE, GE)
+        dvt, dRA_v, dBK_v, D_v = _value_block_grads(S0, dS, vt, dyt, Pt, Aak, Minv, Wa, MA, BsKs, PREC, VE, GE)
         _store_cols(dv_ptr + o_off, dvt, t0, T, H * N, rows, vcols)
         D += D_v
         dRA += dRA_v
