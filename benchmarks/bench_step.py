@@ -62,6 +62,15 @@ SHAPES = {
         4,
         dict(decay_low_rank=96, a_low_rank=96, v_low_rank=64, gate_low_rank=256),
     ),
+    # RWKV-7 7.2B (G1 7.2B: L32 D4096), for the NF4 long-context case
+    "rwkv7-7.2b": (
+        "rwkv7",
+        32,
+        4096,
+        65536,
+        1,
+        dict(decay_low_rank=128, a_low_rank=128, v_low_rank=96, gate_low_rank=480),
+    ),
     "tiny4": ("rwkv4", 2, 128, 65536, 2, {}),
     "tiny7": ("rwkv7", 2, 128, 1000, 2, dict(head_size=32)),
 }
@@ -90,6 +99,24 @@ RECIPE_VARIANTS = {
         "compile_selective",
     ),
     "recipe_shipped": ([], None),
+    # the recipe path with CUDA graphs of each block (training.compile: reduce-overhead); compare with the
+    # bare loop's compile_selective under --compile-mode reduce-overhead
+    "recipe_graphs": (
+        ["adapter.dropout=0.0", "training.compile=reduce-overhead", "training.gradient_checkpointing=selective"],
+        "compile_selective",
+    ),
+    # long context on a 4-bit base (issue 12: RWKV-7 7.2B NF4 LoRA at 65,536 tokens in 24 GiB): whole-block
+    # recompute inside each chunk, eager blocks; the sample length is the job's T
+    "recipe_nf4_long": (
+        [
+            "adapter.dropout=0.0",
+            "model.quantization=nf4",
+            "training.compile=false",
+            "training.gradient_checkpointing=true",
+            "training.chunk_len=4096",
+        ],
+        None,
+    ),  # fmt: skip
     # the recipe path with the batches prepared by two loader processes (ahead of the GPU)
     "recipe_workers": (
         [
@@ -470,6 +497,8 @@ def main() -> None:
     ap.add_argument("--profile-variants", default="baseline,compile,compile_selective,recipe")
     ap.add_argument("--long-context", action="store_true", help="batch 1, T up to 131072, chunk 4096")
     ap.add_argument("--long-shapes", default="rwkv7-1.5b,rwkv4-1.6b")
+    ap.add_argument("--long-variant", default="eager", help="the bare-loop variant of the long-context jobs")
+    ap.add_argument("--nf4-long", default=None, help="'shape:T,...': recipe_nf4_long jobs (e.g. rwkv7-7.2b:65536)")
     ap.add_argument("--profile-long", action="store_true", help="one profiled step of each long-context job")
     ap.add_argument("--lengths", default="4096,16384,65536,131072")
     ap.add_argument("--ctx", type=int, default=1024)
@@ -518,7 +547,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_step_"))
     jobs = [(s, v, None, None) for s, v in cases]
     if args.long_context:
-        jobs += [(s, "eager", int(T), chunk) for s in args.long_shapes.split(",") for T in args.lengths.split(",")]
+        jobs += [
+            (s, args.long_variant, int(T), chunk) for s in args.long_shapes.split(",") for T in args.lengths.split(",")
+        ]
+    if args.nf4_long:
+        nf4_jobs = [item.split(":") for item in args.nf4_long.split(",")]
+        jobs = [(s, "recipe_nf4_long", int(T), chunk) for s, T in nf4_jobs] + jobs
     for shape, variant, T, chunk_len in jobs:
         label = f"{shape} {variant}" + (f" T={T} chunk={chunk_len}" if T else "")
         if time.time() - T0 > args.budget_s:
@@ -529,7 +563,10 @@ def main() -> None:
         ctx = T or (TINY_CTX.get(variant.split("_")[0], args.ctx) if args.tiny else args.ctx)
         try:
             if variant in RECIPE_VARIANTS:
-                r = run_recipe_case(shape, variant, device, ctx, args.steps, args.warmup, work, variant in profiled)
+                r = run_recipe_case(
+                    shape, variant, device, ctx, args.steps if not T else 2, args.warmup if not T else 1, work,
+                    variant in profiled,
+                )  # fmt: skip
             else:
                 case = functools.partial(
                     run_case, shape, variant, device, ctx, args.steps if not T else 2, args.warmup if not T else 1,

@@ -1,10 +1,13 @@
 """Check and time the RWKV-4 WKV Triton kernel on a CUDA GPU (ours vs fla vs the HBM floor).
 
-    source .whl/prelude.sh && python benchmarks/bench_wkv4.py [--sweep] [--out DIR]
+    source .whl/prelude.sh && python benchmarks/bench_wkv4.py [--sweep] [--resets N [--resets-only]] [--out DIR]
 
 Correctness first (fp64 reference on the same GPU, fresh random inputs, extreme values, outputs
 poisoned with NaN), then medians of triton.testing.do_bench (CUDA events). Prints a table last and
 writes everything to DIR/bench_wkv4.json (DIR defaults to $OUT or '.').
+
+--resets N: also check the kernel with reset flags (packed examples of N tokens on average) and
+time it with and without them at every shape (bf16, CUDA graphs); --resets-only: only that.
 """
 
 from __future__ import annotations
@@ -51,24 +54,40 @@ def inputs(B, T, C, dtype, *, state=True, k_scale=1.0, td=None, pads=0, seed=0):
     return time_decay, time_first, k.to(dtype), v.to(dtype), s
 
 
-def grads(fn, td, tf, k, v, s, gy, gs):
+def packed_resets(B, T, every, seed=0):
+    """(B, T) bool reset flags of rows packed with examples of `every` tokens on average (lengths
+    uniform in [every/2, 3*every/2], drawn per row: every row has its own pattern). A row's first
+    example continues the incoming state (no reset at t = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    length = lambda: int(torch.randint(every // 2, every + every // 2 + 1, (1,), generator=g))
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        t = length()
+        while t < T:
+            reset[b, t] = True
+            t += length()
+    return reset.cuda()
+
+
+def grads(fn, td, tf, k, v, s, gy, gs, reset=None):
     xs = [x.detach().clone().requires_grad_() for x in (td, tf, k, v)]
     st = None if s is None else s.detach().clone().requires_grad_()
-    y, ns = fn(*xs, st)
+    y, ns = fn(*xs, st) if reset is None else fn(*xs, st, reset=reset)
     torch.autograd.backward([y, ns], [gy.to(y.dtype), gs.to(ns.dtype)])
     return [y, ns] + [x.grad for x in xs] + ([st.grad] if st is not None else [])
 
 
-def check(case, B, T, C, dtype, **kw):
+def check(case, B, T, C, dtype, reset_every=None, **kw):
     td, tf, k, v, s = inputs(B, T, C, dtype, **kw)
+    reset = None if reset_every is None else packed_resets(B, T, reset_every, seed=B * T)
     g = torch.Generator(device="cuda").manual_seed(7)
     gy = torch.randn(B, T, C, device="cuda", generator=g)
     gs = torch.randn(B, 3, C, device="cuda", generator=g)
     d = lambda x: None if x is None else x.double()
-    ref = grads(wkv4_reference, d(td), d(tf), d(k), d(v), d(s), gy.to(dtype).double(), gs.double())
+    ref = grads(wkv4_reference, d(td), d(tf), d(k), d(v), d(s), gy.to(dtype).double(), gs.double(), reset)
     tw.POISON_OUTPUTS = True
     try:
-        out = grads(lambda *a: wkv4(*a, backend="triton"), td, tf, k, v, s, gy.to(dtype), gs)
+        out = grads(lambda *a, **r: wkv4(*a, backend="triton", **r), td, tf, k, v, s, gy.to(dtype), gs, reset)
     finally:
         tw.POISON_OUTPUTS = False
     names = ["y", "state", "g_td", "g_tf", "g_k", "g_v", "g_state"]
@@ -101,16 +120,17 @@ def graph_ms(step):
     return bench_ms(g.replay)
 
 
-def time_ours(B, T, C, dtype, fwd_only=False, graph=False):
+def time_ours(B, T, C, dtype, fwd_only=False, graph=False, reset_every=None):
     td, tf, k, v, s = inputs(B, T, C, dtype, state=False, seed=1)
+    reset = None if reset_every is None else packed_resets(B, T, reset_every)
     timer = graph_ms if graph else bench_ms
     if fwd_only:
-        return timer(lambda: wkv4(td, tf, k, v, backend="triton"))
+        return timer(lambda: wkv4(td, tf, k, v, reset=reset, backend="triton"))
     xs = [x.requires_grad_() for x in (td, tf, k, v)]
     gy = torch.randn(B, T, C, device="cuda").to(dtype)
 
     def step():
-        y, _ = wkv4(*xs, backend="triton")
+        y, _ = wkv4(*xs, reset=reset, backend="triton")
         torch.autograd.grad([y], xs, [gy])
 
     return timer(step)
@@ -299,6 +319,36 @@ def variants(res):
             print(f"variant {str(shape):18s} {name:12s} fwd {msf:.3f} fwd+bwd {ms:.3f} ms (graph)", flush=True)
 
 
+def resets(res, every):
+    """Reset flags (packed examples of `every` tokens on average): checks against the fp64
+    reference, then fwd and fwd+bwd (bf16, CUDA graphs) with and without them at every shape,
+    interleaved, the plain run first and last (its spread is the noise)."""
+    for args, kw in (
+        (("resets", 2, 1000, 300, torch.float32), {}),
+        (("resets", 2, 1000, 300, torch.bfloat16), {}),
+        (("resets, no state", 2, 1025, 130, torch.float32), {"state": False}),
+        (("resets every ~40", 3, 1000, 96, torch.float32), {"reset_every": 40}),
+    ):
+        res["checks"].append(check(args[0], *args[1:], **{"reset_every": every, **kw}))
+    tw.LOOKBACK_SUMMARIES_ONLY = True
+    try:
+        res["checks"].append(check("resets, look-back summaries", 2, 1000, 300, torch.float32, reset_every=every))
+    finally:
+        tw.LOOKBACK_SUMMARIES_ONLY = False
+    torch.use_deterministic_algorithms(True)
+    try:
+        res["checks"].append(check("resets, deterministic", 2, 1000, 300, torch.float32, reset_every=every))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for shape in SHAPES:
+        for name, reset_every in (("plain", None), ("resets", every), ("plain", None)):
+            ms = time_ours(*shape, torch.bfloat16, graph=True, reset_every=reset_every)
+            msf = time_ours(*shape, torch.bfloat16, graph=True, fwd_only=True, reset_every=reset_every)
+            row = {"shape": shape, "run": name, "reset_every": reset_every, "fwdbwd_graph_ms": ms, "fwd_graph_ms": msf}
+            res["resets"].append(row)
+            print(f"resets {str(shape):18s} {name:7s} fwd {msf:.3f} fwd+bwd {ms:.3f} ms (graph)", flush=True)
+
+
 def copy_bw():
     x = torch.empty(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
     y = torch.empty_like(x)
@@ -313,6 +363,8 @@ def main():
     ap.add_argument("--skip-fla", action="store_true")
     ap.add_argument("--variants", action="store_true", help="check and time the VARIANTS list")
     ap.add_argument("--quick", action="store_true", help="bf16 only, no host profile")
+    ap.add_argument("--resets", type=int, metavar="N", help="check and time with resets every ~N tokens")
+    ap.add_argument("--resets-only", action="store_true", help="with --resets: only the reset checks and timings")
     args = ap.parse_args()
     res = {
         "date": datetime.date.today().isoformat(),
@@ -323,9 +375,17 @@ def main():
         "timings": [],
         "sweep": [],
         "variants": [],
+        "resets": [],
     }
+    if args.resets_only:
+        if not args.resets:
+            ap.error("--resets-only needs --resets N")
+        resets(res, args.resets)
+        return finish(res, [], args.out, det_ok=True)
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         res["checks"].append(check("random+state", 2, 1000, 300, dt))
+    if args.resets:
+        resets(res, args.resets)
     res["checks"].append(check("T=1", 3, 1, 77, torch.float32))
     res["checks"].append(check("no state, chunk edge", 2, 1025, 130, torch.float32, state=False))
     res["checks"].append(check("|k|=80", 2, 600, 96, torch.float32, k_scale=40.0))
@@ -394,22 +454,28 @@ def main():
             rows.append(r)
             print(f"time {r}", flush=True)
 
+    finish(res, rows, args.out, det_ok)
+
+
+def finish(res, rows, out_dir, det_ok):
+    """Resources, the JSON file, the table and the verdict; exits non-zero when a check failed."""
     res["kernel_resources"] = kernel_resources()
     print(
         "regs/spills:",
         {k: [x[:2] for x in v] if isinstance(v, list) else v for k, v in res["kernel_resources"].items()},
         flush=True,
     )
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_wkv4.json"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_wkv4.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(f"\n{res['device']} {res['date']} torch {res['torch']} triton {res['triton']}")
-    print("eager = do_bench of the Python call; graph = CUDA-graph replay (device time only)")
-    print(
-        "| B, T, C | dtype | ours fwd | ours fwd+bwd | ours fwd+bwd graph | fla fwd+bwd | fla graph "
-        "| BlinkDL fwd+bwd | floor |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+    if rows:
+        print("eager = do_bench of the Python call; graph = CUDA-graph replay (device time only)")
+        print(
+            "| B, T, C | dtype | ours fwd | ours fwd+bwd | ours fwd+bwd graph | fla fwd+bwd | fla graph "
+            "| BlinkDL fwd+bwd | floor |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         blink, _ = ANCHORS[tuple(r["shape"])]
         fla = "—" if r["fla_fwdbwd"] is None else f"{r['fla_fwdbwd']:.3f}"
@@ -419,6 +485,22 @@ def main():
             f"| {r['ours_fwdbwd']:.3f} | {r['ours_fwdbwd_graph']:.3f} | {fla} | {flag} "
             f"| {blink if r['dtype'] == 'bf16' else '—'} | {r['floor_ms']:.3f} |"
         )
+    if res["resets"]:
+        print("\nreset flags (bf16, CUDA graphs, ms; plain: the mean of the runs before and after)")
+        print("| B, T, C | resets every | fwd plain | fwd resets | fwd+bwd plain | fwd+bwd resets |")
+        print("|---|---|---|---|---|---|")
+        for shape in SHAPES:
+            runs = [r for r in res["resets"] if r["shape"] == shape]
+            plain = [r for r in runs if r["reset_every"] is None]
+            flagged = [r for r in runs if r["reset_every"] is not None]
+            if not plain or not flagged:
+                continue
+            fwd, fwdbwd = (sum(r[key] for r in plain) / len(plain) for key in ("fwd_graph_ms", "fwdbwd_graph_ms"))
+            print(
+                f"| {', '.join(map(str, shape))} | ~{flagged[0]['reset_every']} | {fwd:.3f} "
+                f"| {flagged[0]['fwd_graph_ms']:.3f} | {fwdbwd:.3f} "
+                f"| {flagged[0]['fwdbwd_graph_ms']:.3f} |"
+            )
     bad = [c for c in res["checks"] if not all(e == e and e < 2e-2 for e in c["rel_err"].values())]
     print("checks:", "ALL OK" if not bad else f"FAILED {[c['case'] for c in bad]}", "determinism:", det_ok)
     sys.exit(1 if bad or not det_ok else 0)

@@ -1,7 +1,9 @@
 """What the HF Trainer path (rwkv_ft.train.run) runs per step that the bare loop of bench_step.py does
-not, counted on a CPU: aten calls by kind for one training step of the same bf16 LoRA model.
+not, counted on a CPU: aten calls by kind for one training step of the same bf16 LoRA model; with
+`--host-time`, the host time per step of the Trainer's bookkeeping calls instead.
 
     python benchmarks/trainer_vs_loop.py
+    python benchmarks/trainer_vs_loop.py --host-time
 
 Counted with a dispatch mode (what reaches aten below autograd; the Trainer's step from
 on_step_begin to on_step_end, so the data loading before it is not in it). Rows: the bare loop
@@ -15,6 +17,7 @@ runs under the Triton interpreter so that, as on a GPU, it is one op per directi
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import tempfile
@@ -134,8 +137,91 @@ def bare_loop_step() -> Counter:
     return counter.ops
 
 
+# --host-time: the Trainer's bookkeeping between and around forward and backward, by what it calls.
+# The model has the layer count of the 1.6B and 1.5B shapes (the walks visit every module) and a small
+# width (the host time of these calls does not depend on it).
+HOST_CONFIG = "{vocab_size: 65536, hidden_size: 64, num_hidden_layers: 24}"
+BOOKKEEPING = {
+    "FLOP count": ("floating_point_ops",),
+    "model.train()": ("train",),
+    "model.zero_grad()": ("zero_grad",),
+    "gradient clipping": ("_clip_grad_norm", "clip_grad_norm_"),
+}
+
+
+def stock_bookkeeping(make_trainer_class):
+    """RwkvTrainer with the Trainer's own FLOP count, mode switch, zeroing and clipping (before issue 11's
+    host-time work)."""
+    from transformers import Trainer
+
+    cls = make_trainer_class()
+    cls.floating_point_ops = Trainer.floating_point_ops
+    if hasattr(Trainer, "_clip_grad_norm"):
+        cls._clip_grad_norm = Trainer._clip_grad_norm
+    cls._walk_trained_parameters_only = lambda self, model: None
+    return cls
+
+
+def host_time(work: Path, name: str, stock: bool, steps: int = 30) -> dict[str, float]:
+    """ms per step spent in each BOOKKEEPING call (cumulative, cProfile) over `steps` steps."""
+    import cProfile
+    import pstats
+
+    from transformers import Trainer
+
+    recipe = load_recipe(
+        ROOT / "recipes" / "rwkv4_alpaca_lora.yaml",
+        [
+            "model.path=null", "model.model_type=rwkv4", f"model.config={HOST_CONFIG}", "tokenizer=world",
+            "data.path=data/alpaca_sample.jsonl", "data.max_length=32", "data.eval_fraction=null",
+            f"training.output_dir={work / name}", f"training.max_steps={steps}", "training.grad_accum=1",
+            "training.save_steps=100000", f"training.logging_steps={steps}", "merge.enabled=false",
+            "generate.prompt=null", "training.gradient_checkpointing=false", "training.compile=false",
+            "model.wkv_backend=torch", "model.dtype=bf16", "adapter.dropout=0.0",
+        ],
+    )  # fmt: skip
+    profile = cProfile.Profile()
+    loop, made = Trainer._inner_training_loop, train._make_trainer_class
+
+    def profiled_loop(self, *args, **kwargs):
+        profile.enable()
+        try:
+            return loop(self, *args, **kwargs)
+        finally:
+            profile.disable()
+
+    Trainer._inner_training_loop = profiled_loop
+    train._make_trainer_class = functools.partial(stock_bookkeeping, made) if stock else made
+    try:
+        train.run(recipe)
+    finally:
+        Trainer._inner_training_loop, train._make_trainer_class = loop, made
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, prim calls, tottime, cumtime, callers)}
+    row = {}
+    for kind, names in BOOKKEEPING.items():
+        # cumulative time of the calls made from elsewhere (a recursive walk's inner calls not counted twice)
+        seconds = sum(
+            edge[3]
+            for (_, _, fn), (*_, callers) in stats.items()
+            if fn in names
+            for caller, edge in callers.items()
+            if caller[2] not in names
+        )
+        row[kind] = 1000 * seconds / steps
+    row["total"] = sum(row.values())
+    return row
+
+
 def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="trainer_vs_loop_"))
+    if "--host-time" in sys.argv:
+        rows = {"Trainer's own calls": host_time(work, "stock", True), "RwkvTrainer now": host_time(work, "now", False)}
+        kinds = list(next(iter(rows.values())))
+        print("| host ms per step (24 layers, LoRA r=16) | " + " | ".join(kinds) + " |")
+        print("|---|" + "---|" * len(kinds))
+        for name, row in rows.items():
+            print(f"| {name} | " + " | ".join(f"{row[k]:.1f}" for k in kinds) + " |")
+        return 0
     rows = {
         "bare loop (bench_step eager)": bare_loop_step(),
         "Trainer before: autocast, fp32 LoRA, dropout 0.05": trainer_step(

@@ -184,12 +184,18 @@ def set_kernel_backend(model, backend: str) -> None:
 
 def set_chunk_len(model, chunk_len: int | None) -> None:
     """Long-context training: the causal LM inside `model` (peft-wrapped or not) runs sequences
-    longer than `chunk_len` in chunks with the exact gradient (`RwkvForCausalLMBase._chunked_loss`)."""
+    longer than `chunk_len` in chunks with the exact gradient (`RwkvForCausalLMBase._chunked_loss`).
+    A non-finite chunk is reported, not raised: RwkvTrainer stops every rank together, naming it."""
+    for module in causal_lms(model):
+        module.train_chunk_len = chunk_len
+        module.raise_on_nonfinite_chunk = False
+
+
+def causal_lms(model) -> list:
+    """Our causal LMs inside `model` (peft-, DDP- or FSDP-wrapped or not)."""
     from rwkv_ft.models.modeling_utils import RwkvForCausalLMBase
 
-    for module in model.modules():
-        if isinstance(module, RwkvForCausalLMBase):
-            module.train_chunk_len = chunk_len
+    return [module for module in model.modules() if isinstance(module, RwkvForCausalLMBase)]
 
 
 def attach_adapter(model, recipe: Recipe):
@@ -279,19 +285,168 @@ def reject_checkpoint_before(output_dir: Path, step: int) -> tuple[Path | None, 
 
 
 def _nonfinite_tensors(named) -> list[str]:
+    """Names of the tensors with a non-finite value in this process's part of them (its shard under
+    FSDP2 or ZeRO-3: the ranks then agree, see RwkvTrainer._stop_if_any_rank)."""
     import torch
 
-    return [
-        name
-        for name, t in named
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()
-    ]
+    local = ((name, _local_part(t)) for name, t in named if isinstance(t, torch.Tensor))
+    return [name for name, t in local if t.is_floating_point() and not torch.isfinite(t).all()]
+
+
+def _local_part(t):
+    """The part of a (possibly sharded) tensor this process holds: an FSDP2 DTensor's local shard, a
+    ZeRO-3 parameter's partition, or the tensor itself."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    return getattr(t, "ds_tensor", t)
 
 
 def _optimizer_tensors(optimizer):
     for group_index, state in enumerate(optimizer.state.values()):
         for key, value in state.items():
             yield f"optimizer state {group_index}.{key}", value
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes: sharded models, their consolidated state
+
+
+def sharding(accelerator) -> str:
+    """How the processes hold the model: "fsdp2" or "deepspeed" (each rank holds a shard of the
+    parameters, of the gradients or of the optimizer state), or "none" (one process, or DDP)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return "deepspeed"
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if not getattr(accelerator, "is_fsdp2", False):
+            raise RecipeError(
+                "accelerate config: FSDP needs fsdp_config.fsdp_version: 2 (FSDP2, accelerate >= 1.6); "
+                "see recipes/accelerate/fsdp.yaml"
+            )
+        return "fsdp2"
+    return "none"
+
+
+def is_adapter_model(model) -> bool:
+    """Whether `model` trains an adapter (LoRA through peft and/or a learned initial state)."""
+    from rwkv_ft.adapters import find_initial_state
+
+    return hasattr(model, "peft_config") or find_initial_state(model) is not None
+
+
+def zero_stage(accelerator) -> int | None:
+    """The DeepSpeed ZeRO stage the run uses, or None without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else int(plugin.zero_stage)
+
+
+def fp32_trained_parameters(model) -> None:
+    """Keep every trained parameter in fp32 (master weights; compute still follows the base's dtype).
+    FSDP2 needs one dtype for the trained parameters of a unit, and a bf16 one (a peft
+    modules_to_save copy of a bf16 layer) beside fp32 LoRA or state weights would break that."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def consolidated_state_dict(model, how: str, *, trainable_only: bool) -> dict[str, Any] | None:
+    """Whole CPU copies of `model`'s parameters by name, for the main process to save: the trained
+    ones (an adapter) or all of them (full fine-tuning). None when the model is not sharded (`how`
+    "none": save it as it is). Under FSDP2 and DeepSpeed this gathers the shards: a collective, so
+    every rank must call it; under FSDP2 only the main process gets the tensors."""
+    if how == "none":
+        return None
+    if how == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+        state = get_model_state_dict(model, options=options)
+    else:
+        state = _deepspeed_state_dict(model, trainable_only)
+    if trainable_only:
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        state = {name: value for name, value in state.items() if name in trained}
+    return state
+
+
+def _deepspeed_state_dict(model, trainable_only: bool) -> dict[str, Any]:
+    """Every (trained) parameter whole: the optimizer's fp32 master where it has one (ZeRO-1/2/3;
+    the module's copy may be bf16), else the gathered ZeRO-3 parameter."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, p in model.named_parameters():
+        if trainable_only and not p.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            with deepspeed.zero.GatheredParameters([p]):  # a no-op unless ZeRO-3 partitioned it
+                full = p.detach().clone()
+        state[name] = full.detach().cpu()
+    return state
+
+
+def load_trained_tensors(model, tensors: dict[str, Any], how: str) -> None:
+    """Copy whole tensors (by parameter name) into `model`'s parameters, sharded or not."""
+    import torch
+
+    if how == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        # (a copy: it replaces the dict's tensors with their shards)
+        set_model_state_dict(model, dict(tensors), options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(device=params[name].device, dtype=params[name].dtype))
+
+
+def pad_batch(batch: dict[str, Any], width: int, pad_token_id: int) -> dict[str, Any]:
+    """A collated batch right-padded to `width` columns the way SFTDataCollator pads: masked, labels
+    -100, position ids continuing (so padding never starts a packed segment)."""
+    import torch
+    import torch.nn.functional as F
+
+    extra = width - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    padded = dict(batch)
+    for key, value in (("input_ids", pad_token_id), ("labels", -100), ("attention_mask", 0)):
+        if key in batch:
+            padded[key] = F.pad(batch[key], (0, extra), value=value)
+    if "position_ids" in batch:
+        positions = batch["position_ids"]
+        following = positions[:, -1:] + 1 + torch.arange(extra, device=positions.device)
+        padded["position_ids"] = torch.cat([positions, following], dim=1)
+    return padded
+
+
+def nonfinite_loss_message(rows: list[list[int]], step: int, epoch: float) -> str:
+    """What stopped the run, from every rank's [rank, bad, chunk, first token, last token, length]
+    (chunk -1: the sample was not run in chunks)."""
+    from rwkv_ft.models.modeling_utils import describe_chunk
+
+    def chunk(row: list[int], whose: str) -> str:
+        return f" in {describe_chunk(tuple(row[2:]))} of {whose} batch" if row[2] >= 0 else ""
+
+    bad = [row for row in rows if row[1]]
+    if len(rows) == 1:
+        where = chunk(bad[0], "this")
+    else:
+        where = " on " + "; on ".join(f"rank {row[0]}{chunk(row, 'its')}" for row in bad)
+    return (
+        f"the loss is not finite{where} at step {step} (epoch {epoch:.2f}); training stopped before the optimizer step"
+    )
+
+
+class StoppedOnEveryRank(FloatingPointError):
+    """Every rank raised this at the same point of training, having agreed on it: the main process
+    reports it (the others would only repeat it)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,8 +476,16 @@ def _make_trainer_class():
     class RwkvTrainer(Trainer):
         """The HF Trainer with these guarantees:
 
-        - a non-finite loss on any rank stops training at once on every rank, naming the step,
-          before the optimizer sees it; non-finite trainable weights or optimizer state are never saved;
+        - a non-finite loss on any rank stops training on every rank at the same step, naming the
+          rank and (long context) the chunk, before the optimizer step; non-finite trainable weights or
+          optimizer state on any rank are never saved. The ranks agree first, so none waits
+          forever in a collective the others left;
+        - checkpoints of an adapter run hold the adapter as `save_adapter` writes it (peft's
+          adapter_model.safetensors, the state-tuning file), whole even when the model is sharded
+          (FSDP2, DeepSpeed ZeRO), so `rwkv-ft merge` and `generate` read any checkpoint; `--resume`
+          loads it back into the (sharded) model;
+        - under FSDP2 or ZeRO-3 with training.chunk_len, every rank pads its batch to the longest
+          on any rank, so all run the same number of chunks (each block call is a collective);
         - checkpoints appear only complete (written to a staging folder, then renamed), so a crash
           mid-save never leaves a checkpoint that `--resume` would pick; each carries the run's time
           so far, and the newest `save_total_limit` are kept;
@@ -335,27 +498,117 @@ def _make_trainer_class():
         session_start: float = 0.0
 
         cudagraph_steps: bool = False  # training.compile: reduce-overhead
+        equal_chunk_counts: bool = False  # sharded model and training.chunk_len: see _pad_to_longest
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self.cudagraph_steps:  # a new step: the graphs may reuse the last step's output memory
                 torch.compiler.cudagraph_mark_step_begin()
-            try:
-                loss = super().training_step(model, inputs, num_items_in_batch)
-            except FloatingPointError as exc:  # a non-finite chunk (training.chunk_len), raised in forward
-                raise FloatingPointError(
-                    f"{exc} at step {self.state.global_step + 1} (epoch {self.state.epoch:.2f}); "
-                    "training stopped before the optimizer step"
-                ) from exc
-            bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
-            if self.accelerator.num_processes > 1:
-                bad = self.accelerator.reduce(bad, reduction="sum")
-            if bad.item() > 0:
-                step = self.state.global_step + 1
-                raise FloatingPointError(
-                    f"the loss is not finite ({loss.item()} on this process) at step {step} "
-                    f"(epoch {self.state.epoch:.2f}); training stopped before the optimizer step"
-                )
+            self._walk_trained_parameters_only(model)
+            if self.equal_chunk_counts:
+                inputs = self._pad_to_longest(inputs)
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # After the backward (whose collectives every rank runs alike, NaN or not), so that the
+            # host never waits between forward and backward; before the optimizer step.
+            self._stop_if_not_finite(loss)
             return loss
+
+        # -- per-step host work ---------------------------------------------------------------
+        # Each step the Trainer walks the whole model four times for bookkeeping that training does
+        # not change: it recounts the parameters for its FLOP estimate, sets training mode, and zeroes
+        # and clips the gradients of every parameter, the frozen base's included. With LoRA on 24
+        # layers a walk visits ~2,000 modules and ~800 parameters: ~10 ms of host time each, on a step
+        # whose GPU waits for the host (benchmarks/NOTES.md, "Training step"). Here the count is
+        # made once, and the rest run over the trained parameters, collected once.
+
+        _trained: list | None = None
+        _counted_parameters: int | None = None
+        _walks_skipped_on: Any = None
+
+        def trained_parameters(self) -> list:
+            if self._trained is None:
+                self._trained = [p for p in self.model.parameters() if p.requires_grad]
+            return self._trained
+
+        def floating_point_ops(self, inputs) -> int:
+            main_input = getattr(self.model, "main_input_name", "input_ids")
+            if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+                return 0
+            if self._counted_parameters is None:
+                self._counted_parameters = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main_input].numel() * self._counted_parameters
+
+        def _clip_grad_norm(self, model):  # transformers >= 5.3 (earlier releases clip inline, over every parameter)
+            if sharding(self.accelerator) != "none":  # FSDP2 and DeepSpeed clip their own way
+                return super()._clip_grad_norm(model)
+            return self.accelerator.clip_grad_norm_(self.trained_parameters(), self.args.max_grad_norm)
+
+        def _walk_trained_parameters_only(self, model) -> None:
+            """From the first step to the end of `train()`: `model.train()` returns at once when the
+            model and the causal LM inside it are already in training mode (an `eval()` of either
+            clears the LM's flag, so the next `train()` walks again), and `model.zero_grad()` clears
+            the trained parameters' gradients only (the frozen ones have none). One process or DDP;
+            FSDP2 and DeepSpeed keep their own."""
+            if self._walks_skipped_on is model or sharding(self.accelerator) != "none":
+                return
+            trained, walking_train, lms = self.trained_parameters(), model.train, causal_lms(model)
+
+            def train(mode: bool = True):
+                if mode and model.training and all(lm.training for lm in lms):
+                    return model
+                return walking_train(mode)
+
+            def zero_grad(set_to_none: bool = True) -> None:
+                for p in trained:
+                    if p.grad is None:
+                        continue
+                    if set_to_none:
+                        p.grad = None
+                    else:
+                        p.grad.detach_().zero_()
+
+            model.train, model.zero_grad = train, zero_grad  # instance attributes: `del` restores
+            self._walks_skipped_on = model
+
+        def _restore_walks(self) -> None:
+            model, self._walks_skipped_on = self._walks_skipped_on, None
+            if model is not None:
+                del model.train, model.zero_grad
+
+        def _pad_to_longest(self, inputs):
+            """`inputs` padded to the longest batch on any rank: a sharded model's every block call
+            is a collective, so all ranks must run as many chunks, and chunk or not alike."""
+            width = torch.tensor([inputs["input_ids"].shape[1]], device=self.args.device)
+            longest = int(self.accelerator.gather(width).max())
+            return pad_batch(inputs, longest, self.data_collator.pad_token_id)
+
+        def _stop_if_not_finite(self, loss) -> None:
+            """Raise StoppedOnEveryRank on every rank if the loss is not finite on any: one small
+            gather per micro-batch; only when one is bad, a second says where (rank, chunk)."""
+            bad = (~torch.isfinite(loss.detach())).any().reshape(1).long()
+            world = self.accelerator.num_processes
+            if not (self.accelerator.gather(bad) if world > 1 else bad).any():
+                return
+            chunks = [lm.nonfinite_chunk() for lm in causal_lms(self.model)]
+            chunk = next((c for c in chunks if c is not None), (-1, -1, -1, -1))
+            row = torch.tensor([[self.accelerator.process_index, int(bad), *chunk]], device=loss.device)
+            rows = (self.accelerator.gather(row) if world > 1 else row).tolist()
+            step = self.state.global_step + 1
+            raise StoppedOnEveryRank(nonfinite_loss_message(rows, step, self.state.epoch or 0.0))
+
+        def _stop_if_any_rank(self, problems: list[str], what: str) -> None:
+            """Raise StoppedOnEveryRank on every rank if `problems` (this rank's) or any other rank's
+            is non-empty, naming them with their ranks."""
+            from accelerate.utils import gather_object
+
+            world = self.accelerator.num_processes
+            everyone = gather_object([(self.accelerator.process_index, problems)]) if world > 1 else [(0, problems)]
+            found = [(rank, names) for rank, names in everyone if names]
+            if found:
+                listed = "; ".join(
+                    (f"rank {rank}: " if world > 1 else "") + ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+                    for rank, names in found
+                )
+                raise StoppedOnEveryRank(what.format(listed))
 
         def _get_output_dir(self, trial):
             staging = getattr(self, "_staging_dir", None)
@@ -366,11 +619,9 @@ def _make_trainer_class():
             bad = _nonfinite_tensors((n, p) for n, p in model.named_parameters() if p.requires_grad)
             if self.optimizer is not None:
                 bad += _nonfinite_tensors(_optimizer_tensors(self.optimizer))
-            if bad:
-                raise FloatingPointError(
-                    f"after step {step} these trained tensors are not finite: {', '.join(bad[:5])}"
-                    f"{' ...' if len(bad) > 5 else ''}; checkpoint-{step} was not saved"
-                )
+            self._stop_if_any_rank(
+                bad, f"after step {step} these trained tensors are not finite: {{}}; checkpoint-{step} was not saved"
+            )
             run_dir = super()._get_output_dir(trial)
             name = f"{CHECKPOINT_PREFIX}-{step}"
             self._staging_dir = os.path.join(run_dir, ".staging")
@@ -394,6 +645,34 @@ def _make_trainer_class():
                 self._keep_latest_checkpoints(Path(run_dir))
             self.accelerator.wait_for_everyone()
 
+        def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+            """An adapter run's checkpoint (and `trainer.save_model()`): the adapter as `save_adapter`
+            writes it, gathered whole from every rank when the model is sharded. Full fine-tuning:
+            the Trainer's own saving (sharded checkpoints under FSDP2 / ZeRO-3)."""
+            if not is_adapter_model(self.model):
+                return super().save_model(output_dir, _internal_call)
+            from rwkv_ft.adapters import save_adapter
+
+            output_dir = output_dir if output_dir is not None else self.args.output_dir
+            tensors = consolidated_state_dict(self.model, sharding(self.accelerator), trainable_only=True)
+            if self.args.should_save:
+                save_adapter(self.model, output_dir, state_dict=tensors)
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(output_dir)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            """`--resume` of an adapter run: the checkpoint's adapter, copied into the (possibly
+            sharded) model. DeepSpeed resumes from its own engine checkpoint instead (the Trainer
+            loads it, optimizer partitions included). Checkpoints of older releases (no
+            rwkv_ft_adapter.json) load the Trainer's way."""
+            from rwkv_ft.adapters import ADAPTER_INFO_FILE, read_trained_tensors
+
+            checkpoint = Path(resume_from_checkpoint)
+            if not is_adapter_model(self.model) or not (checkpoint / ADAPTER_INFO_FILE).exists():
+                return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            tensors = read_trained_tensors(self.model, checkpoint)
+            load_trained_tensors(model if model is not None else self.model, tensors, sharding(self.accelerator))
+
         def _keep_latest_checkpoints(self, run_dir: Path) -> None:
             limit = self.args.save_total_limit
             if limit:
@@ -405,7 +684,10 @@ def _make_trainer_class():
 
         def train(self, *args, **kwargs):
             self.session_start = time.time()
-            return super().train(*args, **kwargs)
+            try:
+                return super().train(*args, **kwargs)
+            finally:
+                self._restore_walks()
 
         # -- evaluation -----------------------------------------------------------------------
 
@@ -660,6 +942,20 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         callbacks=[*_callbacks(output_dir), *(callbacks or [])],
     )
     trainer.cudagraph_steps = recipe.training.compile == "reduce-overhead"
+    how = sharding(trainer.accelerator)
+    trainer.equal_chunk_counts = how != "none" and recipe.training.chunk_len is not None
+    for lm in causal_lms(model):
+        lm.recompute_last_chunk = zero_stage(trainer.accelerator) == 3
+    if how == "fsdp2":  # before the Trainer shards the model
+        fp32_trained_parameters(model)
+    if recipe.training.compile and zero_stage(trainer.accelerator) == 3:
+        # ZeRO-3 gathers each layer's parameters in module hooks that torch.compile may not trace
+        # (torch.compiler.disable), so a compiled block sees the empty partitions. FSDP2's hooks
+        # are outside dynamo's view: its blocks compile whole.
+        raise RecipeError(
+            "training.compile does not work under DeepSpeed ZeRO-3 (its parameter gathering cannot be "
+            "compiled); set training.compile=false, or use recipes/accelerate/fsdp.yaml (FSDP2) or ZeRO-2"
+        )
     if resume_from is not None:
         progress = read_json_object(resume_from / PROGRESS_FILE) or {}
         trainer.prior_runtime_s = float(progress.get("runtime_s", 0.0))
@@ -667,7 +963,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     try:
         train_output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except FloatingPointError as exc:
-        raise FloatingPointError(_nonfinite_message(exc, output_dir, trainer.state.global_step + 1)) from exc
+        raise type(exc)(_nonfinite_message(exc, output_dir, trainer.state.global_step + 1)) from exc
     metrics = trainer.evaluate() if has_eval else {}
 
     summary = {
@@ -692,8 +988,10 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         "skipped_rows": data.skipped,
         "recipe": recipe.to_dict(),
     }
+    # Every rank: a sharded model's parameters are gathered for the main process to save.
+    tensors = consolidated_state_dict(trainer.model, how, trainable_only=recipe.adapter.type != "none")
     if trainer.is_world_process_zero():
-        result_dir = save_result(trainer.model, tokenizer, recipe, output_dir, summary)
+        result_dir = save_result(trainer.model, tokenizer, recipe, output_dir, summary, state_dict=tensors)
         summary["result_dir"] = str(result_dir)
         plot_loss_curve(trainer.state.log_history, output_dir / "loss_curve.png")
         if recipe.merge.enabled and recipe.adapter.type != "none":
@@ -712,7 +1010,11 @@ def load_model_type(directory: Path) -> str | None:
 
 
 def _nonfinite_message(exc: FloatingPointError, output_dir: Path, step: int) -> str:
-    moved, good = reject_checkpoint_before(output_dir, step) if _is_main_process() else (None, None)
+    if _is_main_process():
+        moved, good = reject_checkpoint_before(output_dir, step)
+    else:  # the main process moves the bad checkpoint aside; the last good one is the same for all
+        older = [c for c in complete_checkpoints(output_dir) if checkpoint_step(c) != step - 1]
+        moved, good = None, (older[-1] if older else None)
     lines = [str(exc) + "."]
     if moved is not None:
         lines.append(f"{moved.name} holds the weights that produced it and was moved to {moved.parent}.")
@@ -740,9 +1042,12 @@ def whole_run_train_loss(log_history: list[dict[str, Any]]) -> float | None:
     return total / weight if weight else None
 
 
-def save_result(model, tokenizer, recipe: Recipe, output_dir: Path, summary: dict[str, Any]) -> Path:
+def save_result(
+    model, tokenizer, recipe: Recipe, output_dir: Path, summary: dict[str, Any], state_dict: dict | None = None
+) -> Path:
     """Save the adapter (or the full model) with the tokenizer (chat template included), the training
-    summary and a model card."""
+    summary and a model card. `state_dict`: the model's tensors gathered whole when it is sharded
+    (`consolidated_state_dict`), saved instead of its parameters."""
     from rwkv_ft.hub import write_model_card
     from rwkv_ft.io import write_atomically
 
@@ -750,13 +1055,14 @@ def save_result(model, tokenizer, recipe: Recipe, output_dir: Path, summary: dic
 
     def write(tmp: Path) -> None:
         if recipe.adapter.type == "none":
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({} if state_dict is None else {"state_dict": state_dict}))
         else:
             from rwkv_ft.adapters import save_adapter
 
             save_adapter(
                 model,
                 tmp,
+                state_dict=state_dict,
                 base_model=summary["base_model"],
                 extra={
                     "data": summary["data"],
@@ -926,9 +1232,33 @@ def main(argv: list[str] | None = None, prog: str = "rwkv-ft train") -> int:
         print(f"{prog}: {done}")
         return 0
     except user_errors() as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        if not (isinstance(exc, StoppedOnEveryRank) and _env_rank() > 0):  # agreed: the main process says it
+            print(f"{prog}: error{_rank_label(exc)}: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if not _lost_a_peer(exc):
+            raise
+        # Another rank failed and exited (its own message says why); the launcher stops this one too.
+        print(f"{prog}: error{_rank_label(exc)}: another process of this run stopped (see its error)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _rank_label(exc: BaseException) -> str:
+    """ " (rank N)" in a run of several processes, for an error this rank alone met."""
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return f" (rank {_env_rank()})" if several and not isinstance(exc, StoppedOnEveryRank) else ""
+
+
+def _lost_a_peer(exc: RuntimeError) -> bool:
+    """Whether a collective failed because another process of the run is gone (gloo says so; NCCL
+    waits until the launcher stops this process)."""
+    text = str(exc)
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and ("closed by peer" in text or "reset by peer" in text)
 
 
 def _report(summary: dict[str, Any], recipe: Recipe) -> None:

@@ -3,9 +3,9 @@
 # VENV and CONSTRAINTS are passed on to setup.sh (CI runs this twice: newest releases, lower bounds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+EXTRAS=${EXTRAS:-dev,deepspeed} bash scripts/setup.sh  # DeepSpeed: the ZeRO-2/3 tests run on the CPU
 venv=${VENV:-.venv}
 "$venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null \
-    | grep -iE '^(torch|transformers|peft|accelerate|datasets|bitsandbytes|safetensors|tokenizers|triton) ' \
+    | grep -iE '^(torch|transformers|peft|accelerate|deepspeed|datasets|bitsandbytes|safetensors|tokenizers|triton) ' \
     | tr -s ' ' | paste -sd ',' | sed 's/^/testing with: /'
 exec "$venv/bin/python" -m pytest "$@"

@@ -25,7 +25,11 @@ from rwkv_ft.kernels import empty_wkv_state, wkv4
 from rwkv_ft.models.modeling_utils import rwkv_blocks
 from rwkv_ft.testing import MODEL_FACTORIES, assert_close, random_ids, relative_error
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="runs the Triton kernels on CPU tensors, which needs the interpreter (conftest sets TRITON_INTERPRET=1 "
+    "where there is no CUDA device)",
+)
 PARTITIONED = "aot_eager_decomp_partition"
 
 
@@ -66,15 +70,29 @@ def test_wkv4_op_registration(dtype, state, small_chunks):
     dispatch with static and dynamic shapes agree with running the kernel."""
     td, tf, k, v, s = wkv_inputs(dtype=dtype, state=state)
     args = [td.requires_grad_(), tf.requires_grad_(), k.requires_grad_(), v.requires_grad_()]
-    args.append(None if s is None else s.requires_grad_())
+    args += [None if s is None else s.requires_grad_(), None]  # no reset
     torch.library.opcheck(torch.ops.rwkv_ft.wkv4_forward.default, args)
+
+
+def test_wkv4_op_registration_with_reset(small_chunks):
+    """The ops with the (B, T) reset flags (packed rows): opcheck of the forward, then the backward."""
+    td, tf, k, v, s = wkv_inputs(T=11)
+    reset = torch.zeros(2, 11, dtype=torch.bool)
+    reset[0, [0, 4, 5]] = True
+    reset[1, 8] = True
+    args = [x.requires_grad_() for x in (td, tf, k, v, s)]
+    torch.library.opcheck(torch.ops.rwkv_ft.wkv4_forward.default, (*args, reset))
+    y, y32, z, sT, idx = torch.ops.rwkv_ft.wkv4_forward(*(x.detach() for x in args), reset)
+    gy, gs = torch.randn_like(y), torch.randn_like(sT)
+    bwd_args = (td, tf, k, v, y, z, s, reset, sT, idx, gy, gs)
+    torch.library.opcheck(torch.ops.rwkv_ft.wkv4_backward.default, tuple(x.detach() for x in bwd_args))
 
 
 def test_wkv4_backward_op_registration(small_chunks):
     td, tf, k, v, s = wkv_inputs()
-    y, y32, z, sT, idx = torch.ops.rwkv_ft.wkv4_forward(td, tf, k, v, s)
+    y, y32, z, sT, idx = torch.ops.rwkv_ft.wkv4_forward(td, tf, k, v, s, None)
     gy, gs = torch.randn_like(y), torch.randn_like(sT)
-    torch.library.opcheck(torch.ops.rwkv_ft.wkv4_backward.default, (td, tf, k, v, y, z, s, sT, idx, gy, gs))
+    torch.library.opcheck(torch.ops.rwkv_ft.wkv4_backward.default, (td, tf, k, v, y, z, s, None, sT, idx, gy, gs))
 
 
 def test_wkv4_on_meta_tensors_gives_shapes():
@@ -224,6 +242,26 @@ def test_compiled_triton_wkv7(recompute):
                 backend="triton")  # fmt: skip
     finally:
         MODEL_FACTORIES["rwkv7"] = factory
+
+
+@pytest.mark.parametrize("backend,recompute", [("torch", "none"), ("triton", "none"), ("triton", "selective")])
+def test_compiled_packed_rows_rwkv4(backend, recompute, small_chunks):
+    """Packed rows (position ids restarting at 0) through compiled RWKV-4 blocks: the reset flags
+    reach the WKV-4 op and the token shifts inside the graph (and the op's recompute under
+    selective recompute); loss and LoRA gradients equal eager."""
+    ids = random_ids(2, 10, seed=10)
+    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 0, 1, 2]])
+
+    def step(model):
+        model.zero_grad()
+        loss = model(ids, labels=ids, position_ids=position_ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    eager = step(lora_model("rwkv4", backend=backend))
+    compiled = lora_model("rwkv4", backend=backend, recompute=recompute)
+    compiled.compile_blocks(backend=PARTITIONED)
+    assert_same_step(step(compiled), eager, torch.float32)
 
 
 def test_selective_recompute_and_full_checkpointing_match_eager_without_compile():

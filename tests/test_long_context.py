@@ -49,6 +49,21 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence(model, chunk):
     assert_same(loss_and_grads(model, ids, labels), whole)
 
 
+@pytest.mark.parametrize("recompute_last", [False, True])
+def test_each_chunk_but_the_last_is_recomputed_once(model, recompute_last):
+    """Memory stays that of one chunk, and the last chunk (whose backward runs first) is not re-run,
+    except where rwkv_ft.train asks for it (DeepSpeed ZeRO-3)."""
+    calls = []
+    model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    set_chunk(model, 64)
+    model.recompute_last_chunk = recompute_last
+    ids = random_ids(1, T, model.config.vocab_size, seed=5)
+    loss = model(ids, labels=ids).loss
+    assert len(calls) == 16  # ceil(1000 / 64) chunks
+    loss.backward()
+    assert len(calls) == 16 + 15 + recompute_last
+
+
 def test_with_lora_and_state_tuning(model):
     from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
 
@@ -76,8 +91,7 @@ def test_right_padding_and_grad_accumulation_weighting(model):
     assert_same(chunked, whole)
 
 
-def test_packed_rows_with_a_start_on_a_chunk_boundary():
-    model = MODEL_FACTORIES["rwkv7"]().train()
+def test_packed_rows_with_a_start_on_a_chunk_boundary(model):
     lengths = [40, 24, 50, 14]  # starts at 0, 40, 64 (a chunk boundary), 114
     ids = random_ids(1, sum(lengths), 97, seed=4)
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -120,11 +134,29 @@ def test_nf4_base(version, tmp_path):
 
 
 def test_a_non_finite_chunk_is_named(model):
-    set_chunk(model, 50)
+    """The model on its own raises naming the chunk (its default)."""
+    model.train_chunk_len = 50
     with torch.no_grad():
         model.get_decoder().blocks[0].ln1.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"chunk 0 \(tokens 0\.\.49 of 120\)"):
         model(random_ids(1, 120, model.config.vocab_size), labels=random_ids(1, 120, model.config.vocab_size))
+
+
+def test_training_reports_a_non_finite_chunk_instead_of_raising(model):
+    """Under rwkv_ft.train (set_chunk_len) every chunk runs and the first non-finite one is reported,
+    so that all ranks reach the step's cross-rank loss check before any of them stops."""
+    from rwkv_ft.models.modeling_utils import describe_chunk
+
+    set_chunk(model, 50)
+    ids = random_ids(1, 120, model.config.vocab_size)
+    model(ids, labels=ids)
+    assert model.nonfinite_chunk() is None
+    with torch.no_grad():
+        model.get_decoder().blocks[0].ln1.weight.fill_(float("nan"))
+    loss = model(ids, labels=ids).loss
+    assert not torch.isfinite(loss)
+    assert model.nonfinite_chunk() == (0, 0, 49, 120)
+    assert describe_chunk(model.nonfinite_chunk()) == "chunk 0 (tokens 0..49 of 120)"
 
 
 def test_document_data_trains_in_chunks_through_the_recipe(tmp_path):

@@ -156,6 +156,113 @@ def test_packed_sequences_do_not_leak(model):
     assert_close(out, separate, name="packed logits")
 
 
+def test_flattened_batches_run_in_one_pass_with_resets(model, monkeypatch):
+    """RWKV-4 packs without re-padding: transformers' DataCollatorWithFlattening rows (position ids
+    restarting at 0) reach the blocks once, with reset flags, and equal each example run alone."""
+    from transformers import DataCollatorWithFlattening
+
+    examples = [random_ids(1, n, seed=30 + n)[0].tolist() for n in (5, 3, 4)]
+    batch = DataCollatorWithFlattening()([{"input_ids": ids} for ids in examples])
+    seen = []
+    original = type(model.rwkv)._forward_packed
+    monkeypatch.setattr(type(model.rwkv), "_forward_packed", lambda *a, **k: seen.append(1) or original(*a, **k))
+    with torch.no_grad():
+        packed = model(batch["input_ids"], position_ids=batch["position_ids"]).logits
+        separate = torch.cat([model(torch.tensor([ids])).logits for ids in examples], dim=1)
+    assert seen == []
+    assert_close(packed, separate, name="packed logits")
+
+
+def test_packed_row_continues_a_passed_state(model):
+    """A packed row may take a state (long-context chunks do): its first example continues it, the
+    others start empty, and the returned state is the last example's."""
+    a, b, c = random_ids(2, 6, seed=33), random_ids(2, 4, seed=34), random_ids(2, 5, seed=35)
+    with torch.no_grad():
+        state = model(random_ids(2, 7, seed=36), use_cache=True).state
+        position_ids = torch.cat([torch.arange(6), torch.arange(4), torch.arange(5)]).expand(2, -1)
+        packed = model(torch.cat([a, b, c], 1), position_ids=position_ids, state=state, use_cache=True)
+        first = model(a, state=state).logits
+        last = model(c, use_cache=True)
+        separate = torch.cat([first, model(b).logits, last.logits], dim=1)
+    assert_close(packed.logits, separate, name="packed logits")
+    assert_close(packed.state, last.state, name="state")
+
+
+@pytest.mark.parametrize("version", ["rwkv4", "rwkv7"])
+def test_packed_rows_refuse_padding_they_cannot_run_exactly(version):
+    """Packed rows run in parallel mode with resets: left padding without a state is exact; inner
+    padding, or left padding with a state, is refused (a pad would still decay the RWKV-4 state or
+    hide the previous token from the token shift)."""
+    from rwkv_ft.testing import MODEL_FACTORIES
+
+    m = MODEL_FACTORIES[version]().eval()
+    a, b = random_ids(1, 5, seed=37), random_ids(1, 4, seed=38)
+    ids = torch.cat([torch.zeros(1, 2, dtype=torch.long), a, b], 1)
+    left = torch.tensor([[0, 0] + [1] * 9])
+    position_ids = torch.tensor([[0, 0, 0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    inner = torch.tensor([[1, 1, 0, 0] + [1] * 7])
+    with torch.no_grad():
+        packed = m(ids, attention_mask=left, position_ids=position_ids).logits
+        state = m(a, use_cache=True).state
+        assert_close(packed[:, 2:], torch.cat([m(a).logits, m(b).logits], 1), name="left-padded packed logits")
+        with pytest.raises(ValueError, match="padding only after"):
+            m(ids, attention_mask=left, position_ids=position_ids, state=state)
+        with pytest.raises(ValueError, match="padding only after"):
+            m(ids, attention_mask=inner, position_ids=position_ids)
+
+
+# Two packed rows: three examples (5, 7, 6 tokens), and two (9, 4) followed by five pads, laid out
+# as SFTDataCollator pads a packed row (position ids continue the count over the padding).
+PACKED_LENGTHS = [[5, 7, 6], [9, 4]]
+PACKED_T = 18
+
+
+def packed_batch(lengths_per_row, T, seed=40):
+    ids = random_ids(len(lengths_per_row), T, seed=seed)
+    mask = torch.zeros_like(ids)
+    position_ids = torch.zeros_like(ids)
+    for row, lengths in enumerate(lengths_per_row):
+        used = sum(lengths)
+        mask[row, :used] = 1
+        position_ids[row] = torch.cat(
+            [torch.arange(n) for n in lengths] + [torch.arange(lengths[-1], lengths[-1] + T - used)]
+        )
+    return ids, mask, position_ids
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_packed_padded_rows_equal_examples_alone_with_gradients(backend, monkeypatch):
+    """Packing + right padding, fp32: the logits at every real token and the gradient of every
+    parameter equal running each example alone, on the reference and on the Triton kernel (under
+    the interpreter, with 4-token chunks so examples start on and inside chunk borders)."""
+    import rwkv_ft.kernels.rwkv4.triton_wkv4 as tw
+
+    from rwkv_ft.train import set_kernel_backend
+
+    monkeypatch.setattr(tw, "_CFG_OVERRIDE", (16, 4, 1))
+    m = randomize_(Rwkv4ForCausalLM(tiny_config()), seed=3).train()
+    monkeypatch.setattr(type(m.rwkv), "_forward_packed", lambda *a, **k: pytest.fail("packed rows were re-padded"))
+    set_kernel_backend(m, backend)
+    ids, mask, position_ids = packed_batch(PACKED_LENGTHS, PACKED_T)
+    weights = torch.randn(*ids.shape, m.config.vocab_size, generator=torch.Generator().manual_seed(41))
+
+    m.zero_grad()
+    packed = m(ids, attention_mask=mask, position_ids=position_ids).logits
+    (packed * weights * mask.unsqueeze(-1)).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    m.zero_grad()
+    for row, lengths in enumerate(PACKED_LENGTHS):
+        start = 0
+        for n in lengths:
+            alone = m(ids[row : row + 1, start : start + n]).logits
+            (alone * weights[row : row + 1, start : start + n]).sum().backward()
+            assert_close(packed[row : row + 1, start : start + n], alone, name=f"logits row {row} at {start}")
+            start += n
+    for name, p in m.named_parameters():
+        assert_close(packed_grads[name], p.grad, name=f"grad {name}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Hugging Face plumbing
 

@@ -83,13 +83,17 @@ NOT_PINNED_AT_THE_MINIMUM = {"torch", "triton"}
 
 
 def test_lower_bounds_file_pins_every_declared_minimum():
-    """CI's lower-bound run (ci/lower-bounds.txt) tests exactly the minimums pyproject.toml declares."""
+    """CI's lower-bound run (ci/lower-bounds.txt) tests exactly the minimums pyproject.toml declares,
+    its optional extras' included."""
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     from packaging.requirements import Requirement
     from packaging.version import Version
 
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # The dependencies and the optional extras users install (dev's tools are pinned, not bounded).
+    extras = [spec for name, specs in project["optional-dependencies"].items() if name != "dev" for spec in specs]
     declared = {}
-    for spec in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+    for spec in [*project["dependencies"], *extras]:
         requirement = Requirement(spec)
         minimums = [s.version for s in requirement.specifier if s.operator == ">="]
         assert minimums, f"pyproject.toml: {spec!r} declares no lower bound"

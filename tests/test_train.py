@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -21,7 +20,6 @@ from rwkv_ft.train import complete_checkpoints, run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
-ACCELERATE_CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 
 TINY = [
     "model.config={vocab_size: 65536, hidden_size: 32, num_hidden_layers: 2}",
@@ -59,13 +57,6 @@ def test_every_recipe_loads_and_names_its_command(path):
 def test_recipe_set_covers_lora_qlora_and_state_tuning():
     kinds = {(r.adapter.type, r.model.quantization) for r in map(load_recipe, RECIPES)}
     assert {("lora", None), ("lora", "nf4"), ("lora", "int8"), ("state", None)} <= kinds
-
-
-@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.name for p in ACCELERATE_CONFIGS])
-def test_accelerate_configs_parse(path):
-    config = yaml.safe_load(path.read_text())
-    assert config["distributed_type"] in {"NO", "MULTI_GPU", "FSDP"}
-    assert config["num_processes"] >= 1
 
 
 def test_unknown_keys_and_bad_values_are_named(tmp_path):
@@ -117,8 +108,16 @@ class CrashAt(TrainerCallback):
             raise KeyboardInterrupt(f"simulated crash at step {self.step}")
 
 
-def test_resume_continues_bit_for_bit(tmp_path):
-    args = ["training.max_steps=6", "training.save_steps=3", "training.eval_steps=100"]
+STATE_TUNING = ["adapter.type=state", "adapter.modules_to_save=null", "training.lr=0.1"]
+
+
+@pytest.mark.parametrize("extra", [[], STATE_TUNING], ids=["lora", "state"])
+def test_resume_continues_bit_for_bit(tmp_path, extra):
+    """A crashed run resumed from its checkpoint ends with exactly the straight run's adapter; the
+    checkpoint is itself an adapter (LoRA and/or the learned state) that the merge reads."""
+    from rwkv_ft.merge import merge_adapter
+
+    args = ["training.max_steps=6", "training.save_steps=3", "training.eval_steps=100", *extra]
     run(tiny_recipe(tmp_path / "straight", *args))
     with pytest.raises(KeyboardInterrupt):
         run(tiny_recipe(tmp_path / "crashed", *args), callbacks=[CrashAt(5)])
@@ -126,10 +125,14 @@ def test_resume_continues_bit_for_bit(tmp_path):
     with pytest.raises(RecipeError, match="--resume"):
         run(tiny_recipe(tmp_path / "crashed", *args))  # refuses to start over existing checkpoints
     run(tiny_recipe(tmp_path / "crashed", *args), resume=True)
-    straight, resumed = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "crashed")
+    name = "state_tuning.safetensors" if extra else "adapter_model.safetensors"
+    straight, resumed = (load_file(tmp_path / run_dir / "adapter" / name) for run_dir in ("straight", "crashed"))
     assert straight.keys() == resumed.keys()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+    checkpoint = tmp_path / "straight" / "checkpoint-3"
+    assert (checkpoint / name).exists() and not (checkpoint / "model.safetensors").exists()
+    merge_adapter(tmp_path / "straight" / "base", checkpoint, tmp_path / "merged")
 
 
 class PoisonAfter(TrainerCallback):
@@ -354,3 +357,62 @@ def test_compiled_run_with_selective_recompute_matches_eager(tmp_path):
 
     assert compiled["steps"] == eager["steps"] == 3
     assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rel=1e-4, name="losses")
+
+
+def test_trainer_bookkeeping_runs_over_the_trained_parameters(tmp_path):
+    """The Trainer's per-step FLOP count, training-mode switch, gradient zeroing and clipping give
+    what the stock Trainer gives, without walking the frozen base each step; eval() still reaches
+    every module, and train() puts the model's own methods back."""
+    from transformers import Trainer
+
+    from rwkv_ft.testing import tiny_rwkv4
+    from rwkv_ft.train import _make_trainer_class, attach_adapter, training_arguments
+
+    recipe = tiny_recipe(tmp_path)
+    model = attach_adapter(tiny_rwkv4(), recipe)
+    trainer = _make_trainer_class()(model=model, args=training_arguments(recipe, tmp_path, False))
+    ids = torch.randint(1, model.config.vocab_size, (2, 9))
+    assert trainer.floating_point_ops({"input_ids": ids}) == Trainer.floating_point_ops(trainer, {"input_ids": ids}) > 0
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trainer.trained_parameters() == trained and len(trained) < len(list(model.parameters()))
+    trainer._walk_trained_parameters_only(model)
+    model(ids, labels=ids).loss.backward()
+    if hasattr(Trainer, "_clip_grad_norm"):  # transformers releases that clip in a method
+        norms = [float(torch.linalg.vector_norm(p.grad)) for p in trained]
+        expected = sum(n * n for n in norms) ** 0.5
+        assert float(trainer._clip_grad_norm(model)) == pytest.approx(expected, rel=1e-5)
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+    model.eval()  # a walk: every module leaves training mode
+    assert not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+    model.base_model.model.eval()  # the LM alone (from_pretrained returns it so): the next train() walks
+    model.train()
+    assert all(m.training for m in model.modules())
+    lora = next(m for name, m in model.named_modules() if name.endswith("lora_A"))
+    lora.eval()
+    model.train()  # already in training mode: skipped
+    assert not lora.training
+    trainer._restore_walks()
+    assert "train" not in vars(model) and "zero_grad" not in vars(model)
+    model.train()  # the model's own method again: a walk
+    assert lora.training
+
+
+class ModesAtEachStep(TrainerCallback):
+    """Records whether every module of the model was in training mode at the end of each step."""
+
+    def __init__(self):
+        self.all_training = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.all_training.append(all(m.training for m in model.modules()))
+
+
+def test_every_module_trains_at_every_step_around_evaluations(tmp_path):
+    modes = ModesAtEachStep()
+    run(tiny_recipe(tmp_path, "training.max_steps=4", "training.eval_steps=2"), callbacks=[modes])
+    assert modes.all_training == [True] * 4

@@ -59,12 +59,12 @@ def make_inputs(B, T, C, dtype=torch.float32, *, state=True, seed=0, k_scale=1.0
     )
 
 
-def run(fn, td, tf, k, v, s, *, gy_seed=1, loss_y=True, loss_state=True):
+def run(fn, td, tf, k, v, s, *, reset=None, gy_seed=1, loss_y=True, loss_state=True):
     """Forward + backward of sum(y * gy) + sum(new_state * gs) with fixed random gy, gs.
     Returns y, new_state and the gradients of (time_decay, time_first, k, v, state)."""
     xs = [x.detach().clone().requires_grad_() for x in (td, tf, k, v)]
     st = None if s is None else s.detach().clone().requires_grad_()
-    y, ns = fn(*xs, st)
+    y, ns = fn(*xs, st) if reset is None else fn(*xs, st, reset=reset)
     g = torch.Generator().manual_seed(gy_seed)
     gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(k.dtype).to(y.dtype)
     gs = torch.randn(ns.shape, generator=g, dtype=torch.float64)
@@ -77,13 +77,15 @@ def run(fn, td, tf, k, v, s, *, gy_seed=1, loss_y=True, loss_state=True):
     return y, ns, [x.grad for x in xs] + [None if st is None else st.grad]
 
 
-def triton_fn(*a):
-    return wkv4(*a, backend="triton")
+def triton_fn(*a, **kw):
+    return wkv4(*a, backend="triton", **kw)
 
 
-def ref64(td, tf, k, v, s, **kw):
+def ref64(td, tf, k, v, s, *, fn=wkv4_reference, **kw):
     d = lambda x: None if x is None else x.detach().double().cpu()
-    return run(wkv4_reference, d(td), d(tf), d(k), d(v), d(s), **kw)
+    if kw.get("reset") is not None:
+        kw["reset"] = kw["reset"].cpu()
+    return run(fn, d(td), d(tf), d(k), d(v), d(s), **kw)
 
 
 def assert_state_close(ns, ref_ns, dtype, name="new_state"):
@@ -346,3 +348,153 @@ def test_bf16_parameter_gradients_are_as_exact_as_the_fp32_reference():
     finally:
         tw.FP32_Y_FOR_BACKWARD = True
     assert relative_error(rounded[2][0], exact[2][0]) > 1.5 * relative_error(ours[2][0], exact[2][0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Resets: several examples packed in one row
+
+
+def resets_at(B, T, rows):
+    """(B, T) bool with True at rows[b]'s token positions (on the test device)."""
+    reset = torch.zeros(B, T, dtype=torch.bool)
+    for b, positions in enumerate(rows):
+        reset[b, positions] = True
+    return reset.to(DEV)
+
+
+def example_bounds(row_reset) -> list[tuple[int, int]]:
+    """(start, end) of every packed example of one row."""
+    T = row_reset.shape[0]
+    cuts = [0] + [t for t in row_reset.nonzero().flatten().tolist() if t > 0] + [T]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def assert_fp64_equal(out, ref):
+    """Two float64 results (y, new_state, gradients) agree to float64 precision."""
+    names = ("y", "new_state", *NAMES)
+    for name, a, b in zip(names, [out[0], out[1], *out[2]], [ref[0], ref[1], *ref[2]], strict=True):
+        if a is None or b is None:  # an input the loss does not reach: None or zeros
+            assert all(x is None or not x.any() for x in (a, b)), name
+            continue
+        assert_close(a, b, torch.float64, name=name)
+
+
+def separately(fn, reset):
+    """`fn` (a WKV without resets) run on every packed example alone: a row's first example continues
+    the incoming state (unless it resets at t = 0), every later one starts empty; the final state is
+    that of the row's last example. Same signature and outputs as a WKV with `reset`."""
+
+    def call(td, tf, k, v, s, reset=reset):
+        ys, states = [], []
+        for row in range(k.shape[0]):
+            pieces = []
+            for start, end in example_bounds(reset[row]):
+                fresh = start > 0 or s is None or bool(reset[row, 0])
+                y, last = fn(td, tf, k[row : row + 1, start:end], v[row : row + 1, start:end],
+                             None if fresh else s[row : row + 1])  # fmt: skip
+                pieces.append(y)
+            ys.append(torch.cat(pieces, dim=1))
+            states.append(last)
+        return torch.cat(ys), torch.cat(states)
+
+    return call
+
+
+# Resets at t = 0, at 4-token chunk borders (3, 4, 5 and 8), several in one chunk, adjacent ones and
+# on the last token; a row without any.
+SMALL_CHUNK_RESETS = [[0, 3, 4, 5, 9, 10, 17], [4, 6, 7, 8], []]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("state", [True, False], ids=["state", "no-state"])
+def test_reset_matches_fp64_reference_and_separate_examples(dtype, state, small_chunks):
+    """y, the final state and every gradient with resets: equal to the float64 reference with
+    resets, which itself equals running every packed example alone (and the reset rows' incoming
+    state gets exactly no gradient)."""
+    args = make_inputs(3, 18, 20, dtype, state=state, seed=51)
+    reset = resets_at(3, 18, SMALL_CHUNK_RESETS)
+    ref = ref64(*args, reset=reset)
+    alone = ref64(*args, fn=separately(wkv4_reference, reset.cpu()), reset=reset)
+    assert_fp64_equal(ref, alone)
+    out = run(triton_fn, *args, reset=reset)
+    assert_all_close(out, ref, dtype)
+    if state:
+        assert torch.equal(out[2][4][0], torch.zeros_like(out[2][4][0]))  # row 0 resets at t = 0
+
+
+def test_reset_at_default_chunk_borders():
+    """The shipped chunking (32-token forward chunks at this small grid, 64-token backward ones):
+    resets at 31, 32, 33, 63, 64, 65, several per chunk, on the last token, rows that differ."""
+    args = make_inputs(2, 200, 16, seed=53)
+    reset = resets_at(2, 200, [[0, 31, 32, 33, 63, 64, 65, 130, 199], [64, 100, 101, 102, 150]])
+    ref = ref64(*args, reset=reset)
+    assert_all_close(run(triton_fn, *args, reset=reset), ref, torch.float32)
+    alone = ref64(*args, fn=separately(wkv4_reference, reset.cpu()), reset=reset)
+    assert_fp64_equal(ref, alone)
+
+
+def test_reset_lookback_over_chunk_summaries(small_chunks):
+    """With inclusive prefixes withheld, a look-back folds chunk summaries until it meets a chunk
+    holding a reset (which publishes its own summary as its inclusive value): it must stop there,
+    in both directions, and fold the incoming state only when no reset lies between."""
+    tw.LOOKBACK_SUMMARIES_ONLY = True
+    try:
+        for state in (True, False):
+            args = make_inputs(2, 26, 20, state=state, seed=55)
+            reset = resets_at(2, 26, [[6, 21], [13, 14]])
+            assert_all_close(run(triton_fn, *args, reset=reset), ref64(*args, reset=reset), torch.float32)
+    finally:
+        tw.LOOKBACK_SUMMARIES_ONLY = False
+
+
+def test_reset_with_other_backward_chunks(small_chunks):
+    """Forward chunks of 4 tokens, backward chunks of 7: a reset on a border of one is inside a
+    chunk of the other."""
+    tw._BWD_L = 7
+    try:
+        args = make_inputs(2, 30, 20, seed=57)
+        reset = resets_at(2, 30, [[4, 7, 14, 15, 28], [0, 21, 29]])
+        assert_all_close(run(triton_fn, *args, reset=reset), ref64(*args, reset=reset), torch.float32)
+    finally:
+        tw._BWD_L = None
+
+
+def test_reset_deterministic_mode(small_chunks):
+    """torch.use_deterministic_algorithms(True) with resets: correct and bitwise repeatable."""
+    args = make_inputs(2, 21, 37, seed=59)
+    reset = resets_at(2, 21, [[0, 5, 12], [8, 9, 20]])
+    ref = ref64(*args, reset=reset)
+    torch.use_deterministic_algorithms(True)
+    try:
+        outs = [run(triton_fn, *args, reset=reset) for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for out in outs:
+        assert_all_close(out, ref, torch.float32)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    for a, b in zip(outs[0][2], outs[1][2], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_all_false_reset_changes_nothing(small_chunks):
+    """A reset tensor with no flag set gives the results of no reset tensor, bit for bit."""
+    args = make_inputs(2, 13, 20, seed=61)
+    plain = run(triton_fn, *args)
+    flagged = run(triton_fn, *args, reset=torch.zeros(2, 13, dtype=torch.bool, device=DEV))
+    for a, b in zip([plain[0], plain[1], *plain[2]], [flagged[0], flagged[1], *flagged[2]], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_reset_validation_errors():
+    td, tf, k, v, s = make_inputs(2, 6, 8, seed=23)
+    with pytest.raises(ValueError, match="reset must be \\(B, T\\)"):
+        wkv4(td, tf, k, v, s, reset=torch.zeros(2, 5, dtype=torch.bool, device=k.device))
+    with pytest.raises(ValueError, match="bool"):
+        wkv4(td, tf, k, v, s, reset=torch.zeros(2, 6, device=k.device))
+
+
+def test_reference_gradcheck_with_reset():
+    td, tf, k, v, s = (x.double().cpu() for x in make_inputs(2, 5, 3, seed=29))
+    reset = torch.tensor([[False, False, True, False, True], [True, False, False, True, False]])
+    xs = [x.requires_grad_() for x in (td, tf, k, v, s)]
+    assert torch.autograd.gradcheck(lambda *a: wkv4_reference(*a, reset=reset), xs)

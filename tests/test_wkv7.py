@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings
@@ -482,3 +483,62 @@ def test_inference_stores_nothing():
     ry, rs = wkv7_reference(*xs)
     assert_close(y, ry, torch.float32)
     assert_close(ns, rs, torch.float32)
+
+
+class RecordedLaunches:
+    """Stands in for the four kernels: records each launch as (kernel, grid, args, meta), with every
+    tensor argument replaced by its dtype (what Triton compiles for, besides integers and constexprs)."""
+
+    def __init__(self, monkeypatch):
+        self.launches = []
+        for name in ("_prep_kernel", "_scan_fwd_kernel", "_scan_bwd_kernel", "_grad_kernel"):
+            monkeypatch.setattr(tw, name, self._kernel(name))
+
+    def _kernel(self, name):
+        launches = self.launches
+
+        class Kernel:
+            def __getitem__(self, grid):
+                return lambda *args, **meta: launches.append((name, grid, as_compiled(args), meta))
+
+            def __repr__(self):
+                return name
+
+        return Kernel()
+
+    @staticmethod
+    def named(launches):
+        return [(repr(kernel), grid, as_compiled(args), meta) for kernel, grid, args, meta in launches]
+
+
+def as_compiled(args):
+    return tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args)
+
+
+@pytest.mark.parametrize(
+    "state, resets, keep_prep", [(False, False, False), (True, True, False), (True, False, True)]
+)  # fmt: skip
+def test_first_call_compiles_ahead_what_forward_and_backward_launch(monkeypatch, state, resets, keep_prep):
+    """The kernels `_compile_ahead` compiles on a first call are those the forward and the usual
+    backward then launch (same kernel, grid, integers, dtypes and constexprs), so none of them
+    compiles again at its launch."""
+    recorder = RecordedLaunches(monkeypatch)
+    B, T, H, N = 2, 37, 3, 32
+    r, k, v, a, b = (torch.randn(B, T, H, N, dtype=torch.bfloat16) for _ in range(5))
+    w = -torch.rand(B, T, H, N)  # fp32 decay beside bf16 inputs, as the model passes it
+    s0 = torch.randn(B, H, N, N) if state else None
+    reset = (torch.rand(B, T) < 0.1).to(torch.uint8) if resets else None
+    cfg = dataclasses.replace(tw._config(B, T, H, N, r.dtype), keep_prep=keep_prep)
+    ahead = RecordedLaunches.named(tw._launches_ahead(r, w, k, v, a, b, s0, reset, cfg, True))
+    _, _, saved = tw.wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg, True)
+    dy = torch.randn(B, T, H, N, dtype=torch.bfloat16)
+    tw.wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, None, cfg, state)
+    assert ahead == recorder.launches
+    assert [name for name, *_ in ahead] == [
+        "_prep_kernel", "_scan_fwd_kernel", *(["_prep_kernel"] if not keep_prep else []), "_scan_bwd_kernel",
+        "_grad_kernel",
+    ]  # fmt: skip
+    inference = RecordedLaunches.named(tw._launches_ahead(r, w, k, v, a, b, s0, reset, cfg, False))
+    recorder.launches.clear()
+    tw.wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg, False)
+    assert inference == recorder.launches

@@ -27,10 +27,11 @@ def wkv4_reference(
     k: torch.Tensor,
     v: torch.Tensor,
     state: torch.Tensor | None = None,
+    reset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference WKV. Same contract as `rwkv_ft.kernels.wkv4` (see its docstring).
 
-    time_decay, time_first: (C,); k, v: (B, T, C); state: (B, 3, C) or None.
+    time_decay, time_first: (C,); k, v: (B, T, C); state: (B, 3, C) or None; reset: (B, T) bool or None.
     Returns y (B, T, C) in k's dtype and the final state (B, 3, C) in fp32 (fp64 for fp64 inputs).
     """
     compute_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
@@ -43,10 +44,16 @@ def wkv4_reference(
     if state is None:
         state = empty_wkv_state(B, C, device=k.device, dtype=compute_dtype)
     num, den, max_ = state.to(compute_dtype).unbind(1)  # each (B, C)
+    zero = torch.zeros((), dtype=compute_dtype, device=k.device)
+    empty_max = torch.full((), EMPTY_MAX, dtype=compute_dtype, device=k.device)
+    resets = reset.unsqueeze(-1).unbind(1) if reset is not None else [None] * T  # each (B, 1)
 
     ys = []
     # unbind, not k[:, t]: the backward of T separate selects would fill T full-size zero tensors.
-    for kt, vt in zip(k.unbind(1), v.unbind(1)):
+    for kt, vt, reset_t in zip(k.unbind(1), v.unbind(1), resets):
+        if reset_t is not None:  # a packed example starts: the empty state (no gradient flows back)
+            num, den = torch.where(reset_t, zero, num), torch.where(reset_t, zero, den)
+            max_ = torch.where(reset_t, empty_max, max_)
         # Output: history plus the current token with its bonus u.
         m = torch.maximum(max_, u + kt)
         e_hist, e_cur = torch.exp(max_ - m), torch.exp(u + kt - m)

@@ -29,6 +29,14 @@ The gradient of the final max p_T goes to the token that set it (its index is tr
 The time_decay / time_first gradients are summed over programs with atomic adds. Each direction
 is one launch plus one memset: at small shapes the host's launch cost, not the GPU, sets the pace.
 
+Resets (`reset`, packed examples): each pass empties the state before a flagged token (forward) and
+drops the adjoint once past it (backward: the state the reset replaced reaches nothing). A chunk
+holding a reset owes nothing to the chunks before it (after it, backward): its pass-1 summary is
+already its inclusive value, so it publishes it as one (flag 2) right after pass 1, and every
+look-back stops there: the combine with the earlier prefix absorbs. The chunk itself still looks
+back for its tokens before its first reset, unless its first token resets. Without resets
+(HAS_RESET false) the kernels compile exactly as before.
+
 Deterministic mode (torch.use_deterministic_algorithms(True)): the rounding of a decoupled
 look-back depends on timing (how many summaries a chunk folds before it meets an inclusive value),
 and so does the order of the atomic adds. In this mode a chunk takes only its neighbour's
@@ -161,12 +169,57 @@ def _publish(flag_ptr, status):
 
 
 @triton.jit
+def _reset_at(rp, i):
+    # Whether a packed example starts at token i of the chunk (rp: the chunk's reset bytes).
+    return tl.load(rp + i) != 0
+
+
+@triton.jit
+def _empty_state_at(reset, a, b, p):
+    """The state entering a token that resets it: empty (numerator 0, denominator 0, max -1e38)."""
+    return tl.where(reset, 0.0, a), tl.where(reset, 0.0, b), tl.where(reset, _EMPTY, p)
+
+
+@triton.jit
+def _drop_adjoint_at(reset, gn, gd, jn, jd, q):
+    """The adjoint before a token that resets the state: empty (the state it replaced reaches nothing)."""
+    zero = tl.zeros_like(gn)
+    return (
+        tl.where(reset, zero, gn),
+        tl.where(reset, zero, gd),
+        tl.where(reset, zero, jn),
+        tl.where(reset, zero, jd),
+        tl.where(reset, _EMPTY, q),
+    )
+
+
+@triton.jit
+def _store_state(ptr, a, b, p, idx, mask, C):
+    """A state summary (a, b, p; idx) into its 4 rows of C floats at ptr (idx as float bits)."""
+    tl.store(ptr, a, mask=mask)
+    tl.store(ptr + C, b, mask=mask)
+    tl.store(ptr + 2 * C, p, mask=mask)
+    tl.store(ptr + 3 * C, idx.to(tl.float32, bitcast=True), mask=mask)
+
+
+@triton.jit
+def _store_adjoint(ptr, gn, gd, jn, jd, q, mask, C):
+    """An adjoint summary (gN, gD, JN, JD; scale q) into its 5 rows of C floats at ptr."""
+    tl.store(ptr, gn, mask=mask)
+    tl.store(ptr + C, gd, mask=mask)
+    tl.store(ptr + 2 * C, jn, mask=mask)
+    tl.store(ptr + 3 * C, jd, mask=mask)
+    tl.store(ptr + 4 * C, q, mask=mask)
+
+
+@triton.jit
 def _fwd_fused(
     k_ptr,
     v_ptr,
     td_ptr,
     tf_ptr,
     s0_ptr,
+    rs_ptr,
     flag_ptr,
     agg_ptr,
     incl_ptr,
@@ -184,6 +237,7 @@ def _fwd_fused(
     BLOCK_C: tl.constexpr,
     EVEN: tl.constexpr,
     HAS_STATE: tl.constexpr,
+    HAS_RESET: tl.constexpr,
     STORE_Y32: tl.constexpr,
     PUBLISH_INCLUSIVE: tl.constexpr,
     FAST: tl.constexpr,
@@ -223,12 +277,22 @@ def _fwd_fused(
     if PF1 >= 3:
         k2 = _ldr(kp + tl.minimum(2, n - 1) * C, mask, EVEN, EV1)
         v2 = _ldr(vp + tl.minimum(2, n - 1) * C, mask, EVEN, EV1)
+    if HAS_RESET:
+        rp = rs_ptr + b * T + start  # the chunk's reset flags, one byte per token
+        r0 = _reset_at(rp, 0)
+        starts_fresh = r0  # the chunk's first token resets: it needs no incoming state
+        resets = tl.zeros([], dtype=tl.int32)  # resets in this chunk
     for i in range(n):
         nxt = tl.minimum(i + PF1, n - 1) * C  # prefetch PF1 tokens ahead (clamped: no time mask)
         kn = _ldr(kp + nxt, mask, EVEN, EV1)
         vn = _ldr(vp + nxt, mask, EVEN, EV1)
         kt = k0.to(tl.float32)
         vt = v0.to(tl.float32)
+        if HAS_RESET:  # a packed example starts at token i: it sees the empty state
+            rn = _reset_at(rp, tl.minimum(i + 1, n - 1))
+            a, bb, p = _empty_state_at(r0, a, bb, p)
+            resets += r0.to(tl.int32)
+            r0 = rn
         pw = p + w
         d = kt - pw
         e = _exp(-tl.abs(d))
@@ -245,11 +309,16 @@ def _fwd_fused(
             k0, k1, k2, v0, v1, v2 = k1, k2, kn, v1, v2, vn
     frow = flag_ptr + 1 + (b * NB + pid_c) * NC
     o = ((b * NC + j) * 4) * C + cs
-    tl.store(agg_ptr + o, a, mask=mask)
-    tl.store(agg_ptr + o + C, bb, mask=mask)
-    tl.store(agg_ptr + o + 2 * C, p, mask=mask)
-    tl.store(agg_ptr + o + 3 * C, idx.to(tl.float32, bitcast=True), mask=mask)
-    _publish(frow + j, 1)
+    if HAS_RESET:
+        # A chunk holding a reset owes nothing to the chunks before it: its summary already is its
+        # inclusive prefix, published as one at once, so later look-backs stop here (the combine
+        # with an earlier prefix absorbs it).
+        holds_reset = resets > 0
+        _store_state(tl.where(holds_reset, incl_ptr, agg_ptr) + o, a, bb, p, idx, mask, C)
+        _publish(frow + j, tl.where(holds_reset, 2, 1))
+    else:
+        _store_state(agg_ptr + o, a, bb, p, idx, mask, C)
+        _publish(frow + j, 1)
 
     # Look back: fold the summaries of chunks j-1, j-2, ... until one has its inclusive prefix.
     ea = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -260,6 +329,8 @@ def _fwd_fused(
     jj = j - 1
     need_s0 = j == 0
     done = j == 0
+    if HAS_RESET:
+        done = done | starts_fresh
     while not done:
         f = tl.atomic_add(frow + jj, 0, sem="acquire")
         if DETERMINISTIC:  # only the neighbour's inclusive value: one fixed rounding path
@@ -286,12 +357,19 @@ def _fwd_fused(
             sp = tl.load(s0_ptr + s + 2 * C, mask=mask, other=_EMPTY)
             ea, eb, ep, ei = _merge_state(sa, sb, sp, tl.full([BLOCK_C], -1, tl.int32), ea, eb, ep, ei, span, w)
     ia, ib, ip, ii = _merge_state(ea, eb, ep, ei, a, bb, p, idx, n, w)
-    tl.store(incl_ptr + o, ia, mask=mask)
-    tl.store(incl_ptr + o + C, ib, mask=mask)
-    tl.store(incl_ptr + o + 2 * C, ip, mask=mask)
-    tl.store(incl_ptr + o + 3 * C, ii.to(tl.float32, bitcast=True), mask=mask)
-    if PUBLISH_INCLUSIVE:  # (False only in tests: forces look-back over chunk summaries alone)
-        _publish(frow + j, 2)
+    if HAS_RESET:
+        ia = tl.where(holds_reset, a, ia)
+        ib = tl.where(holds_reset, bb, ib)
+        ip = tl.where(holds_reset, p, ip)
+        ii = tl.where(holds_reset, idx, ii)
+        if resets == 0:  # (a chunk holding a reset published its inclusive prefix after pass 1)
+            _store_state(incl_ptr + o, ia, ib, ip, ii, mask, C)
+            if PUBLISH_INCLUSIVE:
+                _publish(frow + j, 2)
+    else:
+        _store_state(incl_ptr + o, ia, ib, ip, ii, mask, C)
+        if PUBLISH_INCLUSIVE:  # (False only in tests: forces look-back over chunk summaries alone)
+            _publish(frow + j, 2)
     if j == NC - 1:
         s = b * 3 * C + cs
         tl.store(sT_ptr + s, ia, mask=mask)
@@ -313,12 +391,18 @@ def _fwd_fused(
     if PF2 >= 3:
         k2 = _ldr(kp + tl.minimum(2, n - 1) * C, mask, EVEN, EV2)
         v2 = _ldr(vp + tl.minimum(2, n - 1) * C, mask, EVEN, EV2)
+    if HAS_RESET:
+        r0 = _reset_at(rp, 0)
     for i in range(n):
         nxt = tl.minimum(i + PF2, n - 1) * C
         kn = _ldr(kp + nxt, mask, EVEN, EV2)
         vn = _ldr(vp + nxt, mask, EVEN, EV2)
         kt = k0.to(tl.float32)
         vt = v0.to(tl.float32)
+        if HAS_RESET:  # as in pass 1
+            rn = _reset_at(rp, tl.minimum(i + 1, n - 1))
+            a, bb, p = _empty_state_at(r0, a, bb, p)
+            r0 = rn
         # Output: history vs the current token with its bonus; one exponential, one log.
         uk = u + kt
         d = uk - p
@@ -357,6 +441,7 @@ def _bwd_fused(
     td_ptr,
     tf_ptr,
     s0_ptr,
+    rs_ptr,
     sT_ptr,
     idxT_ptr,
     gT_ptr,
@@ -376,6 +461,7 @@ def _bwd_fused(
     BLOCK_C: tl.constexpr,
     EVEN: tl.constexpr,
     HAS_STATE: tl.constexpr,
+    HAS_RESET: tl.constexpr,
     HAS_GST: tl.constexpr,
     PUBLISH_INCLUSIVE: tl.constexpr,
     FAST: tl.constexpr,
@@ -420,8 +506,14 @@ def _bwd_fused(
         gy2 = _ldr(gyp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV1)
         y2 = _ldr(yp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV1)
         z2 = _ldr(zp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV1)
+    if HAS_RESET:
+        rp = rs_ptr + b * T + start  # the chunk's reset flags, one byte per token
+        r0 = _reset_at(rp, n - 1)
+        resets = tl.zeros([], dtype=tl.int32)  # resets in this chunk
     for r in range(n):
         prev = tl.maximum(n - 1 - PF1 - r, 0) * C  # prefetch PF1 tokens back (clamped)
+        if HAS_RESET:
+            rn = _reset_at(rp, tl.maximum(n - 2 - r, 0))
         gyn = _ldr(gyp + prev, mask, EVEN, EV1)
         yn = _ldr(yp + prev, mask, EVEN, EV1)
         zn = _ldr(zp + prev, mask, EVEN, EV1)
@@ -439,6 +531,10 @@ def _bwd_fused(
         gn = c_old * gn + c_new * gyt
         gd = c_old * gd - c_new * gyt * yt
         q = tl.where(keep, qw, -zt)
+        if HAS_RESET:  # token i starts a packed example: the state before it reaches nothing
+            gn, gd, jn, jd, q = _drop_adjoint_at(r0, gn, gd, jn, jd, q)
+            resets += r0.to(tl.int32)
+            r0 = rn
         if PF1 == 1:
             gy0, y0, z0 = gyn, yn, zn
         elif PF1 == 2:
@@ -447,12 +543,13 @@ def _bwd_fused(
             gy0, gy1, gy2, y0, y1, y2, z0, z1, z2 = gy1, gy2, gyn, y1, y2, yn, z1, z2, zn
     frow = flag_ptr + 1 + (b * NB + pid_c) * NC
     o = ((b * NC + j) * 5) * C + cs
-    tl.store(agg_ptr + o, gn, mask=mask)
-    tl.store(agg_ptr + o + C, gd, mask=mask)
-    tl.store(agg_ptr + o + 2 * C, jn, mask=mask)
-    tl.store(agg_ptr + o + 3 * C, jd, mask=mask)
-    tl.store(agg_ptr + o + 4 * C, q, mask=mask)
-    _publish(frow + j, 1)
+    if HAS_RESET:  # as in the forward: a chunk holding a reset publishes its inclusive value at once
+        holds_reset = resets > 0
+        _store_adjoint(tl.where(holds_reset, incl_ptr, agg_ptr) + o, gn, gd, jn, jd, q, mask, C)
+        _publish(frow + j, tl.where(holds_reset, 2, 1))
+    else:
+        _store_adjoint(agg_ptr + o, gn, gd, jn, jd, q, mask, C)
+        _publish(frow + j, 1)
 
     # The final state's adjoint: gN_T = ga e^{-p_T}, gD_T = gb e^{-p_T}; what is left of gp after
     # a_T = N e^{-p_T}, b_T = D e^{-p_T} follows the max to the token that set it (gpT).
@@ -503,13 +600,20 @@ def _bwd_fused(
     if need_end:
         egn, egd, ejn, ejd, eq = _merge_adjoint(egn, egd, ejn, ejd, eq, span, tgn, tgd, zero, zero, qT, w)
     ign, igd, ijn, ijd, iq = _merge_adjoint(gn, gd, jn, jd, q, n, egn, egd, ejn, ejd, eq, w)
-    tl.store(incl_ptr + o, ign, mask=mask)
-    tl.store(incl_ptr + o + C, igd, mask=mask)
-    tl.store(incl_ptr + o + 2 * C, ijn, mask=mask)
-    tl.store(incl_ptr + o + 3 * C, ijd, mask=mask)
-    tl.store(incl_ptr + o + 4 * C, iq, mask=mask)
-    if PUBLISH_INCLUSIVE:  # (False only in tests: forces look-back over chunk summaries alone)
-        _publish(frow + j, 2)
+    if HAS_RESET:
+        ign = tl.where(holds_reset, gn, ign)
+        igd = tl.where(holds_reset, gd, igd)
+        ijn = tl.where(holds_reset, jn, ijn)
+        ijd = tl.where(holds_reset, jd, ijd)
+        iq = tl.where(holds_reset, q, iq)
+        if resets == 0:  # (a chunk holding a reset published its inclusive value after pass 1)
+            _store_adjoint(incl_ptr + o, ign, igd, ijn, ijd, iq, mask, C)
+            if PUBLISH_INCLUSIVE:
+                _publish(frow + j, 2)
+    else:
+        _store_adjoint(incl_ptr + o, ign, igd, ijn, ijd, iq, mask, C)
+        if PUBLISH_INCLUSIVE:  # (False only in tests: forces look-back over chunk summaries alone)
+            _publish(frow + j, 2)
 
     gw_acc = tl.zeros([BLOCK_C], dtype=tl.float32)  # d/dw summed over this program's share
     gu_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -551,9 +655,13 @@ def _bwd_fused(
         z2 = _ldr(zp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV2)
         k2 = _ldr(kp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV2)
         v2 = _ldr(vp + tl.maximum(n - 1 - 2, 0) * C, mask, EVEN, EV2)
+    if HAS_RESET:
+        r0 = _reset_at(rp, n - 1)
     for r in range(n):
         i = n - 1 - r
         prev = tl.maximum(i - PF2, 0) * C
+        if HAS_RESET:
+            rn = _reset_at(rp, tl.maximum(i - 1, 0))
         gyn = _ldr(gyp + prev, mask, EVEN, EV2)
         yn = _ldr(yp + prev, mask, EVEN, EV2)
         zn = _ldr(zp + prev, mask, EVEN, EV2)
@@ -587,6 +695,9 @@ def _bwd_fused(
         gn = c_old * gn + c_new * gyt
         gd = c_old * gd - c_new * gyt * yt
         q = tl.where(keep, qw, -zt)
+        if HAS_RESET:  # as in pass 1
+            gn, gd, jn, jd, q = _drop_adjoint_at(r0, gn, gd, jn, jd, q)
+            r0 = rn
         if PF2 == 1:
             gy0, y0, z0, k0, v0 = gyn, yn, zn, kn, vn
         elif PF2 == 2:
@@ -605,8 +716,9 @@ def _bwd_fused(
         tl.atomic_add(gtdf_ptr + C + cs, gu_acc, mask=mask)
 
 
-def wkv4_fwd(td, tf, k, v, s0):
-    """td, tf: (C,); k, v: (B, T, C) contiguous; s0: (B, 3, C) fp32 contiguous or None.
+def wkv4_fwd(td, tf, k, v, s0, reset=None):
+    """td, tf: (C,); k, v: (B, T, C) contiguous; s0: (B, 3, C) fp32 contiguous or None; reset: (B, T)
+    uint8 contiguous (nonzero: the state is emptied before that token) or None.
     Returns y, then what the backward needs: z (B, T, C) fp32, the final state (B, 3, C), the index
     of the token that set the final max (B, C) int32, and the config."""
     B, T, C = k.shape
@@ -625,17 +737,18 @@ def wkv4_fwd(td, tf, k, v, s0):
     z = _new((B, T, C), torch.float32, dev)
     det = torch.are_deterministic_algorithms_enabled()
     _fwd_fused[(NC * B * nb,)](
-        k, v, td, tf, s0, flags, agg, incl, y, y32, z, sT, idxT, B, T, C, L, NC, nb,
-        BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None, STORE_Y32=store_y32,
-        PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST, PF1=_PF["fwd"][0],
-        PF2=_PF["fwd"][1], **_evict("fwd"), DETERMINISTIC=det, num_warps=nw,
+        k, v, td, tf, s0, reset, flags, agg, incl, y, y32, z, sT, idxT, B, T, C, L, NC, nb,
+        BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None, HAS_RESET=reset is not None,
+        STORE_Y32=store_y32, PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST,
+        PF1=_PF["fwd"][0], PF2=_PF["fwd"][1], **_evict("fwd"), DETERMINISTIC=det, num_warps=nw,
     )  # fmt: skip
     return y, y32, z, sT, idxT, (block_c, L_bwd, nw)
 
 
-def wkv4_bwd(td, tf, k, v, y, z, s0, sT, idxT, gy, gsT, cfg):
-    """Gradients given gy (B, T, C) and gsT (B, 3, C) fp32 or None, all contiguous: a (2, C) fp32
-    tensor (time_decay, time_first), gk, gv, and the state's (B, 3, C) fp32 or None."""
+def wkv4_bwd(td, tf, k, v, y, z, s0, reset, sT, idxT, gy, gsT, cfg):
+    """Gradients given gy (B, T, C) and gsT (B, 3, C) fp32 or None, all contiguous (reset as for the
+    forward): a (2, C) fp32 tensor (time_decay, time_first), gk, gv, and the state's (B, 3, C) fp32
+    or None."""
     B, T, C = k.shape
     block_c, L, nw = cfg
     NC = triton.cdiv(T, L)
@@ -659,10 +772,11 @@ def wkv4_bwd(td, tf, k, v, y, z, s0, sT, idxT, gy, gsT, cfg):
     gv = _new((B, T, C), v.dtype, dev)
     gs0 = _new((B, 3, C), torch.float32, dev) if s0 is not None else None
     _bwd_fused[(NC * B * nb,)](
-        k, v, y, z, gy, td, tf, s0, sT, idxT, gsT, flags, agg, incl, gk, gv, gs0, gtdf,
+        k, v, y, z, gy, td, tf, s0, reset, sT, idxT, gsT, flags, agg, incl, gk, gv, gs0, gtdf,
         B, T, C, L, NC, nb, BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None,
-        HAS_GST=gsT is not None, PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST,
-        PF1=_PF["bwd"][0], PF2=_PF["bwd"][1], **_evict("bwd"), DETERMINISTIC=det, num_warps=nw,
+        HAS_RESET=reset is not None, HAS_GST=gsT is not None,
+        PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST, PF1=_PF["bwd"][0],
+        PF2=_PF["bwd"][1], **_evict("bwd"), DETERMINISTIC=det, num_warps=nw,
     )  # fmt: skip
     if det:
         gtdf = gtdf.sum(0)

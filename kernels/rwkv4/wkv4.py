@@ -18,7 +18,7 @@ _BACKENDS = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_shapes(time_decay, time_first, k, v, state) -> None:
+def _check_shapes(time_decay, time_first, k, v, state, reset) -> None:
     if k.dim() != 3:
         raise ValueError(f"wkv4: k must be (B, T, C), got shape {tuple(k.shape)}")
     B, T, C = k.shape
@@ -35,7 +35,12 @@ def _check_shapes(time_decay, time_first, k, v, state) -> None:
             raise ValueError(f"wkv4: {name} must be a float tensor, got {p.dtype}")
     if state is not None and state.shape != (B, 3, C):
         raise ValueError(f"wkv4: state must be (B, 3, C) = ({B}, 3, {C}), got shape {tuple(state.shape)}")
-    devices = {t.device for t in (time_decay, time_first, k, v) + (() if state is None else (state,))}
+    if reset is not None:
+        if reset.shape != (B, T):
+            raise ValueError(f"wkv4: reset must be (B, T) = ({B}, {T}), got shape {tuple(reset.shape)}")
+        if reset.dtype != torch.bool:
+            raise ValueError(f"wkv4: reset must be a bool tensor, got {reset.dtype}")
+    devices = {t.device for t in (time_decay, time_first, k, v, state, reset) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"wkv4: all tensors must be on one device, got {sorted(map(str, devices))}")
 
@@ -47,6 +52,7 @@ def wkv4(
     v: torch.Tensor,
     state: torch.Tensor | None = None,
     *,
+    reset: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-4 WKV over a whole sequence.
@@ -56,23 +62,29 @@ def wkv4(
         time_first: (C,) the bonus u given to the current token.
         k, v: (B, T, C) fp32, bf16 or fp16. All arithmetic is fp32.
         state: None (empty history) or (B, 3, C) fp32 holding (numerator / e^max, denominator / e^max, max).
+        reset: None or (B, T) bool; where true the state is set to the empty state (numerator 0,
+            denominator 0, max `EMPTY_MAX`: what `state=None` starts from) before that token, so
+            several examples packed in one row see nothing of each other. A reset discards the
+            incoming `state` from that token on, and no gradient flows back across it.
         backend: "auto", "triton" or "torch".
 
     Returns:
-        y: (B, T, C) in k's dtype; new_state: (B, 3, C) fp32, the state after the last token.
+        y: (B, T, C) in k's dtype; new_state: (B, 3, C) fp32, the state after the last token (with
+        resets: that of the row's last segment).
 
     Differentiable w.r.t. time_decay, time_first, k, v and state; the loss may depend on new_state.
+    Resets cost no host synchronisation: the kernel reads the flags as it walks the sequence.
     "auto" runs Triton on CUDA tensors of the three kernel dtypes (and the kernel op's shape-only
     implementation on meta tensors) and the reference otherwise; "triton" on CPU tensors needs
     TRITON_INTERPRET=1 (set before triton is imported).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"wkv4: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    _check_shapes(time_decay, time_first, k, v, state)
+    _check_shapes(time_decay, time_first, k, v, state, reset)
     if backend == "torch":
-        return wkv4_reference(time_decay, time_first, k, v, state)
+        return wkv4_reference(time_decay, time_first, k, v, state, reset)
     if backend == "auto" and not ((k.is_cuda or k.is_meta) and k.dtype in _KERNEL_DTYPES):
-        return wkv4_reference(time_decay, time_first, k, v, state)
+        return wkv4_reference(time_decay, time_first, k, v, state, reset)
     if k.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"wkv4: the triton backend takes fp32, bf16 or fp16 k/v, got {k.dtype}")
     if not runs_kernel(k):
@@ -80,4 +92,4 @@ def wkv4(
             "wkv4: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
             "imported) to run on CPU under the Triton interpreter"
         )
-    return wkv4_op(time_decay, time_first, k, v, state)
+    return wkv4_op(time_decay, time_first, k, v, state, reset)

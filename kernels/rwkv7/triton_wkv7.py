@@ -849,6 +849,65 @@ def stored_states_shape(B: int, T: int, H: int, N: int, cfg: Wkv7Config) -> tupl
     return (B, H, triton.cdiv(T, cfg.chunk), N, N)
 
 
+# Each launch is described once, as (kernel, grid, args, meta), so that the same description serves
+# the launch and `_compile_ahead` (where the tensors are replaced by their dtypes: Triton compiles
+# for the dtypes, the integers and the constexprs, and a 16-byte aligned pointer, as torch allocates).
+
+
+def _launch(kernel, grid, args, meta) -> None:
+    kernel[grid](*args, **meta)
+
+
+def _prep_launch(r, w, k, v, a, b, reset, outs, cfg: Wkv7Config, value_side: bool):
+    """_prep_kernel writing `outs` = (Q^T, M, Yc^T, D); Yc^T and D None unless value_side."""
+    B, T, H, N = r.shape
+    m = _meta(cfg, T)
+    s_b, s_t, s_h, _ = r.stride()
+    args = (r, w, k, v, a, b, reset, *outs, T, H, s_b, s_t, s_h, m["NC"])
+    meta = dict(
+        N=N, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None, VALUE_SIDE=value_side,
+        PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep,
+    )  # fmt: skip
+    return _prep_kernel, (m["NC"], B * H), args, meta
+
+
+def _scan_fwd_launch(r, s0, prep, y, sT, ck, cfg: Wkv7Config):
+    B, T, H, N = r.shape
+    m = _meta(cfg, T)
+    args = (s0, *prep, y, sT, ck, T, H, m["NC"])
+    meta = dict(
+        N=N, BV=cfg.bv_scan, L=m["L"], HAS_STATE=s0 is not None, STORE_CK=ck is not None,
+        PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
+    )  # fmt: skip
+    return _scan_fwd_kernel, (N // cfg.bv_scan, B * H), args, meta
+
+
+def _scan_bwd_launch(r, dsT, qt, mm, dy, ds, ds0, cfg: Wkv7Config):
+    B, T, H, N = r.shape
+    m = _meta(cfg, T)
+    args = (dsT, qt, mm, dy, ds, ds0, T, H, m["NC"])
+    meta = dict(
+        N=N, BV=cfg.bv_scan, L=m["L"], HAS_DST=dsT is not None, HAS_DY=dy is not None, WANT_DS0=ds0 is not None,
+        PREC=PRECISIONS[cfg.prec_scan], GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_scan,
+        num_stages=cfg.stages_scan,
+    )  # fmt: skip
+    return _scan_bwd_kernel, (N // cfg.bv_scan, B * H), args, meta
+
+
+def _grad_launch(r, w, k, v, a, b, reset, dy, ck, ds, grads, cfg: Wkv7Config):
+    """_grad_kernel writing `grads` = (dr, dw, dk, dv, da, db)."""
+    B, T, H, N = r.shape
+    m = _meta(cfg, T)
+    s_b, s_t, s_h, _ = r.stride()
+    args = (r, w, k, v, a, b, reset, dy, ck, ds, *grads, T, H, s_b, s_t, s_h, m["NC"])
+    meta = dict(
+        N=N, BV=cfg.bv_grad, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None,
+        HAS_DY=dy is not None, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
+        GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_grad,
+    )  # fmt: skip
+    return _grad_kernel, (m["NC"], B * H), args, meta
+
+
 def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool):
     """Launch _prep_kernel: Q^T and M (and Yc^T, D with value_side), (B*H, NC, ...) fp32."""
     B, T, H, N = r.shape
@@ -858,12 +917,7 @@ def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool):
     mm = _new((B * H, m["NC"], N, N), torch.float32, dev)
     yct = _new((B * H, m["NC"], N, m["L"]), torch.float32, dev) if value_side else None
     dd = _new((B * H, m["NC"], N, N), torch.float32, dev) if value_side else None
-    s_b, s_t, s_h, _ = r.stride()
-    _prep_kernel[(m["NC"], B * H)](
-        r, w, k, v, a, b, reset, qt, mm, yct, dd, T, H, s_b, s_t, s_h, m["NC"],
-        N=N, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None, VALUE_SIDE=value_side,
-        PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep,
-    )  # fmt: skip
+    _launch(*_prep_launch(r, w, k, v, a, b, reset, (qt, mm, yct, dd), cfg, value_side))
     return qt, mm, yct, dd
 
 
@@ -873,17 +927,13 @@ def wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool):
     state (B, H, N, N) fp32 and what the backward needs besides the inputs: [] unless
     store_states, else [chunk-start states (`stored_states_shape`)] (+ [Q^T, M] with keep_prep)."""
     B, T, H, N = r.shape
-    m = _meta(cfg, T)
     dev = r.device
+    _compile_ahead(r, w, k, v, a, b, s0, reset, cfg, store_states)
     qt, mm, yct, dd = _prep(r, w, k, v, a, b, reset, cfg, value_side=True)
     y = _new((B, T, H, N), r.dtype, dev)
     sT = _new((B, H, N, N), torch.float32, dev)
     ck = _new(stored_states_shape(B, T, H, N, cfg), torch.float32, dev) if store_states else None
-    _scan_fwd_kernel[(N // cfg.bv_scan, B * H)](
-        s0, qt, mm, yct, dd, y, sT, ck, T, H, m["NC"],
-        N=N, BV=cfg.bv_scan, L=m["L"], HAS_STATE=s0 is not None, STORE_CK=store_states,
-        PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
-    )  # fmt: skip
+    _launch(*_scan_fwd_launch(r, s0, (qt, mm, yct, dd), y, sT, ck, cfg))
     if not store_states:
         return y, sT, []
     return y, sT, [ck, qt, mm] if cfg.keep_prep else [ck]
@@ -894,27 +944,88 @@ def wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, dsT, cfg: Wkv7Config, want_ds0:
     dsT (B, H, N, N) fp32 contiguous or None. Returns dr, dw, dk, dv, da, db (B, T, H, N) in r's
     dtype (dw in w's), contiguous, and the state's (B, H, N, N) fp32 (None unless want_ds0)."""
     B, T, H, N = r.shape
-    m = _meta(cfg, T)
     dev = r.device
     ck, *prep = saved
     qt, mm = prep if prep else _prep(r, w, k, v, a, b, reset, cfg, value_side=False)[:2]
     ds = _new(stored_states_shape(B, T, H, N, cfg), torch.float32, dev)
     ds0 = _new((B, H, N, N), torch.float32, dev) if want_ds0 else None
-    _scan_bwd_kernel[(N // cfg.bv_scan, B * H)](
-        dsT, qt, mm, dy, ds, ds0, T, H, m["NC"],
-        N=N, BV=cfg.bv_scan, L=m["L"], HAS_DST=dsT is not None, HAS_DY=dy is not None, WANT_DS0=want_ds0,
-        PREC=PRECISIONS[cfg.prec_scan], GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_scan,
-        num_stages=cfg.stages_scan,
-    )  # fmt: skip
+    _launch(*_scan_bwd_launch(r, dsT, qt, mm, dy, ds, ds0, cfg))
     del qt, mm
     dr, dk, dv, da, db = (_new((B, T, H, N), r.dtype, dev) for _ in range(5))
     dw = _new((B, T, H, N), w.dtype, dev)  # w may be fp32 while the others are bf16 / fp16
-    s_b, s_t, s_h, _ = r.stride()
-    _grad_kernel[(m["NC"], B * H)](
-        r, w, k, v, a, b, reset, dy, ck, ds, dr, dw, dk, dv, da, db, T, H, s_b, s_t, s_h, m["NC"],
-        N=N, BV=cfg.bv_grad, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None,
-        HAS_DY=dy is not None, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
-        GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_grad,
-    )  # fmt: skip
     grads = [dr, dw, dk, dv, da, db]
+    _launch(*_grad_launch(r, w, k, v, a, b, reset, dy, ck, ds, grads, cfg))
     return (*grads, ds0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling ahead: the first call compiles every kernel it and its backward will launch at once
+#
+# Triton compiles a kernel when it is first launched, so a fresh process's first forward and
+# backward paid the five kernels' compile times one after another (11.2 s on the H200's host,
+# benchmarks/NOTES.md; the goal is 10 s). Compiled together on a thread pool (Triton's own
+# asynchronous compilation, which inductor uses; the compiler releases the GIL for most of its
+# work), the first call waits for about the slowest kernel instead.
+
+try:
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
+except ImportError:  # a Triton without it compiles each kernel at its first launch, as before
+    AsyncCompileMode = active_mode = None
+
+_COMPILED_AHEAD: set[tuple] = set()
+
+
+def _launches_ahead(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool) -> list[tuple]:
+    """The launches a forward with these inputs makes and, with store_states, those of the backward
+    that usually follows (dy given, no gradient into the final state, one for the initial state
+    when there is one), with dtypes in place of the tensors the kernels would write."""
+    f32, x = torch.float32, r.dtype
+    state, stored = (f32 if s0 is not None else None), (f32 if store_states else None)
+    launches = [
+        _prep_launch(r, w, k, v, a, b, reset, (f32, f32, f32, f32), cfg, True),
+        _scan_fwd_launch(r, state, (f32, f32, f32, f32), x, f32, stored, cfg),
+    ]
+    if store_states:
+        if not cfg.keep_prep:
+            launches.append(_prep_launch(r, w, k, v, a, b, reset, (f32, f32, None, None), cfg, False))
+        launches.append(_scan_bwd_launch(r, None, f32, f32, x, f32, state, cfg))
+        launches.append(_grad_launch(r, w, k, v, a, b, reset, x, f32, f32, (x, w.dtype, x, x, x, x), cfg))
+    return launches
+
+
+def _compile_ahead(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool) -> None:
+    """Once per process for each kind of call (config, dtypes, state, resets, backward): compile its
+    kernels together, then build their launchers (a C compiler run each, at a kernel's first
+    launch otherwise) and load them, also together; wait for all, so the launches find them ready.
+    Anything that fails here is done again at the launch, which reports the error."""
+    if _INTERPRET or not r.is_cuda or AsyncCompileMode is None or active_mode.get() is not None:
+        return  # (the last: inside someone else's asynchronous compilation, e.g. inductor's)
+    kind = (cfg, r.dtype, w.dtype, s0 is None, reset is None, store_states, r.device)
+    if kind in _COMPILED_AHEAD:
+        return
+    _COMPILED_AHEAD.add(kind)
+    from concurrent.futures import ThreadPoolExecutor
+
+    launches = _launches_ahead(r, w, k, v, a, b, s0, reset, cfg, store_states)
+    # A pool per call, its threads gone when it returns (none left for a later fork(), e.g. of a
+    # DataLoader worker).
+    with ThreadPoolExecutor(max_workers=min(len(launches), os.cpu_count() or 1)) as pool:
+        with torch.cuda.device(r.device), AsyncCompileMode(pool, ignore_errors=True):
+            compiling = [_warmup(*launch) for launch in launches]
+        for loading in [pool.submit(_load, r.device, kernel) for kernel in compiling if kernel is not None]:
+            loading.exception()  # waits; an error is reported again by the launch
+
+
+def _warmup(kernel, grid, args, meta):
+    """Starts compiling one launch's kernel (under AsyncCompileMode); the pending or cached kernel."""
+    try:
+        return kernel.warmup(*args, grid=grid, **meta)
+    except Exception:  # noqa: BLE001 - the launch compiles it again and reports the error
+        return None
+
+
+def _load(device, kernel) -> None:
+    kernel = kernel.result(ignore_errors=True) if hasattr(kernel, "result") else kernel
+    if kernel is not None:
+        with torch.cuda.device(device):
+            kernel._init_handles()  # the launcher and the module, as its first launch would

@@ -67,19 +67,17 @@ class FastLoraLinear(LoraLinear):
 
 def enable_fast_lora(model: nn.Module) -> int:
     """Switch every plain LoRA Linear inside `model` to `FastLoraLinear`; returns how many."""
-    switched = 0
-    for module in model.modules():
-        if type(module) is LoraLinear:
-            module.__class__ = FastLoraLinear
-            switched += 1
-    return switched
+    return _switch_class(model, LoraLinear, FastLoraLinear)
 
 
 def disable_fast_lora(model: nn.Module) -> int:
     """Back to peft's forward everywhere; returns how many layers changed."""
-    switched = 0
-    for module in model.modules():
-        if type(module) is FastLoraLinear:
-            module.__class__ = LoraLinear
-            switched += 1
-    return switched
+    return _switch_class(model, FastLoraLinear, LoraLinear)
+
+
+def _switch_class(model: nn.Module, old: type, new: type) -> int:
+    """Give every module of exactly class `old` inside `model` the class `new`; returns how many."""
+    modules = [module for module in model.modules() if type(module) is old]
+    for module in modules:
+        module.__class__ = new
+    return len(modules)

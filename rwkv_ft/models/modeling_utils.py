@@ -366,6 +366,12 @@ def is_right_padded(mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
+def has_inner_padding(mask: torch.Tensor) -> bool:
+    """Some row has padding between two of its real tokens."""
+    runs = (mask[:, 1:] & ~mask[:, :-1]).sum(1) + mask[:, 0]  # runs of real tokens per row
+    return bool((runs > 1).any())
+
+
 def segment_starts(position_ids: torch.Tensor | None, mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
     """(B, T) bool: True where a packed example starts after column 0, or None when no row restarts.
 
@@ -488,6 +494,7 @@ class RwkvModelBase:
         starts = reset if reset is not None else segment_starts(position_ids, mask, T)
         if starts is not None and bool(starts.any()):
             if self.supports_reset and self.initial_state is None:
+                _check_packed_padding(mask, state, name)
                 hidden, new_state, all_hidden = self._run_blocks(hidden, state, mask, starts, output_hidden_states)
             elif state is not None:
                 raise ValueError(
@@ -591,6 +598,19 @@ class RwkvModelBase:
         return None if self.initial_state is None else self.initial_state(batch)
 
 
+def _check_packed_padding(mask: torch.Tensor | None, state: torch.Tensor | None, name: str) -> None:
+    """Packed rows run in parallel mode with resets, which is exact with padding after a row's
+    tokens, and before them when the row starts empty. Elsewhere a pad would still decay (RWKV-4)
+    or hide the previous token from the token shift: refuse rather than return wrong values."""
+    if mask is None:
+        return
+    if has_inner_padding(mask) or (state is not None and not is_right_padded(mask)):
+        raise ValueError(
+            f"{name}: packed sequences (position_ids restarting at 0) take padding only after a row's tokens, "
+            "or before them when no state is passed; split rows with inner padding into separate rows"
+        )
+
+
 def _token_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
     """(B, T) bool mask of real tokens, or None when there is no padding."""
     if attention_mask is None:
@@ -611,6 +631,16 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
     # this many tokens are run in chunks with the state carried, gradient included (see
     # `_chunked_loss`). None: one pass over the whole sequence.
     train_chunk_len: int | None = None
+    # What a non-finite chunk loss does: raise FloatingPointError naming the chunk (True), or leave
+    # the returned loss non-finite and name the chunk through `nonfinite_chunk()` (False: rwkv_ft.train,
+    # where every rank must reach the cross-rank check of the step's loss before any of them stops).
+    raise_on_nonfinite_chunk: bool = True
+    # Whether the last chunk is recomputed in the backward like the others. It need not be (its
+    # backward runs first, so keeping its activations does not raise the peak), but under DeepSpeed
+    # ZeRO-3 a chunk recomputed after one that was not sees some parameters still partitioned
+    # (a CheckpointError on 2 processes); rwkv_ft.train sets this there.
+    recompute_last_chunk: bool = False
+    _chunk_report: tuple[torch.Tensor, list[tuple[int, int]], int] | None = None
     # In training, the head's logits and their cross-entropy are computed this many rows at a time
     # (`rwkv_ft.models.loss`): the B x T x V fp32 logits are never held; the forward returns
     # logits=None then. None: the plain head and loss.
@@ -653,6 +683,7 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         (shifted inside, -100 ignored), and the state after the last token. See the base model's
         `forward` for the other arguments."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        self._chunk_report = None
         chunk = self.train_chunk_len
         if labels is not None and chunk and (input_ids if input_ids is not None else inputs_embeds).shape[1] > chunk:
             loss = self._chunked_loss(
@@ -728,15 +759,17 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         """The causal-LM loss of a long sequence, computed `chunk_len` tokens at a time with the
         exact whole-sequence gradient (not truncated backpropagation).
 
-        Each chunk runs under activation checkpointing with the incoming state as an input and the
-        outgoing state as an output, so autograd keeps only the chunk-boundary states (B x L x state
-        each) and, in the backward, recomputes one chunk at a time from its boundary state while
-        the state's gradient flows back across every boundary. Peak activation memory is that of
-        one chunk. The loss is token-weighted over all chunks (or divided by `num_items_in_batch`,
-        as the Trainer passes under gradient accumulation); a non-finite chunk loss stops at once,
-        naming the chunk. Right padding (the collator's) is dropped: it only follows a row's real
-        tokens, so it can change nothing they see; packed rows keep their resets, column 0 of a
-        chunk included.
+        Each chunk but the last runs under activation checkpointing with the incoming state as an
+        input and the outgoing state as an output, so autograd keeps only the chunk-boundary states
+        (B x L x state each) and, in the backward, recomputes one chunk at a time from its boundary
+        state while the state's gradient flows back across every boundary. The last chunk keeps its
+        activations (unless `recompute_last_chunk`): its backward comes first, so it needs no
+        recompute. Peak activation memory is that of one chunk. The loss is token-weighted over all
+        chunks (or divided by `num_items_in_batch`, as the Trainer passes under gradient
+        accumulation); a non-finite chunk loss raises naming the
+        chunk, or is reported by `nonfinite_chunk()` (`raise_on_nonfinite_chunk`). Right padding
+        (the collator's) is dropped: it only follows a row's real tokens, so it can change nothing
+        they see; packed rows keep their resets, column 0 of a chunk included.
         """
         from torch.utils.checkpoint import checkpoint
 
@@ -761,21 +794,47 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
             )
             return self._head_loss_sum(out.last_hidden_state, piece_targets), out.state
 
-        total, scored = source.new_zeros((), dtype=torch.float32), 0
-        for index, begin in enumerate(range(0, T, chunk_len)):
+        total = source.new_zeros((), dtype=torch.float32)
+        finite, bounds = [], []
+        for begin in range(0, T, chunk_len):
             end = min(begin + chunk_len, T)
-            piece_targets = targets[:, begin:end]
-            piece_reset = None if starts is None else starts[:, begin:end]
+            piece = (source[:, begin:end], targets[:, begin:end], None if starts is None else starts[:, begin:end])
             if state is None:  # the first chunk: the learned initial state, if any, as a differentiable input
                 state = self.rwkv._learned_initial_state(B)
-            loss_sum, state = checkpoint(
-                run_chunk, source[:, begin:end], piece_targets, piece_reset, state, use_reentrant=False
-            )
-            if not torch.isfinite(loss_sum):
-                raise FloatingPointError(
-                    f"the loss is not finite in chunk {index} (tokens {begin}..{end - 1} of {T}) of this batch"
-                )
+            if end < T or self.recompute_last_chunk:
+                loss_sum, state = checkpoint(run_chunk, *piece, state, use_reentrant=False)
+            else:
+                loss_sum, state = run_chunk(*piece, state)
+            # Every chunk runs even after a non-finite one: under FSDP or ZeRO-3 each block call is a
+            # collective, so every rank must make the same calls. The flags stay on the device (no sync).
+            finite.append(torch.isfinite(loss_sum.detach()))
+            bounds.append((begin, end))
             total = total + loss_sum
-            scored += int((piece_targets != -100).sum())
-        denominator = num_items_in_batch if num_items_in_batch is not None else max(scored, 1)
-        return total / denominator
+        self._chunk_report = (torch.stack(finite), bounds, T)
+        if self.raise_on_nonfinite_chunk:
+            bad = self.nonfinite_chunk()
+            if bad is not None:
+                raise FloatingPointError(f"the loss is not finite in {describe_chunk(bad)} of this batch")
+        if num_items_in_batch is None:  # counted on the device: no host sync
+            num_items_in_batch = (targets != -100).sum().clamp_min(1)
+        return total / num_items_in_batch
+
+    def nonfinite_chunk(self) -> tuple[int, int, int, int] | None:
+        """(chunk index, first token, last token, sequence length) of the first chunk of the last
+        chunked forward whose loss was not finite, or None (all finite, or the last forward was not
+        chunked). Reads the chunk flags from the device."""
+        if self._chunk_report is None:
+            return None
+        finite, bounds, T = self._chunk_report
+        bad = (~finite).nonzero()
+        if len(bad) == 0:
+            return None
+        index = int(bad[0])
+        begin, end = bounds[index]
+        return index, begin, end - 1, T
+
+
+def describe_chunk(chunk: tuple[int, int, int, int]) -> str:
+    """A `nonfinite_chunk()` result as "chunk I (tokens A..B of T)"."""
+    index, first, last, T = chunk
+    return f"chunk {index} (tokens {first}..{last} of {T})"

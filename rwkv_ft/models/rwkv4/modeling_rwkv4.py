@@ -7,8 +7,9 @@ adding the `rwkv.` prefix (see `conversion_rwkv4.py`).
 Two modes compute the same function:
 - parallel mode: a whole (B, T) sequence through `wkv4` (Triton on CUDA, PyTorch elsewhere);
 - RNN mode: the same forward fed one token at a time with the recurrent state carried across.
-Masks, padding, packed rows, the carried and the learned initial state are handled by the shared
-`RwkvModelBase`; this file holds the RWKV-4 math.
+Masks, padding, packed rows (the WKV and the token shifts reset at each example's first token), the
+carried and the learned initial state are handled by the shared `RwkvModelBase`; this file holds the
+RWKV-4 math.
 
 The recurrent state is one fp32 tensor of shape (B, L, 5, C). Per layer the five slots are the last
 ln1 output (time-mix token shift), the last ln2 output (channel-mix token shift), and the WKV state
@@ -90,15 +91,18 @@ class Rwkv4TimeMix(nn.Module):
         shift: torch.Tensor | None,
         wkv_state: torch.Tensor | None,
         mask: torch.Tensor | None,
+        reset: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # x: (B, T, C) ln1 output; shift: (B, C); wkv_state: (B, 3, C) fp32; mask: (B, T) bool
-        shifted = token_shift(x, shift)
+        # x: (B, T, C) ln1 output; shift: (B, C); wkv_state: (B, 3, C) fp32; mask, reset: (B, T) bool
+        shifted = token_shift(x, shift, reset)
         k = self.key(mix(x, shifted, self.time_mix_k))  # (B, T, C)
         v = self.value(mix(x, shifted, self.time_mix_v))
         r = torch.sigmoid(self.receptance(mix(x, shifted, self.time_mix_r)))
         if mask is not None:
             k = k.masked_fill(~mask.unsqueeze(-1), PAD_KEY)
-        y, new_wkv_state = wkv4(self.time_decay, self.time_first, k, v, wkv_state, backend=self.wkv_backend)
+        y, new_wkv_state = wkv4(
+            self.time_decay, self.time_first, k, v, wkv_state, reset=reset, backend=self.wkv_backend
+        )
         return self.output(r * y), new_wkv_state
 
 
@@ -115,9 +119,9 @@ class Rwkv4ChannelMix(nn.Module):
         self.receptance = nn.Linear(C, C, bias=False)
         self.value = nn.Linear(F_, C, bias=False)
 
-    def forward(self, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
-        # x: (B, T, C) ln2 output; shift: (B, C)
-        shifted = token_shift(x, shift)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None, reset: torch.Tensor | None = None) -> torch.Tensor:
+        # x: (B, T, C) ln2 output; shift: (B, C); reset: (B, T) bool
+        shifted = token_shift(x, shift, reset)
         k = torch.square(torch.relu(self.key(mix(x, shifted, self.time_mix_k))))  # (B, T, F)
         r = torch.sigmoid(self.receptance(mix(x, shifted, self.time_mix_r)))
         return r * self.value(k)
@@ -143,8 +147,7 @@ class Rwkv4Block(RwkvBlock):
         reset: torch.Tensor | None = None,
         carry: None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, None]:
-        # hidden: (B, T, C); layer_state: (B, 5, C) fp32 or None (empty); mask: (B, T) bool or None.
-        # `reset` is never passed (supports_reset is False: packed rows are laid out one per row).
+        # hidden: (B, T, C); layer_state: (B, 5, C) fp32 or None (empty); mask, reset: (B, T) bool or None
         if hasattr(self, "ln0"):  # block 0 (not `layer_id == 0`: every other block shares one compiled graph)
             hidden = self.ln0(hidden)
         if layer_state is None:
@@ -153,10 +156,10 @@ class Rwkv4Block(RwkvBlock):
             att_shift, ffn_shift, wkv_state = layer_state[:, ATT_SHIFT], layer_state[:, FFN_SHIFT], layer_state[:, WKV]
 
         x = masked(self.ln1(hidden), mask)
-        att_out, new_wkv_state = self.att(x, att_shift, wkv_state, mask)
+        att_out, new_wkv_state = self.att(x, att_shift, wkv_state, mask, reset)
         hidden = hidden + att_out
         x2 = masked(self.ln2(hidden), mask)
-        hidden = hidden + self.ffn(x2, ffn_shift)
+        hidden = hidden + self.ffn(x2, ffn_shift, reset)
 
         new_state = torch.cat([x[:, -1:].float(), x2[:, -1:].float(), new_wkv_state], dim=1)  # (B, 5, C)
         return hidden, new_state, None
@@ -199,6 +202,7 @@ class Rwkv4Model(RwkvModelBase, Rwkv4PreTrainedModel):
     """The RWKV-4 blocks between the embedding and the final layer norm (forward: `RwkvModelBase`)."""
 
     initial_state_class = Rwkv4InitialState
+    supports_reset = True  # the WKV-4 kernel and the token shifts reset at packed examples' starts
 
     def __init__(self, config: Rwkv4Config):
         super().__init__(config)
