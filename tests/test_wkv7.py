@@ -431,11 +431,15 @@ def test_op_registration(with_state):
     args = [x.requires_grad_() for x in xs[:6]] + [None if xs[6] is None else xs[6].requires_grad_()]
     reset = torch.zeros(1, 19, dtype=torch.bool, device=DEV)
     reset[0, 9] = True
-    torch.library.opcheck(torch.ops.rwkv_ft.wkv7_forward.default, (*args, reset, True))
-    y, ns, states, qt, m = torch.ops.rwkv_ft.wkv7_forward(*(x.detach() for x in xs[:6]), xs[6], reset, True)
-    gy, gs = torch.randn_like(y), torch.randn_like(ns)
-    bwd_args = (*(x.detach() for x in xs[:6]), reset, states, qt, m, gy, gs, with_state)
-    torch.library.opcheck(torch.ops.rwkv_ft.wkv7_backward.default, bwd_args)
+    inputs = [x.detach() for x in xs[:6]]
+    for store in (True, False):  # store=False with a backward: it runs the forward again
+        torch.library.opcheck(torch.ops.rwkv_ft.wkv7_forward.default, (*args, reset, store, True))
+        y, ns, states, qt, m = torch.ops.rwkv_ft.wkv7_forward(*inputs, xs[6], reset, store, True)
+        assert (states.numel() > 0) == store
+        gy, gs = torch.randn_like(y), torch.randn_like(ns)
+        state = None if store or xs[6] is None else xs[6].detach()
+        bwd_args = (*inputs, state, reset, states, qt, m, gy, gs, with_state)
+        torch.library.opcheck(torch.ops.rwkv_ft.wkv7_backward.default, bwd_args)
 
 
 def test_meta_tensors_give_shapes():
@@ -447,7 +451,7 @@ def test_meta_tensors_give_shapes():
     y, ns = wkv7(*xs[:6], xs[6])
     assert y.is_meta and y.shape == xs[0].shape and y.dtype == torch.bfloat16
     assert ns.shape == (2, 3, 64, 64) and ns.dtype == torch.float32
-    *_, states, _, _ = torch.ops.rwkv_ft.wkv7_forward(*xs[:6], xs[6], None, True)
+    *_, states, _, _ = torch.ops.rwkv_ft.wkv7_forward(*xs[:6], xs[6], None, True, True)
     assert states.shape == tw.stored_states_shape(2, 40, 3, 64, tw._config(2, 40, 3, 64, torch.bfloat16))
 
 
@@ -478,7 +482,7 @@ def test_inference_stores_nothing():
     xs = make_inputs(1, 20, 1, 32, seed=45)
     with torch.no_grad():
         y, ns = wkv7(*xs[:6], xs[6], backend="triton")
-        *_, states, qt, m = torch.ops.rwkv_ft.wkv7_forward(*xs[:6], xs[6], None, False)
+        *_, states, qt, m = torch.ops.rwkv_ft.wkv7_forward(*xs[:6], xs[6], None, False, False)
     assert states.numel() == qt.numel() == m.numel() == 0
     ry, rs = wkv7_reference(*xs)
     assert_close(y, ry, torch.float32)
@@ -516,12 +520,13 @@ def as_compiled(args):
 
 
 @pytest.mark.parametrize(
-    "state, resets, keep_prep", [(False, False, False), (True, True, False), (True, False, True)]
+    "state, resets, keep_prep, store",
+    [(False, False, False, True), (True, True, False, True), (True, False, True, True), (True, True, False, False)],
 )  # fmt: skip
-def test_first_call_compiles_ahead_what_forward_and_backward_launch(monkeypatch, state, resets, keep_prep):
+def test_first_call_compiles_ahead_what_forward_and_backward_launch(monkeypatch, state, resets, keep_prep, store):
     """The kernels `_compile_ahead` compiles on a first call are those the forward and the usual
     backward then launch (same kernel, grid, integers, dtypes and constexprs), so none of them
-    compiles again at its launch."""
+    compiles again at its launch; also when the forward stores nothing and the backward runs it again."""
     recorder = RecordedLaunches(monkeypatch)
     B, T, H, N = 2, 37, 3, 32
     r, k, v, a, b = (torch.randn(B, T, H, N, dtype=torch.bfloat16) for _ in range(5))
@@ -529,16 +534,46 @@ def test_first_call_compiles_ahead_what_forward_and_backward_launch(monkeypatch,
     s0 = torch.randn(B, H, N, N) if state else None
     reset = (torch.rand(B, T) < 0.1).to(torch.uint8) if resets else None
     cfg = dataclasses.replace(tw._config(B, T, H, N, r.dtype), keep_prep=keep_prep)
-    ahead = RecordedLaunches.named(tw._launches_ahead(r, w, k, v, a, b, s0, reset, cfg, True))
-    _, _, saved = tw.wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg, True)
+    ahead = RecordedLaunches.named(tw._launches_ahead(r, w, k, v, a, b, s0, reset, cfg, store, True))
+    _, _, saved = tw.wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg, store, True)
     dy = torch.randn(B, T, H, N, dtype=torch.bfloat16)
-    tw.wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, None, cfg, state)
-    assert ahead == recorder.launches
-    assert [name for name, *_ in ahead] == [
-        "_prep_kernel", "_scan_fwd_kernel", *(["_prep_kernel"] if not keep_prep else []), "_scan_bwd_kernel",
-        "_grad_kernel",
+    tw.wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, None, cfg, state, s0)
+    # the forward run again in the backward launches its prep as the first forward did (one compile)
+    assert ahead == [launch for i, launch in enumerate(recorder.launches) if store or i != 2]
+    assert [name for name, *_ in recorder.launches] == [
+        "_prep_kernel", "_scan_fwd_kernel", *(["_prep_kernel"] if not keep_prep or not store else []),
+        *(["_scan_fwd_kernel"] if not store else []), "_scan_bwd_kernel", "_grad_kernel",
     ]  # fmt: skip
-    inference = RecordedLaunches.named(tw._launches_ahead(r, w, k, v, a, b, s0, reset, cfg, False))
+    inference = RecordedLaunches.named(tw._launches_ahead(r, w, k, v, a, b, s0, reset, cfg, False, False))
     recorder.launches.clear()
     tw.wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg, False)
     assert inference == recorder.launches
+
+
+@pytest.mark.parametrize("with_state", [True, False], ids=["state", "no-state"])
+def test_recompute_states_gives_the_same_results_and_keeps_less(with_state):
+    """recompute_states: y, the final state and every gradient exactly as when the forward keeps
+    its chunk states, and the autograd graph holds no fp32 chunk states between the two passes."""
+    use_config(**SPLIT)
+    xs = make_inputs(2, 37, 2, 32, seed=47, state=with_state)
+    reset = torch.zeros(2, 37, dtype=torch.bool, device=DEV)
+    reset[1, 20] = True
+    kept = {}
+
+    def fn(recompute):
+        def call(*args, **kw):
+            return wkv7(*args, backend="triton", recompute_states=recompute, **kw)
+
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = run(call, xs, reset=reset)
+        kept[recompute] = sum(t.numel() * t.element_size() for t in saved)
+        return out
+
+    stored, recomputed = fn(False), fn(True)
+    for got, expected in zip([recomputed[0], recomputed[1], *recomputed[2]], [stored[0], stored[1], *stored[2]]):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            assert torch.equal(got, expected)
+    chunk_states = 2 * 2 * math.ceil(37 / 16) * 32 * 32 * 4  # B * H * chunks * N * N fp32
+    assert kept[False] - kept[True] >= chunk_states - (with_state and 2 * 2 * 32 * 32 * 4)

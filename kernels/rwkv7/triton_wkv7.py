@@ -81,7 +81,10 @@ atomics: the backward is bitwise repeatable).
 
 State storage: the forward keeps the fp32 state entering every chunk (B*H*T/L*N*N*4 bytes) for
 _grad_kernel; the backward's scan writes the adjoint per chunk likewise (transient). Q, Yc, M, D
-are transient too: the backward recomputes Q and M rather than keep them.
+are transient too: the backward recomputes Q and M rather than keep them. Or the forward keeps
+nothing and the backward runs it again (`recompute_states` of `wkv7`), keeping Q and M from that
+run: ~1 KB per token and head less to hold between forward and backward, for one more forward
+scan and the value side of prep in the backward.
 
 Precision: MMA operands here are derived fp32 values (states, exp-scaled keys), so plain tf32
 (10-bit mantissa) would cost ~1e-3 relative per product. PREC picks the product: "bf16x3" (each
@@ -921,14 +924,16 @@ def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool):
     return qt, mm, yct, dd
 
 
-def wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool):
+def wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool, backward: bool | None = None):
     """r..b: (B, T, H, N) with shared strides; s0: (B, H, N, N) fp32 contiguous or None; reset:
     (B, T) uint8 contiguous or None. Returns y (B, T, H, N) in r's dtype (contiguous), the final
     state (B, H, N, N) fp32 and what the backward needs besides the inputs: [] unless
-    store_states, else [chunk-start states (`stored_states_shape`)] (+ [Q^T, M] with keep_prep)."""
+    store_states, else [chunk-start states (`stored_states_shape`)] (+ [Q^T, M] with keep_prep).
+    backward: whether a backward will follow (default: store_states; True without store_states:
+    it will rebuild the states, see wkv7_bwd), for compiling its kernels ahead."""
     B, T, H, N = r.shape
     dev = r.device
-    _compile_ahead(r, w, k, v, a, b, s0, reset, cfg, store_states)
+    _compile_ahead(r, w, k, v, a, b, s0, reset, cfg, store_states, store_states if backward is None else backward)
     qt, mm, yct, dd = _prep(r, w, k, v, a, b, reset, cfg, value_side=True)
     y = _new((B, T, H, N), r.dtype, dev)
     sT = _new((B, H, N, N), torch.float32, dev)
@@ -939,12 +944,16 @@ def wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool):
     return y, sT, [ck, qt, mm] if cfg.keep_prep else [ck]
 
 
-def wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, dsT, cfg: Wkv7Config, want_ds0: bool):
+def wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, dsT, cfg: Wkv7Config, want_ds0: bool, s0=None):
     """Gradients given what wkv7_fwd saved, dy (B, T, H, N) contiguous in r's dtype or None and
     dsT (B, H, N, N) fp32 contiguous or None. Returns dr, dw, dk, dv, da, db (B, T, H, N) in r's
-    dtype (dw in w's), contiguous, and the state's (B, H, N, N) fp32 (None unless want_ds0)."""
+    dtype (dw in w's), contiguous, and the state's (B, H, N, N) fp32 (None unless want_ds0).
+    saved = [] (the forward stored nothing): the forward runs again here from s0, the initial
+    state (or None), storing the states and keeping its chunk maps for this backward only."""
     B, T, H, N = r.shape
     dev = r.device
+    if not saved:
+        saved = wkv7_fwd(r, w, k, v, a, b, s0, reset, dataclasses.replace(cfg, keep_prep=True), True)[2]
     ck, *prep = saved
     qt, mm = prep if prep else _prep(r, w, k, v, a, b, reset, cfg, value_side=False)[:2]
     ds = _new(stored_states_shape(B, T, H, N, cfg), torch.float32, dev)
@@ -975,38 +984,41 @@ except ImportError:  # a Triton without it compiles each kernel at its first lau
 _COMPILED_AHEAD: set[tuple] = set()
 
 
-def _launches_ahead(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool) -> list[tuple]:
-    """The launches a forward with these inputs makes and, with store_states, those of the backward
+def _launches_ahead(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool, backward: bool) -> list[tuple]:
+    """The launches a forward with these inputs makes and, with backward, those of the backward
     that usually follows (dy given, no gradient into the final state, one for the initial state
-    when there is one), with dtypes in place of the tensors the kernels would write."""
+    when there is one; the forward's again, storing, when it stored nothing), with dtypes in place
+    of the tensors the kernels would write."""
     f32, x = torch.float32, r.dtype
     state, stored = (f32 if s0 is not None else None), (f32 if store_states else None)
     launches = [
         _prep_launch(r, w, k, v, a, b, reset, (f32, f32, f32, f32), cfg, True),
         _scan_fwd_launch(r, state, (f32, f32, f32, f32), x, f32, stored, cfg),
     ]
-    if store_states:
-        if not cfg.keep_prep:
+    if backward:
+        if not store_states:  # the backward runs the forward again, storing (its prep is the same)
+            launches.append(_scan_fwd_launch(r, state, (f32, f32, f32, f32), x, f32, f32, cfg))
+        elif not cfg.keep_prep:
             launches.append(_prep_launch(r, w, k, v, a, b, reset, (f32, f32, None, None), cfg, False))
         launches.append(_scan_bwd_launch(r, None, f32, f32, x, f32, state, cfg))
         launches.append(_grad_launch(r, w, k, v, a, b, reset, x, f32, f32, (x, w.dtype, x, x, x, x), cfg))
     return launches
 
 
-def _compile_ahead(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool) -> None:
+def _compile_ahead(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool, backward: bool) -> None:
     """Once per process for each kind of call (config, dtypes, state, resets, backward): compile its
     kernels together, then build their launchers (a C compiler run each, at a kernel's first
     launch otherwise) and load them, also together; wait for all, so the launches find them ready.
     Anything that fails here is done again at the launch, which reports the error."""
     if _INTERPRET or not r.is_cuda or AsyncCompileMode is None or active_mode.get() is not None:
         return  # (the last: inside someone else's asynchronous compilation, e.g. inductor's)
-    kind = (cfg, r.dtype, w.dtype, s0 is None, reset is None, store_states, r.device)
+    kind = (cfg, r.dtype, w.dtype, s0 is None, reset is None, store_states, backward, r.device)
     if kind in _COMPILED_AHEAD:
         return
     _COMPILED_AHEAD.add(kind)
     from concurrent.futures import ThreadPoolExecutor
 
-    launches = _launches_ahead(r, w, k, v, a, b, s0, reset, cfg, store_states)
+    launches = _launches_ahead(r, w, k, v, a, b, s0, reset, cfg, store_states, backward)
     # A pool per call, its threads gone when it returns (none left for a later fork(), e.g. of a
     # DataLoader worker).
     with ThreadPoolExecutor(max_workers=min(len(launches), os.cpu_count() or 1)) as pool:

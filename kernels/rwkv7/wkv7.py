@@ -58,6 +58,7 @@ def wkv7(
     *,
     reset: torch.Tensor | None = None,
     backend: str = "auto",
+    recompute_states: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RWKV-7 WKV over a whole sequence.
 
@@ -74,6 +75,11 @@ def wkv7(
             examples in one row).
         backend: "auto" (Triton on CUDA, and the kernel op's shape-only implementation on meta
             tensors; the PyTorch reference elsewhere), "triton" or "torch".
+        recompute_states: Triton backend, in training: keep nothing for the backward but the
+            inputs (and ``state``), and run the forward again in the backward, instead of keeping
+            the fp32 state entering every 16-token chunk from forward to backward (1 KB per token
+            and head at N = 64; the backward then costs one more forward scan and chunk-map pass).
+            Same results. The model sets it under selective activation recompute.
 
     Returns:
         y: (B, T, H, N) in the inputs' dtype; new_state: (B, H, N, N) fp32, the state after the
@@ -100,4 +106,4 @@ def wkv7(
             "wkv7: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
             "imported) to run on CPU under the Triton interpreter"
         )
-    return wkv7_op(*tensors, state, reset)
+    return wkv7_op(*tensors, state, reset, recompute_states)

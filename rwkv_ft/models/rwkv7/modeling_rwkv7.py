@@ -113,6 +113,7 @@ class Rwkv7TimeMix(nn.Module):
         mask: torch.Tensor | None,
         reset: torch.Tensor | None,
         v_first: torch.Tensor | None,
+        recompute_wkv_states: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: (B, T, C) ln1 output; shift: (B, C); wkv_state: (B, H, N, N) fp32; mask, reset: (B, T) bool
         B, T, C = x.shape
@@ -141,7 +142,7 @@ class Rwkv7TimeMix(nn.Module):
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, new_wkv_state = wkv7(
             heads(r), heads(decay), heads(k), heads(v), heads(-kk), heads(b), wkv_state,
-            reset=reset, backend=self.wkv_backend,
+            reset=reset, backend=self.wkv_backend, recompute_states=recompute_wkv_states,
         )  # fmt: skip
         y = self.ln_x(y.reshape(B * T, C).to(x.dtype)).view(B, T, C)
         bonus = (heads(r) * heads(k) * self.r_k).sum(dim=-1, keepdim=True) * heads(v)  # (B, T, H, N)
@@ -195,7 +196,11 @@ class Rwkv7Block(RwkvBlock):
             att_shift, ffn_shift, wkv_state = split_layer_state(layer_state, self.config)
 
         x = masked(self.ln1(hidden), mask)
-        att_out, new_wkv_state, v_first = self.att(x, att_shift, wkv_state, mask, reset, v_first)
+        # Under selective recompute the WKV keeps no per-chunk states for the backward (1 KB per
+        # token and head, the largest activation of a block): its backward runs it again instead.
+        att_out, new_wkv_state, v_first = self.att(
+            x, att_shift, wkv_state, mask, reset, v_first, recompute_wkv_states=self.selective_recompute
+        )
         hidden = hidden + att_out
         x2 = masked(self.ln2(hidden), mask)
         hidden = hidden + self.ffn(x2, ffn_shift, reset)
