@@ -103,6 +103,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -1019,13 +1020,18 @@ def _compile_ahead(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: b
     from concurrent.futures import ThreadPoolExecutor
 
     launches = _launches_ahead(r, w, k, v, a, b, s0, reset, cfg, store_states, backward)
-    # A pool per call, its threads gone when it returns (none left for a later fork(), e.g. of a
-    # DataLoader worker).
-    with ThreadPoolExecutor(max_workers=min(len(launches), os.cpu_count() or 1)) as pool:
-        with torch.cuda.device(r.device), AsyncCompileMode(pool, ignore_errors=True):
-            compiling = [_warmup(*launch) for launch in launches]
-        for loading in [pool.submit(_load, r.device, kernel) for kernel in compiling if kernel is not None]:
-            loading.exception()  # waits; an error is reported again by the launch
+    try:
+        # A pool per call, its threads gone when it returns (none left for a later fork(), e.g. of
+        # a DataLoader worker).
+        with ThreadPoolExecutor(max_workers=min(len(launches), os.cpu_count() or 1)) as pool:
+            with torch.cuda.device(r.device), AsyncCompileMode(pool, ignore_errors=True):
+                compiling = [_warmup(*launch) for launch in launches]
+            for loading in [pool.submit(_load, r.device, kernel) for kernel in compiling if kernel is not None]:
+                loading.exception()  # waits; an error is reported again by the launch
+    except Exception as exc:  # noqa: BLE001 - an optimisation: the launches compile what is missing
+        warnings.warn(
+            f"wkv7: compiling the kernels ahead failed ({exc!r}); they compile at their launch instead", stacklevel=2
+        )
 
 
 def _warmup(kernel, grid, args, meta):
