@@ -1,6 +1,7 @@
 """What the HF Trainer path (rwkv_ft.train.run) runs per step that the bare loop of bench_step.py does
 not, counted on a CPU: aten calls by kind for one training step of the same bf16 LoRA model; with
-`--host-time`, the host time per step of the Trainer's bookkeeping calls instead.
+`--host-time`, the host time per step of the Trainer's bookkeeping calls and of Python's garbage
+collector instead (the stock row: the Trainer's own calls and no frozen objects).
 
     python benchmarks/trainer_vs_loop.py
     python benchmarks/trainer_vs_loop.py --host-time
@@ -17,10 +18,13 @@ runs under the Triton interpreter so that, as on a GPU, it is one op per directi
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import os
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -181,21 +185,28 @@ def host_time(work: Path, name: str, stock: bool, steps: int = 30) -> dict[str, 
         ],
     )  # fmt: skip
     profile = cProfile.Profile()
-    loop, made = Trainer._inner_training_loop, train._make_trainer_class
+    loop, made, frozen = Trainer._inner_training_loop, train._make_trainer_class, train.objects_frozen_for_gc
+    collecting = GcTime()
 
     def profiled_loop(self, *args, **kwargs):
         profile.enable()
+        collecting.on = True
         try:
             return loop(self, *args, **kwargs)
         finally:
+            collecting.on = False
             profile.disable()
 
     Trainer._inner_training_loop = profiled_loop
     train._make_trainer_class = functools.partial(stock_bookkeeping, made) if stock else made
+    if stock:  # the garbage collector walking every object, as before
+        train.objects_frozen_for_gc = contextlib.nullcontext
+    gc.callbacks.append(collecting)
     try:
         train.run(recipe)
     finally:
-        Trainer._inner_training_loop, train._make_trainer_class = loop, made
+        Trainer._inner_training_loop, train._make_trainer_class, train.objects_frozen_for_gc = loop, made, frozen
+        gc.callbacks.remove(collecting)
     stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, prim calls, tottime, cumtime, callers)}
     row = {}
     for kind, names in BOOKKEEPING.items():
@@ -208,8 +219,22 @@ def host_time(work: Path, name: str, stock: bool, steps: int = 30) -> dict[str, 
             if caller[2] not in names
         )
         row[kind] = 1000 * seconds / steps
+    row["garbage collection"] = 1000 * collecting.seconds / steps
     row["total"] = sum(row.values())
     return row
+
+
+class GcTime:
+    """A gc.callbacks entry: seconds spent in Python's garbage collector while `on`."""
+
+    def __init__(self):
+        self.on, self.seconds, self._start = False, 0.0, 0.0
+
+    def __call__(self, phase, info):
+        if phase == "start":
+            self._start = time.perf_counter()
+        elif self.on:
+            self.seconds += time.perf_counter() - self._start
 
 
 def main() -> int:

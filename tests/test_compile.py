@@ -228,10 +228,11 @@ def test_compiled_triton_wkv_inductor(recompute, small_chunks):
     compare("rwkv4", torch.float32, {}, random_ids(2, 9, seed=4), recompute=recompute, backend="triton")
 
 
-@pytest.mark.parametrize("recompute", ["none", "selective"])
-def test_compiled_triton_wkv7(recompute):
+@pytest.mark.parametrize("kernel,recompute", [("triton", "none"), ("triton", "selective"), ("recurrent", "selective")])
+def test_compiled_triton_wkv7(kernel, recompute):
     """The WKV-7 custom op inside fullgraph-compiled RWKV-7 blocks (head size 32, the kernel under
-    the interpreter), with and without selective recompute (which keeps the op's outputs)."""
+    the interpreter), with and without selective recompute (which keeps the op's outputs); the
+    token-by-token kernels' op too."""
     from rwkv_ft.testing import randomize_, tiny_rwkv7_config
 
     factory = MODEL_FACTORIES["rwkv7"]
@@ -239,7 +240,7 @@ def test_compiled_triton_wkv7(recompute):
     MODEL_FACTORIES["rwkv7"] = lambda: randomize_(rwkv_ft.Rwkv7ForCausalLM(config), seed=1)
     try:
         compare("rwkv7", torch.float32, {"backend": PARTITIONED}, random_ids(2, 9, seed=6), recompute=recompute,
-                backend="triton")  # fmt: skip
+                backend=kernel)  # fmt: skip
     finally:
         MODEL_FACTORIES["rwkv7"] = factory
 

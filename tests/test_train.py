@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -416,3 +417,26 @@ def test_every_module_trains_at_every_step_around_evaluations(tmp_path):
     modes = ModesAtEachStep()
     run(tiny_recipe(tmp_path, "training.max_steps=4", "training.eval_steps=2"), callbacks=[modes])
     assert modes.all_training == [True] * 4
+
+
+class FrozenObjectsAtEachStep(TrainerCallback):
+    """Records how many objects Python's garbage collector has frozen at the end of each step."""
+
+    def __init__(self):
+        self.frozen = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.frozen.append(gc.get_freeze_count())
+
+
+def test_the_garbage_collector_skips_the_model_while_training(tmp_path):
+    """The objects that exist when training starts (the model among them) are frozen for the
+    garbage collector while the Trainer runs, and thawed after it, crash or not."""
+    assert gc.get_freeze_count() == 0
+    frozen = FrozenObjectsAtEachStep()
+    run(tiny_recipe(tmp_path, "training.max_steps=2"), callbacks=[frozen])
+    assert len(frozen.frozen) == 2 and min(frozen.frozen) > 10_000
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(KeyboardInterrupt, match="crash at step 1"):
+        run(tiny_recipe(tmp_path / "crashed", "training.max_steps=2"), callbacks=[CrashAt(1)])
+    assert gc.get_freeze_count() == 0

@@ -142,12 +142,128 @@ def wkv7_op(
     state: torch.Tensor | None = None,
     reset: torch.Tensor | None = None,
     recompute_states: bool = False,
+    recurrent: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton path of `rwkv_ft.kernels.wkv7` (validation happens there): y, new_state. The
-    forward stores what the backward needs only when a gradient can flow, and not then either
-    with recompute_states (the backward runs the forward again)."""
+    """The Triton paths of `rwkv_ft.kernels.wkv7` (validation happens there): y, new_state; the
+    chunked kernels, or the token-by-token ones (`recurrent`). The forward stores what the backward
+    needs only when a gradient can flow, and not then either with recompute_states (the backward
+    runs the forward again)."""
     inputs = (r, w, k, v, a, b) + (() if state is None else (state,))
     backward = torch.is_grad_enabled() and any(x.requires_grad for x in inputs)
     store = backward and not recompute_states
-    y, new_state, *_ = torch.ops.rwkv_ft.wkv7_forward(r, w, k, v, a, b, state, reset, store, backward)
+    if recurrent:
+        y, new_state, *_ = torch.ops.rwkv_ft.wkv7_recurrent_forward(r, w, k, v, a, b, state, reset, store)
+    else:
+        y, new_state, *_ = torch.ops.rwkv_ft.wkv7_forward(r, w, k, v, a, b, state, reset, store, backward)
     return y, new_state
+
+
+# ----------------------------------------------------------------------------------------------
+# The token-by-token kernels (`triton_wkv7_recurrent.py`), for w >= -exp(-0.5):
+#
+#     torch.ops.rwkv_ft.wkv7_recurrent_forward(r, w, k, v, a, b, state, reset, store)
+#         -> y, new_state, block_states, sa
+#     torch.ops.rwkv_ft.wkv7_recurrent_backward(r, w, k, v, a, b, state, reset, block_states, sa,
+#                                               new_state, gy, g_new_state, want_g_state)
+#         -> gr, gw, gk, gv, ga, gb, g_state (or absent)
+#
+# block_states and sa are absent unless `store`; the backward then runs the forward again from
+# `state` (recompute_states).
+
+
+def _recurrent_config(r: torch.Tensor):
+    from .triton_wkv7_recurrent import _config
+
+    return _config(*r.shape)
+
+
+def _recurrent_forward_fake(r, w, k, v, a, b, state, reset, store):
+    B, T, H, N = r.shape
+    f32 = torch.float32
+    y, new_state = r.new_empty(B, T, H, N), r.new_empty(B, H, N, N, dtype=f32)
+    if not store:
+        return y, new_state, absent(r, f32), absent(r, f32)
+    nb = math.ceil(T / _recurrent_config(r).ch)
+    return y, new_state, r.new_empty(B, H, nb, N, N, dtype=f32), r.new_empty(B, T, H, N, dtype=f32)
+
+
+@kernel_op("wkv7_recurrent_forward", fake=_recurrent_forward_fake, keep_outputs=True)
+def wkv7_recurrent_forward(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None,
+    reset: torch.Tensor | None,
+    store: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_wkv7 import _shared_strides
+    from .triton_wkv7_recurrent import wkv7_recurrent_fwd
+
+    xs = _shared_strides([r, w, k, v, a, b])
+    s0 = None if state is None else state.float().contiguous()
+    rs = None if reset is None else reset.contiguous().view(torch.uint8)
+    y, new_state, saved = wkv7_recurrent_fwd(*xs, s0, rs, _recurrent_config(r), store)
+    saved = saved or [absent(r, torch.float32), absent(r, torch.float32)]
+    return (y, new_state, *saved)
+
+
+def _recurrent_backward_fake(r, w, k, v, a, b, state, reset, block_states, sa, new_state, gy, g_new_state, want):
+    return _backward_fake(r, w, k, v, a, b, state, reset, None, None, None, gy, g_new_state, want)
+
+
+@kernel_op("wkv7_recurrent_backward", fake=_recurrent_backward_fake)
+def wkv7_recurrent_backward(
+    r: torch.Tensor,
+    w: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    state: torch.Tensor | None,
+    reset: torch.Tensor | None,
+    block_states: torch.Tensor,
+    sa: torch.Tensor,
+    new_state: torch.Tensor,
+    gy: torch.Tensor | None,
+    g_new_state: torch.Tensor | None,
+    want_g_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .triton_wkv7 import _shared_strides
+    from .triton_wkv7_recurrent import wkv7_recurrent_bwd, wkv7_recurrent_fwd
+
+    xs = _shared_strides([r, w, k, v, a, b])
+    rs = None if reset is None else reset.contiguous().view(torch.uint8)
+    cfg = _recurrent_config(r)
+    saved = [block_states, sa]
+    if not block_states.numel():  # the forward stored nothing: run it again, storing
+        s0 = None if state is None else state.float().contiguous()
+        _, new_state, saved = wkv7_recurrent_fwd(*xs, s0, rs, cfg, True)
+    dy = None if gy is None else gy.to(r.dtype).contiguous()
+    dsT = None if g_new_state is None else g_new_state.float().contiguous()
+    *grads, g_state = wkv7_recurrent_bwd(*xs, rs, saved, new_state, dy, dsT, cfg, want_g_state)
+    return (*grads, absent(r, torch.float32) if g_state is None else g_state)
+
+
+def _recurrent_setup_context(ctx, inputs, output) -> None:
+    r, w, k, v, a, b, state, reset, store = inputs
+    _, new_state, block_states, sa = output
+    ctx.save_for_backward(r, w, k, v, a, b, None if store else state, reset, block_states, sa, new_state)
+    ctx.state_dtype = None if state is None else state.dtype
+
+
+def _recurrent_backward(ctx, gy, g_new_state):
+    if gy is None and g_new_state is None:
+        return (None,) * 9
+    r, w, k, v, a, b, state, reset, block_states, sa, new_state = ctx.saved_tensors
+    want_g_state = ctx.state_dtype is not None and ctx.needs_input_grad[6]
+    *grads, g_state = torch.ops.rwkv_ft.wkv7_recurrent_backward(
+        r, w, k, v, a, b, state, reset, block_states, sa, new_state, gy, g_new_state, want_g_state
+    )
+    g_state = optional(g_state)
+    return (*grads, None if g_state is None else g_state.to(ctx.state_dtype), None, None)
+
+
+register_backward(wkv7_recurrent_forward, _recurrent_backward, _recurrent_setup_context, aux_outputs=(2, 3))
