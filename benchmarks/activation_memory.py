@@ -22,7 +22,6 @@ import os
 import weakref
 from collections import defaultdict
 
-import bench_step
 import torch
 from bench_step import SHAPES, VARIANTS, bare_model
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -213,9 +212,7 @@ def main() -> None:
     ap.add_argument("--variants", default="baseline,eager,eager_selective,compile,compile_selective,compile_ckpt")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--wkv7-backend", default=None, help="Rwkv7Config.wkv_backend of the RWKV-7 shapes (recurrent)")
     args = ap.parse_args()
-    bench_step.WKV7_BACKEND = args.wkv7_backend
     rows = []
     for shape in args.shapes.split(","):
         print(f"\n### {shape}, batch {SHAPES[shape][4]}, ctx {args.ctx}")

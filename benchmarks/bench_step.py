@@ -148,9 +148,6 @@ def log(*a) -> None:
     print(*a, flush=True)
 
 
-WKV7_BACKEND = None  # --wkv7-backend: the RWKV-7 models' Rwkv7Config.wkv_backend (default: the config's)
-
-
 def build(shape: str, device: str):
     version, layers, width, vocab, _, extra = SHAPES[shape]
     if version == "rwkv4":
@@ -161,8 +158,6 @@ def build(shape: str, device: str):
         cls = rwkv_ft.Rwkv7ForCausalLM
     for key, value in extra.items():
         setattr(config, key, value)
-    if version == "rwkv7" and WKV7_BACKEND:
-        config.wkv_backend = WKV7_BACKEND
     with torch.device("meta"):
         model = cls(config)
     model = model.to_empty(device=device)
@@ -338,7 +333,7 @@ def run_recipe_case(shape, variant, device, ctx, steps, warmup, work: Path, prof
             f"training.batch_size={batch}", "training.grad_accum=1", "training.lr=1e-4",
             "training.schedule=constant", "training.warmup_ratio=0", "training.save_steps=100000",
             f"training.logging_steps={total}", "merge.enabled=false", "generate.prompt=null",
-            *([f"model.wkv_backend={WKV7_BACKEND}"] if version == "rwkv7" and WKV7_BACKEND else []), *overrides,
+            *overrides,
         ],
     )  # fmt: skip
     timer = StepTimer(warmup, steps, device, profile)
@@ -516,13 +511,9 @@ def main() -> None:
                     "AOTAutograd and inductor)")  # fmt: skip
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled variants (e.g. "
                     "reduce-overhead: CUDA graphs of each block's forward and backward)")  # fmt: skip
-    ap.add_argument("--wkv7-backend", default=None, help="Rwkv7Config.wkv_backend of the RWKV-7 shapes (e.g. "
-                    "recurrent: the token-by-token kernels)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    global WKV7_BACKEND
-    WKV7_BACKEND = args.wkv7_backend
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     chunk = 4096
     if args.tiny:
@@ -551,7 +542,6 @@ def main() -> None:
         "torch": torch.__version__,
         "compile_backend": args.compile_backend or "inductor",
         "compile_mode": args.compile_mode,
-        "wkv7_backend": args.wkv7_backend,
         "cases": [],
     }
     work = Path(tempfile.mkdtemp(prefix="bench_step_"))

@@ -17,13 +17,6 @@ both copies at BASELINE_SHAPES in the same process, fwd and fwd+bwd CUDA-graph m
 alternately, best of two each), and both copies' bf16 errors over the rounding floor:
 
     python -u benchmarks/bench_wkv7.py --sections baseline --baseline-file /tmp/base_wkv7.py
-
---sections recurrent: the token-by-token backend (`backend="recurrent"`) against the chunked one in
-the same process: bf16 errors over the rounding floor and fp32 errors at the model's decay extremes
-for both, then fwd and fwd+bwd CUDA-graph medians at RECURRENT_SHAPES (alternating chunked,
-recurrent, chunked, recurrent; best of two each), then the recurrent knobs (REC_VARIANTS):
-
-    python -u benchmarks/bench_wkv7.py --sections recurrent --skip-fla --budget-s 480
 """
 
 from __future__ import annotations
@@ -44,7 +37,6 @@ import time
 import traceback
 
 import rwkv_ft.kernels.rwkv7.triton_wkv7 as tw
-import rwkv_ft.kernels.rwkv7.triton_wkv7_recurrent as trec
 import torch
 import triton
 from triton.testing import do_bench
@@ -85,16 +77,6 @@ VARIANTS = [  # names without spaces or commas: --variants takes a comma list
     ("stages3", {"stages_scan": 3}),
     ("tf32_algebra(inexact)", {"prec": "tf32"}),
     ("tf32x3", {"prec": "tf32x3", "prec_scan": "tf32x3"}),
-]
-# The recurrent backend against the chunked one: the goal shapes and the RWKV-7 1.5B training shape.
-RECURRENT_SHAPES = [(8, 4096, 32), (4, 1024, 32), (4, 1024, 16), (8, 1024, 64), (1, 16384, 32)]
-REC_VARIANTS = [  # knobs of triton_wkv7_recurrent._CFG_OVERRIDE, at RECURRENT_SHAPES[:2]
-    ("bv32", {"bv": 32}),
-    ("bv16", {"bv": 16}),
-    ("warps8", {"warps": 8}),
-    ("warps2", {"warps": 2}),
-    ("replay16(less exact)", {"replay": 16}),
-    ("join_sums", {"join_sums": True}),
 ]
 HBM_TBPS = 4.24  # copy rate measured on the H200 (anchors README); re-measured below
 BF16_TFLOPS = 790.0
@@ -186,11 +168,6 @@ def ours(*args):
     return wkv7(*xs, s, reset=reset, backend="triton")
 
 
-def recurrent(*args):
-    *xs, s, reset = args
-    return wkv7(*xs, s, reset=reset, backend="recurrent")
-
-
 def reference64(*args):
     *xs, s, reset = args
     return wkv7_reference(*(x.double() for x in xs), None if s is None else s.double(), reset)
@@ -278,19 +255,18 @@ from rwkv_ft.kernels import wkv7
 base = os.environ.get("WKV7_BASE_CONFIG")
 tw._CFG_OVERRIDE = (json.load(open(base)) if base else None) or None
 out = {}
-# two goal shapes (64-row and smaller scan value blocks), then the token-by-token kernels (one config)
-for backend, B, H in (("triton", 8, 32), ("triton", 4, 16), ("recurrent", 8, 32)):
+for B, H in ((8, 32), (4, 16)):  # two goal shapes: 64-row and smaller scan value blocks
     xs = [torch.randn(B, 64, H, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(6)]
     with torch.no_grad():
         xs[1].copy_(-torch.rand_like(xs[1]) * 0.6)
     torch.cuda.synchronize()
     t0 = time.time()
-    y, s = wkv7(*xs, backend=backend)
+    y, s = wkv7(*xs, backend="triton")
     torch.cuda.synchronize()
     t1 = time.time()
     y.float().sum().backward()
     torch.cuda.synchronize()
-    out[f"{backend} B{B} H{H}"] = {"fwd_s": t1 - t0, "bwd_s": time.time() - t1}
+    out[f"B{B} H{H}"] = {"fwd_s": t1 - t0, "bwd_s": time.time() - t1}
 print("COMPILE_JSON", json.dumps(out))
 """
 
@@ -503,80 +479,6 @@ def baseline_section(res, base_mod):
         log(f"(b) {shape}: {json.dumps(row)}")
 
 
-# The recurrent kernels on small inputs against float64, in a fresh process: a fault there (which
-# poisons a CUDA context) costs only this check, not the section.
-RECURRENT_CHECK = r"""
-import math, torch
-from rwkv_ft.kernels import wkv7, wkv7_reference
-from rwkv_ft.testing import relative_error
-
-def recurrent(*a, **k):
-    return wkv7(*a, backend="recurrent", **k)
-
-for B, T, H, N in ((2, 100, 3, 64), (1, 37, 2, 128), (2, 50, 2, 32)):
-    rn = lambda: torch.randn(B, T, H, N, device="cuda")
-    kk = torch.nn.functional.normalize(rn(), dim=-1)
-    xs = [rn(), -math.exp(-0.5) * torch.sigmoid(rn()), rn(), rn(), -kk, kk * torch.sigmoid(rn())]
-    reset = torch.zeros(B, T, dtype=torch.bool, device="cuda")
-    reset[0, T // 3] = True
-    outs = []
-    for fn, dtype in ((recurrent, torch.float32), (wkv7_reference, torch.float64)):
-        p = [x.detach().to(dtype).clone().requires_grad_() for x in xs]
-        y, s = fn(*p, reset=reset)
-        (y.sum() + s.sum()).backward()
-        outs.append([y, s] + [x.grad for x in p])
-    errs = [relative_error(a, b) for a, b in zip(*outs)]
-    assert max(errs) < 1e-5, errs
-print("RECURRENT_OK")
-"""
-
-
-def recurrent_section(res):
-    """backend="recurrent" next to the chunked kernels in one process: accuracy, then timings."""
-    p = subprocess.run([sys.executable, "-c", RECURRENT_CHECK], capture_output=True, text=True, timeout=300)
-    res["recurrent_check"] = "ok" if "RECURRENT_OK" in p.stdout else p.stderr[-2000:]
-    log(f"(r) fresh-process check of the recurrent kernels (fp32, N = 64/128/32, resets): {res['recurrent_check']}")
-    if "RECURRENT_OK" not in p.stdout:
-        return
-    other = [("rec", recurrent)]
-    for B, T, H in ACC_SHAPES:
-        accuracy_case(res, "recurrent: plain", B, T, H, torch.bfloat16, others=other)
-        accuracy_case(res, "recurrent: state + resets", B, T, H, torch.bfloat16, others=other, state=True, resets=3)
-    for w in (-math.exp(-0.5), math.log1p(-1e-6)):
-        accuracy_case(res, f"recurrent: fp32 w={w:.4g}", 2, 1024, 4, torch.float32, others=other, state=True, w=w)
-    for shape in RECURRENT_SHAPES:
-        if left() < 40:
-            log(f"(r) {shape}: skipped (time budget)")
-            continue
-        row = {"shape": list(shape), "cfg": str(trec._config(*shape, N))}
-        try:
-            runs = {"chunked": [], "recurrent": []}
-            for impl in ("chunked", "recurrent", "chunked", "recurrent"):
-                fn = ours if impl == "chunked" else recurrent
-                runs[impl].append(time_impl(fn, shape, eager=False, first_limit=120))
-            for impl, outs in runs.items():
-                row[impl] = {k: min(o[k] for o in outs) for k in ("fwd_graph", "fwdbwd_graph", "peak_GiB")}
-            row["ratio_fwdbwd"] = row["chunked"]["fwdbwd_graph"] / row["recurrent"]["fwdbwd_graph"]
-        except Exception as e:
-            row["exception"] = repr(e)[:400]
-        res["recurrent"].append(row)
-        log(f"(r) {shape}: {json.dumps(row)}")
-    for name, fields in REC_VARIANTS:
-        for shape in RECURRENT_SHAPES[:2]:
-            if left() < 25:
-                log(f"(r) variant {name} {shape}: skipped (time budget)")
-                continue
-            saved, trec._CFG_OVERRIDE = trec._CFG_OVERRIDE, fields
-            try:
-                out = {"cfg": str(trec._config(*shape, N)), **time_impl(recurrent, shape, eager=False, first_limit=90)}
-            except Exception as e:
-                out = {"exception": repr(e)[:400]}
-            finally:
-                trec._CFG_OVERRIDE = saved
-            res["recurrent_variants"].append({"shape": list(shape), "variant": name, **out})
-            log(f"(r) variant {str(shape):15s} {name:22s} {json.dumps(out)}")
-
-
 def fla_section(res, fla):
     """Last (its first call autotunes for minutes): agreement with the reference on the accuracy
     inputs, then timings at its anchor shapes with whatever time is left."""
@@ -689,22 +591,6 @@ def report(res):
             log(f"  {row['case']:30s} {str(row['shape']):15s} {row['dtype']:15s} {impl:4s} {vals}")
     for d in res["drift"]:
         log(f"  state after 16384 tokens {d['dtype']}: {d['state_rel_err']:.2e}")
-    if res["recurrent"]:
-        log("\nRecurrent backend vs chunked (CUDA-graph ms, bf16; chunked / recurrent: > 1 means recurrent is faster)")
-        log("| B, T, H | chunked fwd | recurrent fwd | chunked fwd+bwd | recurrent fwd+bwd | ratio | peak GiB c / r |")
-        log("|---|---|---|---|---|---|---|")
-        for row in res["recurrent"]:
-            if "exception" in row:
-                log(f"| {', '.join(map(str, row['shape']))} | FAILED {row['exception'][:100]} |")
-                continue
-            c, r = row["chunked"], row["recurrent"]
-            log(
-                f"| {', '.join(map(str, row['shape']))} | {c['fwd_graph']:.3f} | {r['fwd_graph']:.3f} | "
-                f"{c['fwdbwd_graph']:.3f} | **{r['fwdbwd_graph']:.3f}** | {row['ratio_fwdbwd']:.2f} | "
-                f"{c['peak_GiB']:.2f} / {r['peak_GiB']:.2f} |"
-            )
-        for v in res["recurrent_variants"]:
-            log(f"  {str(v['shape']):15s} {v['variant']:22s} {json.dumps(v)[:200]}")
     if res["baseline"]:
         log(f"\nAgainst the baseline copy {res.get('baseline_file')} (CUDA-graph ms, bf16; ours / base)")
         log("| B, T, H | base fwd | ours fwd | base fwd+bwd | ours fwd+bwd | ours / base fwd+bwd |")
@@ -738,8 +624,8 @@ def main():
     ap.add_argument(
         "--sections",
         default="compile,correctness,timings,variants,fla",
-        help="comma list of compile, correctness, timings, profile, variants, fla, recurrent (a config that faults "
-        "poisons the CUDA context: run risky sections in separate invocations)",
+        help="comma list of compile, correctness, timings, profile, variants, fla (a config that faults poisons "
+        "the CUDA context: run risky sections in separate invocations)",
     )
     ap.add_argument("--variants", default=None, help="comma list of variant names (default: all)")
     ap.add_argument("--tag", default="", help="suffix of the JSON file name")
@@ -768,8 +654,6 @@ def main():
         "variants": [],
         "baseline": [],
         "baseline_file": args.baseline_file,
-        "recurrent": [],
-        "recurrent_variants": [],
         "errors": [],
     }
     if args.profile:
@@ -780,7 +664,6 @@ def main():
         ("copy", lambda: res.__setitem__("copy_TBps", copy_tbps())),
         ("correctness", lambda: correctness(res)),
         ("baseline", lambda: baseline_section(res, base_mod)),
-        ("recurrent", lambda: recurrent_section(res)),
         ("timings", lambda: timings(res)),
         ("profile", lambda: profile(res)),
         ("variants", lambda: variants(res, args.quick)),

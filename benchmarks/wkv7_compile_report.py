@@ -3,9 +3,6 @@ compiler says: registers, spill stores/loads, stack frame, and the tensor-core i
 SASS (HGMMA = wgmma, HMMA = mma.sync). Costs no device time; run before a GPU call.
 
     python benchmarks/wkv7_compile_report.py [--module PATH] [--chunk 32] [--bv-scan 64] ...
-    python benchmarks/wkv7_compile_report.py --kernels rec_fwd,rec_bwd,rec_bwd_reset --bv 64 --warps 4,8
-
-(rec_*: the token-by-token kernels of `triton_wkv7_recurrent.py`, the `backend="recurrent"` path.)
 """
 
 from __future__ import annotations
@@ -82,32 +79,6 @@ def compile_one(fn, args: dict, num_warps: int, num_stages: int = 3, aligned: bo
     )
 
 
-def recurrent_specs(bv: int, N: int) -> dict:
-    """The recurrent backend's kernels as the model calls them in training (bf16, fp32 decay)."""
-    import rwkv_ft.kernels.rwkv7.triton_wkv7_recurrent as trec
-
-    xin = dict(r="*bf16", w="*fp32", k="*bf16", v="*bf16", a="*bf16", b="*bf16")
-    ints = dict(T="i32", H="i32", s_b="i64", s_t="i64", s_h="i64")
-    fwd = dict(
-        **xin, s0=None, reset=None, y="*bf16", sT="*fp32", ck="*fp32", sa_out="*fp32", **ints,
-        N=N, BV=bv, CH=16, HAS_STATE=False, HAS_RESET=False, STORE=True,
-    )  # fmt: skip
-    grads = dict(dr="*bf16", dw="*fp32", dk="*bf16", dv="*bf16", da="*bf16", db="*bf16")
-    if bv < N:  # the column sums' shares, fp32
-        grads.update(dr="*fp32", dk="*fp32", da="*fp32", db="*fp32")
-    bwd = dict(
-        **xin, reset=None, dy="*bf16", ck="*fp32", sa_in="*fp32", sT="*fp32", dsT=None, ds0=None, **grads,
-        **ints, s_part="i64", N=N, BV=bv, CH=16, RS=8, JOIN_SUMS=False, HAS_RESET=False, HAS_DY=True,
-        HAS_DST=False, WANT_DS0=False,
-    )  # fmt: skip
-    return {
-        "rec_fwd": (trec._rec_fwd_kernel, fwd),
-        "rec_bwd": (trec._rec_bwd_kernel, bwd),
-        "rec_bwd_reset": (trec._rec_bwd_kernel, dict(bwd, reset="*u8", HAS_RESET=True)),
-        "rec_bwd_joined": (trec._rec_bwd_kernel, dict(bwd, JOIN_SUMS=True)),
-    }
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -117,7 +88,6 @@ def main():
     ap.add_argument("--N", type=int, default=64)
     ap.add_argument("--bv-scan", type=int, default=64)
     ap.add_argument("--bv-grad", type=int, default=64)
-    ap.add_argument("--bv", type=int, default=64, help="value rows per program of the rec_* kernels")
     ap.add_argument("--warps", default="4")
     ap.add_argument("--prec", default="bf16x3")
     ap.add_argument("--kernels", default="prep,prep_mq,scan_fwd,scan_bwd,grad")
@@ -237,8 +207,6 @@ def main():
             ),
         ),
     }
-    if any(name.startswith("rec_") for name in a.kernels.split(",")):
-        specs.update(recurrent_specs(a.bv, N))
     print(f"triton {triton.__version__}, sm_90a, L={L} N={N} bv_scan={a.bv_scan} bv_grad={a.bv_grad} prec={a.prec}")
     for name in a.kernels.split(","):
         fn, args = specs[name]

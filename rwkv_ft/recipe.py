@@ -29,7 +29,7 @@ class ModelSection:
     config: dict[str, Any] | None = None  # config kwargs (e.g. Rwkv4Config) for a from-scratch model
     dtype: str = "fp32"  # fp32 | bf16 | fp16: dtype of the (frozen) base weights
     quantization: str | None = None  # null | int8 | nf4 | fp4 (bitsandbytes; QLoRA)
-    wkv_backend: str = "auto"  # auto | triton | torch | recurrent (RWKV-7's token-by-token kernels)
+    wkv_backend: str = "auto"  # auto | triton | torch
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Recipe:
 CHOICES = {
     "model.dtype": ("fp32", "bf16", "fp16"),
     "model.quantization": (None, "int8", "nf4", "fp4"),
-    "model.wkv_backend": ("auto", "triton", "recurrent", "torch"),  # recurrent: RWKV-7 only
+    "model.wkv_backend": ("auto", "triton", "torch"),
     "data.format": ("auto", "alpaca", "sharegpt", "openai", "document"),
     "adapter.type": ("lora", "state", "none"),
     "adapter.lora_compute": ("base", "fp32"),

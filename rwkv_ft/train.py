@@ -154,15 +154,7 @@ def _has_tokenizer(directory: Path) -> bool:
 
 
 def model_vocab_size(recipe: Recipe) -> tuple[int, Path | None]:
-    """The embedding size the recipe's model will have, and the local model source (None: from
-    config). Also checks that the model's architecture has the recipe's kernel backend."""
-    config, source = _model_config(recipe)
-    check_kernel_backend(config, recipe.model.wkv_backend)
-    return config.vocab_size, source
-
-
-def _model_config(recipe: Recipe):
-    """The config the recipe's model will have, and the local model source (None: from config)."""
+    """The embedding size the recipe's model will have, and the local model source (None: from config)."""
     from rwkv_ft.convert import load_any_checkpoint, model_type_of, verify_model_dir
     from rwkv_ft.io import resolve_model_source
     from rwkv_ft.models.architecture import architecture_for_model_type
@@ -176,24 +168,13 @@ def _model_config(recipe: Recipe):
             known = ", ".join(a.model_type for a in architectures())
             raise RecipeError(f"recipe: model.model_type must be one of {known} for a model built from model.config")
         try:
-            return arch.config_class(**spec.config), None
+            return arch.config_class(**spec.config).vocab_size, None
         except (TypeError, ValueError) as exc:
             raise RecipeError(f"recipe: model.config: {exc}") from exc
     source = resolve_model_source(spec.path, what="model.path")
     if source.path.is_dir() and architecture_for_model_type(model_type_of(source.path)) is not None:
-        return verify_model_dir(source.path)[1], source.path  # names a config/weights mismatch
-    return load_any_checkpoint(source.path).config, source.path
-
-
-def check_kernel_backend(config, backend: str) -> None:
-    """A RecipeError unless the config's architecture has the WKV backend `backend` (its config's
-    `wkv_backends`: "recurrent" is RWKV-7's)."""
-    choices = getattr(type(config), "wkv_backends", ())
-    if backend not in choices:
-        raise RecipeError(
-            f"recipe: model.wkv_backend {backend!r} is not one of this model's ({config.model_type}): "
-            + ", ".join(choices)
-        )
+        return verify_model_dir(source.path)[1].vocab_size, source.path  # names a config/weights mismatch
+    return load_any_checkpoint(source.path).config.vocab_size, source.path
 
 
 def load_model(recipe: Recipe, base: Path, record: str):
@@ -215,9 +196,7 @@ def load_model(recipe: Recipe, base: Path, record: str):
 
 
 def set_kernel_backend(model, backend: str) -> None:
-    """Point every block's WKV at `backend` ("auto", "triton", "torch", or one its architecture
-    adds: its config's `wkv_backends`)."""
-    check_kernel_backend(model.config, backend)
+    """Point every block's WKV at `backend` ("auto", "triton" or "torch")."""
     model.config.wkv_backend = backend
     for module in model.modules():
         if hasattr(module, "wkv_backend"):
@@ -996,7 +975,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         lm.recompute_last_chunk = zero3
     if how == "fsdp2":  # before the Trainer shards the model
         fp32_trained_parameters(model)
-    if recipe.training.compile and zero_stage(trainer.accelerator) == 3:
+    if recipe.training.compile and zero3:
         # ZeRO-3 gathers each layer's parameters in module hooks that torch.compile may not trace
         # (torch.compiler.disable), so a compiled block sees the empty partitions. FSDP2's hooks
         # are outside dynamo's view: its blocks compile whole.

@@ -228,11 +228,10 @@ def test_compiled_triton_wkv_inductor(recompute, small_chunks):
     compare("rwkv4", torch.float32, {}, random_ids(2, 9, seed=4), recompute=recompute, backend="triton")
 
 
-@pytest.mark.parametrize("kernel,recompute", [("triton", "none"), ("triton", "selective"), ("recurrent", "selective")])
-def test_compiled_triton_wkv7(kernel, recompute):
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_compiled_triton_wkv7(recompute):
     """The WKV-7 custom op inside fullgraph-compiled RWKV-7 blocks (head size 32, the kernel under
-    the interpreter), with and without selective recompute (which keeps the op's outputs); the
-    token-by-token kernels' op too."""
+    the interpreter), with and without selective recompute (which keeps the op's outputs)."""
     from rwkv_ft.testing import randomize_, tiny_rwkv7_config
 
     factory = MODEL_FACTORIES["rwkv7"]
@@ -240,7 +239,7 @@ def test_compiled_triton_wkv7(kernel, recompute):
     MODEL_FACTORIES["rwkv7"] = lambda: randomize_(rwkv_ft.Rwkv7ForCausalLM(config), seed=1)
     try:
         compare("rwkv7", torch.float32, {"backend": PARTITIONED}, random_ids(2, 9, seed=6), recompute=recompute,
-                backend=kernel)  # fmt: skip
+                backend="triton")  # fmt: skip
     finally:
         MODEL_FACTORIES["rwkv7"] = factory
 
@@ -351,3 +350,54 @@ def test_selective_recompute_keeps_what_it_should():
     plain = big.detach().clone().requires_grad_()
     fn(plain).backward()
     assert torch.equal(big.grad, plain.grad)
+
+
+@pytest.mark.parametrize("version", sorted(MODEL_FACTORIES))
+def test_whole_block_checkpointing_is_compiled_into_the_block(version):
+    """Whole-block checkpointing on compiled blocks traces the checkpoint into each block's graph
+    (its recompute is then part of the compiled backward, and of its CUDA graphs under
+    reduce-overhead), whatever transformers release switched it on; an eager checkpoint around a
+    CUDA-graphed block fails at the recompute. Loss and gradients still equal eager's."""
+    graphs = []
+
+    def capturing(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend(PARTITIONED)(gm, example_inputs)
+
+    compare(version, torch.float32, {"backend": capturing}, random_ids(2, 5, seed=11), recompute="full")
+    targets = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert any("checkpoint" in t for t in targets), sorted(targets)
+
+
+def _block_forward_calls(model, ids) -> list[int]:
+    """How many times each block's `block_forward` runs in one training forward + backward."""
+    calls = [0] * len(rwkv_blocks(model))
+    for index, block in enumerate(rwkv_blocks(model)):
+        inner = block.block_forward
+
+        def counted(*args, _index=index, _inner=inner):
+            calls[_index] += 1
+            return _inner(*args)
+
+        block.block_forward = counted
+    model(ids, labels=ids).loss.backward()
+    return calls
+
+
+def test_gradient_checkpointing_recomputes_each_block_once():
+    model = lora_model("rwkv4")
+    model.gradient_checkpointing_enable()
+    assert _block_forward_calls(model, random_ids(2, 5, seed=12)) == [2] * len(rwkv_blocks(model))
+    model.gradient_checkpointing_disable()
+    assert _block_forward_calls(model, random_ids(2, 5, seed=12)) == [1] * len(rwkv_blocks(model))
+
+
+def test_gradient_checkpointing_every_n_layers_counts_rwkv_blocks():
+    model = MODEL_FACTORIES["rwkv7"]()
+    if not hasattr(model, "activation_checkpointing_enable"):
+        pytest.skip("this transformers release has no every_n_layers (activation_checkpointing_enable, 5.23+)")
+    model.config.num_hidden_layers = 5
+    model = type(model)(model.config).train()
+    model.activation_checkpointing_enable(every_n_layers=2)
+    assert [block.gradient_checkpointing for block in rwkv_blocks(model)] == [True, False, True, False, True]
+    assert _block_forward_calls(model, random_ids(1, 4, seed=13)) == [2, 1, 2, 1, 2]

@@ -296,17 +296,3 @@ def test_error_paths_print_one_line_and_nothing_else(tmp_path):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"rwkv-ft {argv[0]}: error: "), (argv, err)
         assert not out.exists(), argv
-
-
-def test_a_kernel_backend_the_architecture_lacks_is_named(tmp_path, capsys):
-    """model.wkv_backend=recurrent is RWKV-7's: an RWKV-4 recipe asking for it stops with exit 2,
-    naming the key and the backends it has."""
-    out = tmp_path / "out"
-    argv = ["train", QUICKSTART, *TINY, "model.wkv_backend=recurrent", f"training.output_dir={out}"]
-    rc, _, err = run_cli(capsys, *argv)
-    assert rc == 2 and "model.wkv_backend 'recurrent'" in err and "'auto', 'triton', 'torch'" not in err
-    assert "auto, triton, torch" in err and not out.exists()
-    from rwkv_ft import Rwkv7Config
-    from rwkv_ft.train import check_kernel_backend
-
-    check_kernel_backend(Rwkv7Config(hidden_size=64, num_hidden_layers=1, head_size=32), "recurrent")  # RWKV-7's

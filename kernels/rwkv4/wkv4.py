@@ -14,7 +14,7 @@ from rwkv_ft.kernels.custom_ops import runs_kernel
 from .ops import wkv4_op
 from .reference import wkv4_reference
 
-BACKENDS = ("auto", "triton", "torch")
+_BACKENDS = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -78,7 +78,7 @@ def wkv4(
     implementation on meta tensors) and the reference otherwise; "triton" on CPU tensors needs
     TRITON_INTERPRET=1 (set before triton is imported).
     """
-    if backend not in BACKENDS:
+    if backend not in _BACKENDS:
         raise ValueError(f"wkv4: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     _check_shapes(time_decay, time_first, k, v, state, reset)
     if backend == "torch":

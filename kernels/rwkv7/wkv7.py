@@ -1,9 +1,8 @@
 """Public entry point of the RWKV-7 WKV operator: validation and backend dispatch.
 
-Two Triton implementations: the chunked kernels of `triton_wkv7.py` (backend "triton", any w) and
-the token-by-token kernels of `triton_wkv7_recurrent.py` (backend "recurrent", w >= -exp(-0.5)),
-each called through its custom ops in `ops.py` (opaque to torch.compile); triton is imported on
-the first launch, so CPU-only use of the reference never imports it.
+The Triton backend lives in `triton_wkv7.py`, called through the custom ops of `ops.py` (opaque to
+torch.compile); triton is imported on the first launch, so CPU-only use of the reference never
+imports it.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from rwkv_ft.kernels.custom_ops import runs_kernel
 from .ops import wkv7_op
 from .reference import wkv7_reference
 
-BACKENDS = ("auto", "triton", "recurrent", "torch")
+_BACKENDS = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_HEAD_SIZES = (32, 64, 128)
 _NAMES = ("r", "w", "k", "v", "a", "b")
@@ -75,11 +74,8 @@ def wkv7(
         reset: None or (B, T) bool; where true the state is zeroed before that token (packed
             examples in one row).
         backend: "auto" (Triton on CUDA, and the kernel op's shape-only implementation on meta
-            tensors; the PyTorch reference elsewhere), "triton" (the chunked kernels: any w),
-            "recurrent" (Triton, token by token: fast where B x H fills the GPU; requires
-            w >= -exp(-0.5), the model's range: its backward undoes steps, dividing by the decay)
-            or "torch".
-        recompute_states: Triton backends, in training: keep nothing for the backward but the
+            tensors; the PyTorch reference elsewhere), "triton" or "torch".
+        recompute_states: Triton backend, in training: keep nothing for the backward but the
             inputs (and ``state``), and run the forward again in the backward, instead of keeping
             the fp32 state entering every 16-token chunk from forward to backward (1 KB per token
             and head at N = 64; the backward then costs one more forward scan and chunk-map pass).
@@ -92,8 +88,8 @@ def wkv7(
     Differentiable w.r.t. all six inputs and ``state``; the loss may depend on ``new_state``.
     "triton" on CPU tensors needs TRITON_INTERPRET=1 (set before triton is imported).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"wkv7: backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"wkv7: backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     tensors = (r, w, k, v, a, b)
     _check_inputs(tensors, state, reset)
     if backend == "auto":
@@ -102,12 +98,12 @@ def wkv7(
     if backend == "torch":
         return wkv7_reference(*tensors, state, reset)
     if r.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"wkv7: the {backend} backend takes fp32, bf16 or fp16 inputs, got {r.dtype}")
+        raise ValueError(f"wkv7: the triton backend takes fp32, bf16 or fp16 inputs, got {r.dtype}")
     if r.shape[-1] not in _KERNEL_HEAD_SIZES:
-        raise ValueError(f"wkv7: the {backend} backend takes head size N in {_KERNEL_HEAD_SIZES}, got {r.shape[-1]}")
+        raise ValueError(f"wkv7: the triton backend takes head size N in {_KERNEL_HEAD_SIZES}, got {r.shape[-1]}")
     if not runs_kernel(r):
         raise RuntimeError(
-            f"wkv7: backend={backend!r} needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
+            "wkv7: backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 (set before triton is "
             "imported) to run on CPU under the Triton interpreter"
         )
-    return wkv7_op(*tensors, state, reset, recompute_states, recurrent=backend == "recurrent")
+    return wkv7_op(*tensors, state, reset, recompute_states)

@@ -27,9 +27,3 @@ def check_positive_fields(config_name: str, **fields: Any) -> None:
     for key, value in fields.items():
         if not _is_positive_int(value):
             raise ValueError(f"{config_name}: {key} must be a positive integer, got {value!r}")
-
-
-def check_wkv_backend(config_name: str, backend: Any, choices: tuple[str, ...]) -> None:
-    """Raise ValueError unless `backend` is one of this architecture's WKV backends."""
-    if backend not in choices:
-        raise ValueError(f"{config_name}: wkv_backend must be one of {', '.join(map(repr, choices))}, got {backend!r}")

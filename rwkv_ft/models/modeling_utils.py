@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 # model_kwargs key holding our _GenerationState (not a cache name any transformers release knows).
@@ -141,6 +140,10 @@ class RwkvPreTrainedModelMixin:
                 "ignore", message=".*gradient_checkpointing_enable.*deprecated", category=FutureWarning
             )
             PreTrainedModel.gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=kwargs_, **kwargs)
+        # transformers (5.23+) counts `every_n_layers` over its own layer class only: count our blocks.
+        every_n_layers = kwargs.get("every_n_layers", 1)
+        for index, block in enumerate(rwkv_blocks(self)):
+            block.gradient_checkpointing = index % every_n_layers == 0
 
     def save_pretrained(self, *args: Any, **kwargs: Any):
         """The model's own weights; an attached learned initial state (state tuning) is an adapter,
@@ -259,17 +262,25 @@ def selective_recompute_context():
     return create_selective_checkpoint_contexts(_selective_recompute_policy)
 
 
-class RwkvBlock(GradientCheckpointingLayer):
+class RwkvBlock(nn.Module):
     """What every version's block shares. A block is called as `block(hidden, layer_state, mask,
     reset, carry)` and returns `(hidden, new_layer_state, carry)` (see `RwkvModelBase`); the version
     implements `block_forward` with that contract.
 
-    With `selective_recompute` (set by `set_activation_recompute("selective")`) a training forward
-    runs under a selective activation checkpoint: the outputs of the large matmuls are kept, all
-    else is recomputed in the backward. It lives inside `forward`, so a compiled block
-    (`compile_blocks`) compiles the checkpoint with it and the recompute is part of its backward graph.
+    Both kinds of recompute run inside `forward`, so a compiled block (`compile_blocks`) compiles
+    the checkpoint with it and the recompute is part of its backward graph (and of its CUDA graphs
+    under `mode="reduce-overhead"`):
+    - whole-block activation checkpointing, switched on by transformers' `gradient_checkpointing_enable`
+      (which sets `gradient_checkpointing` and `_gradient_checkpointing_func` on every module that has
+      the attribute). transformers' own `GradientCheckpointingLayer` is not used: before its
+      5.23 release it checkpoints around `__call__`, i.e. around the compiled block, and an eager
+      checkpoint around CUDA-graphed code fails at the recompute (the block inputs it saved are
+      graph outputs that a later replay overwrites).
+    - selective recompute (`selective_recompute`, set by `set_activation_recompute("selective")`):
+      the outputs of the large matmuls are kept, all else is recomputed in the backward.
     """
 
+    gradient_checkpointing: bool = False
     selective_recompute: bool = False
 
     def forward(
@@ -280,14 +291,18 @@ class RwkvBlock(GradientCheckpointingLayer):
         reset: torch.Tensor | None = None,
         carry: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self.selective_recompute and self.training and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
+        args = (hidden, layer_state, mask, reset, carry)
+        if not (self.training and torch.is_grad_enabled()):
+            return self.block_forward(*args)
+        from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(
-                self.block_forward, hidden, layer_state, mask, reset, carry,
-                use_reentrant=False, context_fn=selective_recompute_context,
-            )  # fmt: skip
-        return self.block_forward(hidden, layer_state, mask, reset, carry)
+        if self.selective_recompute:
+            return checkpoint(self.block_forward, *args, use_reentrant=False, context_fn=selective_recompute_context)
+        if self.gradient_checkpointing:
+            if torch.compiler.is_compiling():  # traced into the graph: only the non-reentrant form compiles
+                return checkpoint(self.block_forward, *args, use_reentrant=False)
+            return self._gradient_checkpointing_func(self.block_forward, *args)
+        return self.block_forward(*args)
 
     def block_forward(
         self,

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from rwkv_ft.kernels.rwkv4.wkv4 import BACKENDS as WKV_BACKENDS
-from rwkv_ft.models.config_checks import check_positive_fields, check_wkv_backend
+from rwkv_ft.models.config_checks import check_positive_fields
 from rwkv_ft.models.registration import register_config
 
 
@@ -22,7 +21,6 @@ class Rwkv4Config(PretrainedConfig):
     """
 
     model_type = "rwkv4"
-    wkv_backends = WKV_BACKENDS  # what `wkv_backend` may be
     attribute_map = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers"}
 
     def __init__(
@@ -48,7 +46,8 @@ class Rwkv4Config(PretrainedConfig):
             num_hidden_layers=num_hidden_layers,
             intermediate_size=intermediate_size,
         )
-        check_wkv_backend("Rwkv4Config", wkv_backend, self.wkv_backends)
+        if wkv_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"wkv_backend must be 'auto', 'triton' or 'torch', got {wkv_backend!r}")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

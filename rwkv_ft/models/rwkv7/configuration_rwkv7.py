@@ -6,8 +6,7 @@ import math
 
 from transformers import PretrainedConfig
 
-from rwkv_ft.kernels.rwkv7.wkv7 import BACKENDS as WKV_BACKENDS
-from rwkv_ft.models.config_checks import check_positive_fields, check_wkv_backend
+from rwkv_ft.models.config_checks import check_positive_fields
 from rwkv_ft.models.registration import register_config
 
 
@@ -30,13 +29,11 @@ class Rwkv7Config(PretrainedConfig):
             `w1/w2`, `a1/a2`, `v1/v2`, `g1/g2` (default: BlinkDL's rule from hidden_size).
         layer_norm_epsilon: Epsilon of every LayerNorm; the per-head `ln_x` GroupNorm uses
             `group_norm_epsilon` (64e-5, as the reference).
-        wkv_backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" (the chunked kernels),
-            "recurrent" (Triton, token by token: see `rwkv_ft.kernels.wkv7`) or "torch".
+        wkv_backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch".
     """
 
     model_type = "rwkv7_ft"  # not "rwkv7": flash-linear-attention registers that, and transformers will
     attribute_map = {"n_embd": "hidden_size", "n_layer": "num_hidden_layers"}
-    wkv_backends = WKV_BACKENDS  # what `wkv_backend` may be
 
     def __init__(
         self,
@@ -70,7 +67,8 @@ class Rwkv7Config(PretrainedConfig):
         )
         if hidden_size % head_size:
             raise ValueError(f"Rwkv7Config: hidden_size {hidden_size} is not a multiple of head_size {head_size}")
-        check_wkv_backend("Rwkv7Config", wkv_backend, self.wkv_backends)
+        if wkv_backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"wkv_backend must be 'auto', 'triton' or 'torch', got {wkv_backend!r}")
         low_rank = {
             "decay_low_rank": decay_low_rank or default_low_rank(hidden_size, 2.5),
             "a_low_rank": a_low_rank or default_low_rank(hidden_size, 2.5),
