@@ -44,10 +44,15 @@ The union covers every pair t >= s exactly once. With w clamped at W_MIN = -16 (
 1.1e-7, numerically zero: the clamp moves results by < 1e-6 relative, see the tests) no factor
 exceeds e^64, so fp32 never overflows and each product keeps fp32 relative accuracy. A chunk whose
 w are all >= -80 / L (-5 for L = 16: always in the model, whose w >= -0.61) takes one pass instead,
-the whole chunk with R at its middle (factors <= e^40): half the pair work. G is summed in fp64:
-exponents are differences of prefix sums, and once a few steps at w = -16 have made |G| ~ 100, fp32
-would lose ~1e-5 in exp(G_t - G_s) even for nearby t, s. (I - A_ab)^-1 = (I + A)(I + A^2)(I + A^4)
-(I + A^8) for L = 16 (A^L = 0).
+the whole chunk with R = G_L / 2 (G is monotone, so every factor is <= e^40; no search for a
+reference row): half the pair work. Its row and column factors are exp(x), exp(-x) of one rounded
+x = G - R each, so the pairs whose exponent spans no step get exactly 1 * (1 + rounding of exp):
+the state-side exp(G), exp(G_L - G) times constants would be cheaper but cost ~10x the fp32 error
+near w = -5 (measured; the errors of three exponents add up). G is summed in fp64: exponents are
+differences of prefix sums, and once a few steps at w = -16 have made |G| ~ 100, fp32 would lose
+~1e-5 in exp(G_t - G_s) even for nearby t, s; the level passes sum it again where they need it (a
+rare path), so no fp64 tile stays live. (I - A_ab)^-1 = (I + A)(I + A^2)(I + A^4)(I + A^8) for
+L = 16 (A^L = 0), unrolled (a loop would hold M, P in one fixed layout across iterations).
 
 The four pair matrices share operands, so they come from one stacked product
 [r; a] (2L, N) x [b; k]^T -> [[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L); the backward stacks likewise.
@@ -168,7 +173,7 @@ def _inv_unit_lower(A, LOG2_L: tl.constexpr, PREC: tl.constexpr):
     rows = tl.arange(0, A.shape[0])
     M = (rows[:, None] == rows[None, :]).to(tl.float32) + A
     P = A
-    for _ in range(LOG2_L - 1):
+    for _ in tl.static_range(LOG2_L - 1):
         P = _mm(P, P, PREC, False, False)
         M = M + _mm(M, P, PREC, False, False)
     return M
@@ -231,23 +236,37 @@ def _ref_rows(G64, rows, h):
 
 
 @triton.jit
-def _level(G64, w64, rows, lev, h0):
+def _level(wc, g_mid, gx_mid, rows, lev, h0):
     """Factors of level `lev` (see the module docstring): row factors exp(Gx - R) (for a rows) and
     exp(G - R) (for r rows), column factor exp(R - G), each (L, N), and the level's pair mask,
     (2L, 2L) to match the stacked pair matrices. Level 0 is block-diagonal (blocks of 2 h0).
-    G64 = G in fp64: exponents are differences of prefix sums, and after a few steps at w = -16
-    |G| ~ 100, whose fp32 rounding would cost exp(G_t - G_s) ~1e-5 where t - s is small."""
-    L: tl.constexpr = G64.shape[0]
+    wc: the clamped w (L, N); g_mid, gx_mid = G - G_L / 2, Gx - G_L / 2 (L, N)."""
+    L: tl.constexpr = wc.shape[0]
     h = h0 << lev  # half a block
-    R = _ref_rows(G64, rows, h)
-    D = (G64 - R).to(tl.float32)  # G - R
-    Dx = (G64 - w64 - R).to(tl.float32)  # Gx - R
     diag = lev == 0
-    late = diag | ((rows // h) % 2 == 1)  # rows of this level
-    early = diag | ((rows // h) % 2 == 0)  # columns of this level
-    fa = tl.exp(tl.where(late[:, None], Dx, float("-inf")))
-    fr = tl.exp(tl.where(late[:, None], D, float("-inf")))
-    fc = tl.exp(tl.where(early[:, None], -D, float("-inf")))
+    if h0 == L // 2:
+        # The one pass of a mild chunk (`_levels`) refers to R = G_L / 2: G is monotone, so
+        # every exponent lies within +-|G_L| / 2 <= 40 (no reference-row search). Row and
+        # column factors come from one rounded exponent each, so a pair (t, t) gets exactly
+        # exp(x) exp(-x): products of the state-side exp(G), exp(G_L - G) would not cancel.
+        fa = tl.exp(gx_mid)
+        fr = tl.exp(g_mid)
+        fc = tl.exp(-g_mid)
+    else:
+        # G in fp64, summed again here (rare: a chunk with some w < -80 / L), so that no fp64
+        # tile stays live in the common path. Exponents are differences of prefix sums, and after
+        # a few steps at w = -16 |G| ~ 100, whose fp32 rounding would cost exp(G_t - G_s) ~1e-5
+        # where t - s is small.
+        w64 = wc.to(tl.float64)
+        G64 = tl.cumsum(w64, axis=0)
+        R = _ref_rows(G64, rows, h)
+        D = (G64 - R).to(tl.float32)  # G - R
+        Dx = (G64 - w64 - R).to(tl.float32)  # Gx - R
+        late = diag | ((rows // h) % 2 == 1)  # rows of this level
+        early = diag | ((rows // h) % 2 == 0)  # columns of this level
+        fa = tl.exp(tl.where(late[:, None], Dx, float("-inf")))
+        fr = tl.exp(tl.where(late[:, None], D, float("-inf")))
+        fc = tl.exp(tl.where(early[:, None], -D, float("-inf")))
     t2 = tl.arange(0, 2 * L) % L
     blk2 = t2 // (2 * h)
     late2 = diag | ((t2 // h) % 2 == 1)
@@ -295,15 +314,21 @@ def _last_row(x, rows):
 
 
 @triton.jit
-def _pair_matrices(r, k, a, b, G64, w64, rows, n_lev, h0, PREC: tl.constexpr):
-    """[[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L) before the causal mask."""
-    L: tl.constexpr = r.shape[0]
-    P = tl.zeros([2 * L, 2 * L], dtype=tl.float32)
-    for lev in range(n_lev):
-        fa, fr, fc, pairs = _level(G64, w64, rows, lev, h0)
-        X = _vstack(r * fr, a * fa)  # (2L, N) row operands
-        Y = _vstack(b * fc, k * fc)  # (2L, N) column operands
-        P += tl.where(pairs, _mm(X, tl.trans(Y), PREC, False, False), 0.0)
+def _pair_pass(r, k, a, b, wc, g_mid, gx_mid, rows, lev, h0, PREC: tl.constexpr):
+    """Level `lev`'s share of the stacked pair matrices (2L, 2L)."""
+    fa, fr, fc, pairs = _level(wc, g_mid, gx_mid, rows, lev, h0)
+    X = _vstack(r * fr, a * fa)  # (2L, N) row operands
+    Y = _vstack(b * fc, k * fc)  # (2L, N) column operands
+    return tl.where(pairs, _mm(X, tl.trans(Y), PREC, False, False), 0.0)
+
+
+@triton.jit
+def _pair_matrices(r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC: tl.constexpr):
+    """[[A_rb, A_rk], [A_ab, A_ak]] (2L, 2L) before the causal mask. The first pass is outside the
+    loop: the one-pass plan (the common case) runs as straight-line code."""
+    P = _pair_pass(r, k, a, b, wc, g_mid, gx_mid, rows, 0, h0, PREC)
+    for lev in range(1, n_lev):
+        P += _pair_pass(r, k, a, b, wc, g_mid, gx_mid, rows, lev, h0, PREC)
     return P
 
 
@@ -315,8 +340,8 @@ def _key_side(
     """Everything of a chunk that does not involve the state. r, w, k, a, b: (L, N) fp32, zero past
     the sequence end; seg: (L,) segment ids. Returns the masked stacked pair matrices (2L, 2L),
     (I - A_ab)^-1 (L, L), the state-side operands As, Rs, Bs, Ks (L, N), exp(G_L) (1, N) (0 when a
-    reset cuts S_0 off), exp(G), exp(Gx), exp(G_L - G) (L, N), G and the clamped w in fp64, the
-    level plan and the masks."""
+    reset cuts S_0 off), exp(G), exp(Gx), exp(G_L - G) (L, N), the clamped w (L, N),
+    G - G_L / 2 and Gx - G_L / 2 (L, N), the level plan and the masks."""
     wc = tl.maximum(w, _W_MIN)
     w64 = wc.to(tl.float64)
     G64 = tl.cumsum(w64, axis=0)  # (L, N): log decay from the chunk start through token t
@@ -324,9 +349,12 @@ def _key_side(
     eg = tl.exp(G64.to(tl.float32))
     egx = tl.exp((G64 - w64).to(tl.float32))  # exp(G[t - 1])
     eL = tl.exp((GL64 - G64).to(tl.float32))  # exp(G_L - G_t)
+    gl = GL64.to(tl.float32)
+    g_mid = (G64 - 0.5 * GL64).to(tl.float32)  # exponents of the one-pass plan (R = G_L / 2)
+    gx_mid = (G64 - w64 - 0.5 * GL64).to(tl.float32)
     n_lev, h0 = _levels(wc, r.shape[0], NLEV)
     m0, m_end, keep = _masks(seg, rows, HAS_RESET)
-    pm = _pair_matrices(r, k, a, b, G64, w64, rows, n_lev, h0, PREC)
+    pm = _pair_matrices(r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC)
     P = tl.where(_causal(seg, rows, HAS_RESET), pm, 0.0)
     _, Pb = _vsplit(P)
     Aab, _ = _hsplit(Pb)
@@ -335,8 +363,8 @@ def _key_side(
     Rs = tl.where(m0, r * eg, 0.0)
     Bs = tl.where(m_end, b * eL, 0.0)
     Ks = tl.where(m_end, k * eL, 0.0)
-    gam = tl.where(keep, tl.exp(GL64.to(tl.float32)), 0.0)
-    return P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, G64, w64, n_lev, h0, m0, m_end
+    gam = tl.where(keep, tl.exp(gl), 0.0)
+    return P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, g_mid, gx_mid, n_lev, h0, m0, m_end
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,22 +462,27 @@ def _chunk_key_inputs(
 
 
 @triton.jit
-def _level_grads(D, r, k, a, b, G64, w64, rows, n_lev, h0, PREC: tl.constexpr):
-    """dr, dk, da, db (L, N) from D = the gradient of the stacked pair matrices (2L, 2L)."""
-    dr = tl.zeros(r.shape, dtype=tl.float32)
-    dk = tl.zeros(r.shape, dtype=tl.float32)
-    da = tl.zeros(r.shape, dtype=tl.float32)
-    db = tl.zeros(r.shape, dtype=tl.float32)
-    for lev in range(n_lev):
-        fa, fr, fc, pairs = _level(G64, w64, rows, lev, h0)
-        Dp = tl.where(pairs, D, 0.0)
-        # [dA_rb B + dA_rk K; dA_ab B + dA_ak K] and [dA_rb^T R + dA_ab^T A; dA_rk^T R + dA_ak^T A]
-        x_r, x_a = _vsplit(_mm(Dp, _vstack(b * fc, k * fc), PREC, False, False))
-        x_b, x_k = _vsplit(_mm(tl.trans(Dp), _vstack(r * fr, a * fa), PREC, False, False))
-        dr += fr * x_r
-        da += fa * x_a
-        db += fc * x_b
-        dk += fc * x_k
+def _pass_grads(D, r, k, a, b, wc, g_mid, gx_mid, rows, lev, h0, PREC: tl.constexpr):
+    """Level `lev`'s share of dr, dk, da, db (L, N) from D (2L, 2L)."""
+    fa, fr, fc, pairs = _level(wc, g_mid, gx_mid, rows, lev, h0)
+    Dp = tl.where(pairs, D, 0.0)
+    # [dA_rb B + dA_rk K; dA_ab B + dA_ak K] and [dA_rb^T R + dA_ab^T A; dA_rk^T R + dA_ak^T A]
+    x_r, x_a = _vsplit(_mm(Dp, _vstack(b * fc, k * fc), PREC, False, False))
+    x_b, x_k = _vsplit(_mm(tl.trans(Dp), _vstack(r * fr, a * fa), PREC, False, False))
+    return fr * x_r, fc * x_k, fa * x_a, fc * x_b
+
+
+@triton.jit
+def _level_grads(D, r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC: tl.constexpr):
+    """dr, dk, da, db (L, N) from D = the gradient of the stacked pair matrices (2L, 2L); the first
+    pass outside the loop, as in `_pair_matrices`."""
+    dr, dk, da, db = _pass_grads(D, r, k, a, b, wc, g_mid, gx_mid, rows, 0, h0, PREC)
+    for lev in range(1, n_lev):
+        dr_l, dk_l, da_l, db_l = _pass_grads(D, r, k, a, b, wc, g_mid, gx_mid, rows, lev, h0, PREC)
+        dr += dr_l
+        dk += dk_l
+        da += da_l
+        db += db_l
     return dr, dk, da, db
 
 
@@ -465,24 +498,25 @@ def _zero_span(rows):
 
 
 @triton.jit
-def _level_grads_unit(D, r, k, a, b, PREC: tl.constexpr):
-    """dr, dk, da, db (L, N) from pairs of D whose factor is 1 (the zero-span pairs)."""
-    x_r, x_a = _vsplit(_mm(D, _vstack(b, k).to(tl.float32), PREC, False, False))
-    x_b, x_k = _vsplit(_mm(tl.trans(D), _vstack(r, a).to(tl.float32), PREC, False, False))
+def _level_grads_unit(D, r, k, a, b, PREC: tl.constexpr, XE: tl.constexpr):
+    """dr, dk, da, db (L, N) from pairs of D whose factor is 1 (the zero-span pairs). XE: the
+    inputs are exact in bf16 (one operand of each product needs no low part)."""
+    x_r, x_a = _vsplit(_mm(D, _vstack(b, k).to(tl.float32), PREC, False, XE))
+    x_b, x_k = _vsplit(_mm(tl.trans(D), _vstack(r, a).to(tl.float32), PREC, False, XE))
     return x_r, x_k, x_a, x_b
 
 
 @triton.jit
 def _value_block_grads(
-    S0, dS, vt, dyt, Pt, Aak, Minv, As, BsKs, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
+    S0, dS, vt, dyt, Pt, Aak, Minv, Wa, MA, BsKs, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
 ):  # fmt: skip
     """The value side of one chunk's backward for BV value rows. S0 (BV, N): state entering the
     chunk; dS (BV, N): adjoint of the state after it; vt, dyt: V^T, dY^T (BV, L). Returns dV^T
     (BV, L) and this block's shares of the key-side sums: [dY; dU] S0 (2L, N) (the gradients of
-    Rs, As), [SA; V] dS (2L, N) (of Bs, Ks) and [dY; dU][SA; V]^T (2L, 2L) (of the pair matrices)."""
-    # Recompute SA^T (BV, L), value-major like the forward.
-    Ut = _mm(S0, tl.trans(As), PREC, False, False) + _mm(vt, tl.trans(Aak), PREC, VE, False)
-    SAt = _mm(Ut, tl.trans(Minv), PREC, False, False)
+    Rs, As), [SA; V] dS (2L, N) (of Bs, Ks) and [dY; dU][SA; V]^T (2L, 2L) (of the pair matrices).
+    Wa = (I - A_ab)^-1 As (L, N), MA = (I - A_ab)^-1 A_ak (L, L)."""
+    # Recompute SA^T = S0 Wa^T + V^T MA^T (BV, L), value-major like the forward.
+    SAt = _mm(S0, tl.trans(Wa), PREC, False, False) + _mm(vt, tl.trans(MA), PREC, VE, False)
     # Transposed: dSA^T = dY^T A_rb + dS Bs^T, dU^T = dSA^T (I - A_ab)^-1,
     # dV^T = dY^T A_rk + dU^T A_ak + dS Ks^T.
     yb, yk = _hsplit(_mm(dyt, Pt, PREC, GE, False))  # (BV, L) each
@@ -499,7 +533,7 @@ def _value_block_grads(
 
 @triton.jit
 def _key_grads(
-    D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, G64, w64, n_lev, h0, m0, m_end,
+    D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, wc, g_mid, gx_mid, n_lev, h0, m0, m_end,
     HAS_RESET: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """dr, dw, dk, da, db (L, N) of one chunk from the key-side sums over every value row: D (2L,
@@ -512,7 +546,7 @@ def _key_grads(
     # depend on w: they go to dr, dk, da, db directly and stay out of the decay sums below (in
     # those they would cancel, leaving fp32 round-off that swamps dw of fast-decaying channels).
     zero = _zero_span(rows)
-    dr, dk, da, db = _level_grads(tl.where(zero, 0.0, D), r, k, a, b, G64, w64, rows, n_lev, h0, PREC)
+    dr, dk, da, db = _level_grads(tl.where(zero, 0.0, D), r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC)
     dr += tl.where(m0, dRs * eg, 0.0)
     da += tl.where(m0, dAs * egx, 0.0)
     db_end = tl.where(m_end, dBs * eL, 0.0)
@@ -527,7 +561,7 @@ def _key_grads(
     dw += tl.cumsum(bk, axis=0) - bk  # sum over s < j
     dw += gam * sdS
     dw = tl.where(w >= _W_MIN, dw, 0.0)
-    dr0, dk0, da0, db0 = _level_grads_unit(tl.where(zero, D, 0.0), r, k, a, b, PREC)
+    dr0, dk0, da0, db0 = _level_grads_unit(tl.where(zero, D, 0.0), r, k, a, b, PREC, r.dtype == tl.bfloat16)
     return dr + dr0, dw, dk + dk_end + dk0, da + da0, db + db_end + db0
 
 
@@ -560,7 +594,7 @@ def _prep_kernel(
     r, w, k, a, b, seg = _chunk_key_inputs(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
     )
-    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _ = _key_side(
+    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _, _ = _key_side(
         r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
     )
     Pl, Pr = _hsplit(P)  # [[A_rb], [A_ab]], [[A_rk], [A_ak]]  (2L, L)
@@ -576,8 +610,12 @@ def _prep_kernel(
     tl.store(m_ptr + base * N * N + nn, M)
     if VALUE_SIDE:
         V = _load_rows(v_ptr + x_off, t0, T, s_t, rows, cols)  # (L, N)
-        Ua = _mm(Minv, _mm(Aak, V, PREC, False, VE), PREC, False, False)  # (L, N)
-        Yc = _mm(Arb, Ua, PREC, False, False) + _mm(Ark, V, PREC, False, VE)
+        # Through (L, L) maps of the keys alone, Ua = (Minv A_ak) V and Yc = (A_rb Minv A_ak + A_rk) V
+        # are one product each with V, whose operand is exact for bf16 inputs (two MMAs), instead
+        # of a chain of (L, N) products.
+        MA = _mm(Minv, Aak, PREC, False, False)  # (L, L)
+        Ua = _mm(MA, V, PREC, False, VE)  # (L, N)
+        Yc = _mm(_mm(Arb, MA, PREC, False, False) + Ark, V, PREC, False, VE)
         D = _mm(tl.trans(Ua), Bs, PREC, False, False) + _mm(tl.trans(V), Ks, PREC, VE, False)  # (N, N)
         tl.store(yct_ptr + base * N * L + lt, tl.trans(Yc))
         tl.store(d_ptr + base * N * N + nn, D)
@@ -685,12 +723,14 @@ def _grad_kernel(
     r, w, k, a, b, seg = _chunk_key_inputs(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
     )
-    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, G64, w64, n_lev, h0, m0, m_end = _key_side(
+    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, g_mid, gx_mid, n_lev, h0, m0, m_end = _key_side(
         r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
     )
     Pt, Pb = _vsplit(P)  # [A_rb, A_rk], [A_ab, A_ak]  (L, 2L)
     _, Aak = _hsplit(Pb)
     BsKs = _vstack(Bs, Ks)
+    Wa = _mm(Minv, As, PREC, False, False)  # key-side factors of SA, once per chunk
+    MA = _mm(Minv, Aak, PREC, False, False)
     D = tl.zeros([2 * L, 2 * L], dtype=tl.float32)
     dRA = tl.zeros([2 * L, N], dtype=tl.float32)
     dBK = tl.zeros([2 * L, N], dtype=tl.float32)
@@ -705,15 +745,15 @@ def _grad_kernel(
             dyt = _load_cols(dy_ptr + o_off, t0, T, H * N, rows, vcols)
         else:
             dyt = tl.zeros([BV, L], dtype=tl.float32)
-        dvt, dRA_v, dBK_v, D_v = _value_block_grads(S0, dS, vt, dyt, Pt, Aak, Minv, As, BsKs, PREC, VE, GE)
+        dvt, dRA_v, dBK_v, D_v = _value_block_grads(S0, dS, vt, dyt, Pt, Aak, Minv, Wa, MA, BsKs, PREC, VE, GE)
         _store_cols(dv_ptr + o_off, dvt, t0, T, H * N, rows, vcols)
         D += D_v
         dRA += dRA_v
         dBK += dBK_v
         sdS += tl.sum(S0 * dS, axis=0)[None, :]
     dr, dw, dk, da, db = _key_grads(
-        D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, G64, w64, n_lev, h0, m0, m_end, HAS_RESET,
-        PREC,
+        D, dRA, dBK, sdS, r, w, k, a, b, seg, rows, eg, egx, eL, gam, wc, g_mid, gx_mid, n_lev, h0, m0, m_end,
+        HAS_RESET, PREC,
     )  # fmt: skip
     _store_rows(dr_ptr + o_off, dr, t0, T, H * N, rows, cols)
     _store_rows(dw_ptr + o_off, dw, t0, T, H * N, rows, cols)
