@@ -271,6 +271,11 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         low = 1 if key in AT_LEAST_ONE else 0
         if value is not None and not value >= low:  # `not >=` also catches nan
             raise RecipeError(f"{where}: {key} must be >= {low}, got {value!r}")
+    if recipe.training.chunk_len is not None and recipe.training.compile == "reduce-overhead":
+        raise RecipeError(
+            f"{where}: training.chunk_len cannot be combined with training.compile: reduce-overhead (CUDA graphs "
+            "cannot be replayed under the long-context chunks' recompute); use training.compile: true"
+        )
     if recipe.model.path is None and recipe.model.config is not None and recipe.model.model_type is None:
         raise RecipeError(f"{where}: model.model_type must name the architecture of the model built from model.config")
 

@@ -49,6 +49,17 @@ def test_chunked_loss_and_gradients_equal_the_whole_sequence(model, chunk):
     assert_same(loss_and_grads(model, ids, labels), whole)
 
 
+def test_chunks_refuse_blocks_compiled_with_cuda_graphs(model):
+    """CUDA graph trees cannot replay blocks under the chunks' recompute (measured on an H200:
+    "graph recording observed an input tensor deallocate", then invalid device pointers): a clear
+    error before any block runs, instead."""
+    model.compile_blocks(mode="reduce-overhead")  # lazy: nothing compiles until a block is called
+    set_chunk(model, 64)
+    ids = random_ids(1, 200, model.config.vocab_size, seed=2)
+    with pytest.raises(ValueError, match="cannot run blocks compiled with CUDA graphs"):
+        model(ids, labels=ids)
+
+
 @pytest.mark.parametrize("recompute_last", [False, True])
 def test_each_chunk_but_the_last_is_recomputed_once(model, recompute_last):
     """Memory stays that of one chunk, and the last chunk (whose backward runs first) is not re-run,

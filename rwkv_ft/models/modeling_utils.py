@@ -187,6 +187,7 @@ class RwkvPreTrainedModelMixin:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILED_BLOCK_VARIANTS)
         for block in rwkv_blocks(self):
             block.compile(**kwargs)
+            block.cudagraphs = kwargs.get("mode") in CUDAGRAPH_COMPILE_MODES
 
     def set_activation_recompute(self, mode: str) -> None:
         """What the backward recomputes instead of keeping: "none"; "full" (whole-block activation
@@ -205,6 +206,8 @@ class RwkvPreTrainedModelMixin:
 
 
 RECOMPUTE_MODES = ("none", "full", "selective")
+# torch.compile modes that replay CUDA graphs (CUDA graph trees)
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 # dynamo's recompile limit while blocks are compiled (its default, 8, is reached by one model's
 # training, evaluation and generation graphs at a few sequence lengths).
 COMPILED_BLOCK_VARIANTS = 64
@@ -282,6 +285,7 @@ class RwkvBlock(nn.Module):
 
     gradient_checkpointing: bool = False
     selective_recompute: bool = False
+    cudagraphs: bool = False  # compiled with a mode that replays CUDA graphs (`compile_blocks`)
 
     def forward(
         self,
@@ -788,6 +792,12 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         """
         from torch.utils.checkpoint import checkpoint
 
+        if any(block.cudagraphs for block in self.rwkv.blocks):
+            raise ValueError(
+                "long-context chunks (train_chunk_len) cannot run blocks compiled with CUDA graphs "
+                "(compile_blocks(mode='reduce-overhead')): CUDA graph trees cannot replay them under the "
+                "chunks' recompute (pytorch/pytorch#154306); compile the blocks without mode"
+            )
         source = input_ids if input_ids is not None else inputs_embeds
         B, T = source.shape[:2]
         if attention_mask is not None:
