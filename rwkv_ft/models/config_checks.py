@@ -27,3 +27,12 @@ def check_positive_fields(config_name: str, **fields: Any) -> None:
     for key, value in fields.items():
         if not _is_positive_int(value):
             raise ValueError(f"{config_name}: {key} must be a positive integer, got {value!r}")
+
+
+WKV_BACKENDS = ("auto", "triton", "torch")
+
+
+def check_wkv_backend(backend: Any) -> None:
+    """Raise ValueError unless `backend` is a WKV backend every architecture has (config __init__ checks)."""
+    if backend not in WKV_BACKENDS:
+        raise ValueError(f"wkv_backend must be 'auto', 'triton' or 'torch', got {backend!r}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from rwkv_ft.models.config_checks import check_positive_fields
+from rwkv_ft.models.config_checks import check_positive_fields, check_wkv_backend
 from rwkv_ft.models.registration import register_config
 
 
@@ -46,8 +46,7 @@ class Rwkv4Config(PretrainedConfig):
             num_hidden_layers=num_hidden_layers,
             intermediate_size=intermediate_size,
         )
-        if wkv_backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"wkv_backend must be 'auto', 'triton' or 'torch', got {wkv_backend!r}")
+        check_wkv_backend(wkv_backend)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers

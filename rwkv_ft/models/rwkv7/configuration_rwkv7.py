@@ -6,7 +6,7 @@ import math
 
 from transformers import PretrainedConfig
 
-from rwkv_ft.models.config_checks import check_positive_fields
+from rwkv_ft.models.config_checks import check_positive_fields, check_wkv_backend
 from rwkv_ft.models.registration import register_config
 
 
@@ -67,8 +67,7 @@ class Rwkv7Config(PretrainedConfig):
         )
         if hidden_size % head_size:
             raise ValueError(f"Rwkv7Config: hidden_size {hidden_size} is not a multiple of head_size {head_size}")
-        if wkv_backend not in ("auto", "triton", "torch"):
-            raise ValueError(f"wkv_backend must be 'auto', 'triton' or 'torch', got {wkv_backend!r}")
+        check_wkv_backend(wkv_backend)
         low_rank = {
             "decay_low_rank": decay_low_rank or default_low_rank(hidden_size, 2.5),
             "a_low_rank": a_low_rank or default_low_rank(hidden_size, 2.5),
