@@ -22,20 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import linecache
-import math
 import os
 import sys
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import bench_wkv7 as bench  # noqa: E402  (benchmarks/ is on sys.path when this script runs)
 import rwkv_ft.kernels.rwkv7.triton_wkv7 as tw  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from rwkv_ft.kernels import wkv7, wkv7_reference  # noqa: E402
 from rwkv_ft.testing import relative_error  # noqa: E402
+
+bench.DEV = "cpu"
 
 OUTPUTS = ["y", "state_T", "dr", "dw", "dk", "dv", "da", "db", "dstate"]
 FP32_OUTPUTS = {"state_T", "dstate"}  # fp32 whatever the inputs: no bf16 floor
@@ -67,32 +68,19 @@ class SiteDispatch:
         return self.exact(x, y, PREC, XE, YE)
 
 
-def inputs(B, T, H, N, dtype, seed=0, resets=2):
-    """The model's distribution (as bench_wkv7.py): r, k, v ~ randn, a = -kk, b = kk * sigmoid(.),
-    w = -exp(-0.5) * sigmoid(.), a random fp32 state, a few resets."""
-    g = torch.Generator().manual_seed(seed)
-    shape = (B, T, H, N)
-    rn = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    r, k, v = rn(*shape), rn(*shape), rn(*shape)
-    kk = torch.nn.functional.normalize(rn(*shape), dim=-1)
-    a, b = -kk, kk * torch.sigmoid(rn(*shape))
-    w = -math.exp(-0.5) * torch.sigmoid(2 * rn(*shape))
-    s = 0.5 * rn(B, H, N, N)
+def study_inputs(B, T, H, resets=2, seed=0):
+    """bench_wkv7's inputs (the model's distribution) in bf16 with a random fp32 state, and
+    `resets` resets after the first token (one at token 0 would cut the state's gradient off)."""
+    xs, s, _ = bench.inputs(B, T, H, torch.bfloat16, state=True, seed=seed)
     reset = torch.zeros(B, T, dtype=torch.bool)
-    if resets:
-        reset[:, torch.randint(1, T, (resets,), generator=g)] = True
-    return [x.to(dtype) for x in (r, w, k, v, a, b)], s, reset
+    reset[:, torch.randint(1, T, (resets,), generator=torch.Generator().manual_seed(seed))] = True
+    return xs, s, reset
 
 
-def outputs(fn, xs, s, reset, leaf_dtype=None):
-    ps = [x.detach().to(leaf_dtype or x.dtype).requires_grad_() for x in xs]
-    st = s.detach().to(leaf_dtype or s.dtype).requires_grad_()
-    y, ns = fn(*ps, st, reset)
-    g = torch.Generator().manual_seed(1)
-    gy = torch.randn(y.shape, generator=g).to(xs[0].dtype).to(y.dtype)
-    gs = torch.randn(ns.shape, generator=g).to(ns.dtype)
-    ((y * gy).sum() + (ns * gs).sum()).backward()
-    return [y, ns] + [p.grad for p in ps] + [st.grad]
+def outputs(fn, xs, s, reset, leaf_dtype=None) -> list[torch.Tensor]:
+    """y, the final state and the gradients of r, w, k, v, a, b and the state (bench_wkv7.fwd_bwd)."""
+    y, ns, grads = bench.fwd_bwd(fn, xs, s, reset, xs[0].dtype, leaf_dtype=leaf_dtype)
+    return [y, ns, *grads]
 
 
 def ratios(got, ref, dtype) -> dict[str, float]:
@@ -108,7 +96,6 @@ def main():
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--H", type=int, default=2)
-    ap.add_argument("--N", type=int, default=64)
     ap.add_argument("--keep", type=float, default=1.02, help="a site is kept when all its ratios stay under this")
     ap.add_argument("--sites", default="all", help="comma list of sites (function:line) to try, or all")
     ap.add_argument("--together", default=None, help="comma list of sites to run as one set (no single-site runs)")
@@ -117,20 +104,20 @@ def main():
     if os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("run with TRITON_INTERPRET=1 (the study replaces the kernel's product on the interpreter)")
     dtype = torch.bfloat16
-    xs, s, reset = inputs(args.B, args.T, args.H, args.N, dtype)
-    ref = outputs(lambda *a: wkv7_reference(*a[:-2], a[-2], reset=a[-1]), xs, s, reset, torch.float64)
+    xs, s, reset = study_inputs(args.B, args.T, args.H)
+    ref = outputs(bench.reference64, xs, s, reset, torch.float64)
     dispatch = SiteDispatch(tw._mm)
     tw._mm = dispatch
 
     def run(fast: set[str]) -> dict[str, float]:
         dispatch.fast = fast
         t0 = time.time()
-        got = outputs(lambda *a: wkv7(*a[:-2], a[-2], reset=a[-1], backend="triton"), xs, s, reset)
+        got = outputs(bench.ours, xs, s, reset)
         res = ratios(got, ref, dtype)
         print(f"  ({time.time() - t0:.0f} s) " + " ".join(f"{k}={v:.3g}" for k, v in res.items()), flush=True)
         return res
 
-    print(f"B{args.B} T{args.T} H{args.H} N{args.N} bf16 inputs, state and resets; bf16 outputs: error / floor")
+    print(f"B{args.B} T{args.T} H{args.H} N{bench.N} bf16 inputs, state and resets; bf16 outputs: error / floor")
     print("exact (bf16x3 everywhere):")
     results = {"exact": run(set())}
     if args.together:
