@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 recipe=recipes/quickstart.yaml
 if [ "${1:-}" = "rwkv7" ]; then recipe=recipes/quickstart_rwkv7.yaml; shift; fi
-bash scripts/setup.sh
-exec .venv/bin/rwkv-ft train "$recipe" "training.output_dir=outputs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"
+bash scripts/setup.sh  # VENV and CONSTRAINTS go to setup.sh too (e.g. the lower bounds: DEVELOPERS.md)
+exec "${VENV:-.venv}/bin/rwkv-ft" train "$recipe" "training.output_dir=outputs/quickstart-$(date +%Y%m%d-%H%M%S)" "$@"
