@@ -120,25 +120,22 @@ def main():
     print(f"B{args.B} T{args.T} H{args.H} N{bench.N} bf16 inputs, state and resets; bf16 outputs: error / floor")
     print("exact (bf16x3 everywhere):")
     results = {"exact": run(set())}
-    if args.together:
+    if args.together:  # one given set, no single-site runs
         kept = set(args.together.split(","))
-        print(f"together: {sorted(kept)}")
-        results["together"] = run(kept)
-        unknown = kept - set(dispatch.seen)
-        if unknown:
-            print(f"(never called: {sorted(unknown)})")
-        return
-    sites = list(dispatch.seen) if args.sites == "all" else args.sites.split(",")
-    worst = {}
-    for site in sites:
-        print(f"{site}  {dispatch.seen.get(site, '')}")
-        results[site] = run({site})
-        worst[site] = max(v for k, v in results[site].items() if k not in FP32_OUTPUTS)
-    kept = {site for site, w in worst.items() if w <= args.keep}
-    print(f"together, the sites under {args.keep}x alone: {sorted(kept)}")
+    else:
+        sites = list(dispatch.seen) if args.sites == "all" else args.sites.split(",")
+        for site in sites:
+            print(f"{site}  {dispatch.seen.get(site, '')}")
+            results[site] = run({site})
+        worst = {site: max(v for k, v in results[site].items() if k not in FP32_OUTPUTS) for site in sites}
+        kept = {site for site, w in worst.items() if w <= args.keep}
+    print(f"together: {sorted(kept)}")
     results["together"] = run(kept)
     results["kept"] = sorted(kept)
     results["source"] = dispatch.seen
+    unknown = kept - set(dispatch.seen)
+    if unknown:
+        print(f"(never called: {sorted(unknown)})")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
