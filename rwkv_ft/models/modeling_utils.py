@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 # model_kwargs key holding our _GenerationState (not a cache name any transformers release knows).
@@ -118,6 +119,18 @@ class RwkvGenerationMixin(GenerationMixin):
         return False
 
 
+class LayerSchedule:
+    """The per-layer ratios and per-channel ramp of BlinkDL's initialisation, as every version uses them."""
+
+    def __init__(self, layer: int, config) -> None:
+        C, L = config.hidden_size, config.num_hidden_layers
+        self.layer, self.num_layers = layer, L
+        self.ratio_0_to_1 = layer / max(L - 1, 1)
+        self.ratio_1_to_almost0 = 1.0 - layer / L
+        self.ramp = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)  # (1, 1, C)
+        self.channel = torch.arange(C, dtype=torch.float32) / max(C - 1, 1)  # (C,), 0 to 1
+
+
 class RwkvPreTrainedModelMixin:
     """Activation checkpointing through the current transformers API, without deprecation noise.
 
@@ -128,6 +141,22 @@ class RwkvPreTrainedModelMixin:
 
     supports_gradient_checkpointing = True
     _is_stateful = True
+    mix_classes: tuple[type[nn.Module], ...] = ()  # the version's time- and channel-mix modules
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """BlinkDL's initialisation: the version's schedule for its mix modules (`_init_mix`), small
+        normals for linear maps and embeddings, unit layer norms."""
+        if isinstance(module, self.mix_classes):
+            self._init_mix(module, LayerSchedule(module.layer_id, self.config))
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+
+    def _init_mix(self, module: nn.Module, schedule: LayerSchedule) -> None:
+        raise NotImplementedError
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -428,7 +457,7 @@ class RwkvModelBase:
     the carried state and the learned initial state (state tuning).
 
     Mixed into a version's `PreTrainedModel` (`class Rwkv4Model(RwkvModelBase, Rwkv4PreTrainedModel)`),
-    which sets `self.emb`, `self.blocks`, `self.ln_out`, calls `_post_init_state()` and implements
+    which names its `block_class` (built as `block_class(config, layer_id)`) and implements
     `empty_state` and `state_shape`. Each block is called as `block(hidden, layer_state, mask, reset, carry)` and
     returns `(hidden, new_layer_state, carry)`: `layer_state` is `state[:, i]` (None: empty),
     `mask` the (B, T) real-token mask or None, `reset` the (B, T) packed-example starts or None
@@ -439,12 +468,18 @@ class RwkvModelBase:
     # True when the blocks reset their state at `reset` flags themselves; otherwise packed rows are
     # re-laid out one example per row (exact, but each example is padded to the longest).
     supports_reset: bool = False
+    block_class: type[RwkvBlock]
 
-    def _post_init_state(self) -> None:
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList([self.block_class(config, i) for i in range(config.num_hidden_layers)])
+        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.gradient_checkpointing = False
         # State tuning (rwkv_ft.adapters.state_tuning) attaches a module here; called with a batch size
         # it returns the learned (B, L, ...) fp32 initial state, used wherever no `state` is given.
         self.initial_state: nn.Module | None = None
+        self.post_init()
 
     def empty_state(self, batch: int, device: torch.device | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -27,6 +27,7 @@ from transformers import initialization as init
 
 from rwkv_ft.kernels import EMPTY_MAX, wkv4
 from rwkv_ft.models.modeling_utils import (
+    LayerSchedule,
     RwkvBlock,
     RwkvCausalLMOutput,
     RwkvForCausalLMBase,
@@ -173,44 +174,26 @@ class Rwkv4PreTrainedModel(RwkvPreTrainedModelMixin, PreTrainedModel):
     # The decay is exponentiated twice: bf16 would move it visibly, so these stay fp32 in any dtype.
     _keep_in_fp32_modules_strict = ["time_decay", "time_first"]
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        """BlinkDL's RWKV-4 initialisation schedule for the time parameters; small normals elsewhere."""
-        C = self.config.hidden_size
-        L = self.config.num_hidden_layers
-        if isinstance(module, (Rwkv4TimeMix, Rwkv4ChannelMix)):
-            layer = module.layer_id
-            ratio_0_to_1 = layer / max(L - 1, 1)
-            ratio_1_to_almost0 = 1.0 - layer / L
-            ramp = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
-            init.copy_(module.time_mix_k, ramp.pow(ratio_1_to_almost0))
-            init.copy_(module.time_mix_r, ramp.pow(0.5 * ratio_1_to_almost0))
-            if isinstance(module, Rwkv4TimeMix):
-                init.copy_(module.time_mix_v, ramp.pow(ratio_1_to_almost0) + 0.3 * ratio_0_to_1)
-                h = torch.arange(C, dtype=torch.float32) / max(C - 1, 1)
-                init.copy_(module.time_decay, -5 + 8 * h.pow(0.7 + 1.3 * ratio_0_to_1))
-                zigzag = 0.5 * (((torch.arange(C) + 1) % 3) - 1).float()
-                init.copy_(module.time_first, math.log(0.3) + zigzag)
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+    mix_classes = (Rwkv4TimeMix, Rwkv4ChannelMix)
+
+    def _init_mix(self, module: Rwkv4TimeMix | Rwkv4ChannelMix, schedule: LayerSchedule) -> None:
+        """BlinkDL's RWKV-4 schedule for the time parameters."""
+        ramp, ratio_1_to_almost0 = schedule.ramp, schedule.ratio_1_to_almost0
+        init.copy_(module.time_mix_k, ramp.pow(ratio_1_to_almost0))
+        init.copy_(module.time_mix_r, ramp.pow(0.5 * ratio_1_to_almost0))
+        if isinstance(module, Rwkv4TimeMix):
+            init.copy_(module.time_mix_v, ramp.pow(ratio_1_to_almost0) + 0.3 * schedule.ratio_0_to_1)
+            init.copy_(module.time_decay, -5 + 8 * schedule.channel.pow(0.7 + 1.3 * schedule.ratio_0_to_1))
+            zigzag = 0.5 * (((torch.arange(module.time_first.numel()) + 1) % 3) - 1).float()
+            init.copy_(module.time_first, math.log(0.3) + zigzag)
 
 
 class Rwkv4Model(RwkvModelBase, Rwkv4PreTrainedModel):
     """The RWKV-4 blocks between the embedding and the final layer norm (forward: `RwkvModelBase`)."""
 
+    block_class = Rwkv4Block
     initial_state_class = Rwkv4InitialState
     supports_reset = True  # the WKV-4 kernel and the token shifts reset at packed examples' starts
-
-    def __init__(self, config: Rwkv4Config):
-        super().__init__(config)
-        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList([Rwkv4Block(config, i) for i in range(config.num_hidden_layers)])
-        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self._post_init_state()
-        self.post_init()
 
     def state_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, self.config.num_hidden_layers, STATE_SLOTS, self.config.hidden_size)

@@ -36,6 +36,7 @@ from transformers import initialization as init
 
 from rwkv_ft.kernels import wkv7
 from rwkv_ft.models.modeling_utils import (
+    LayerSchedule,
     RwkvBlock,
     RwkvForCausalLMBase,
     RwkvModelBase,
@@ -216,55 +217,39 @@ class Rwkv7PreTrainedModel(RwkvPreTrainedModelMixin, PreTrainedModel):
     # fp32 in any dtype, and so do the decay and the state themselves.
     _keep_in_fp32_modules_strict = ["w0"]
 
-    @torch.no_grad()
-    def _init_weights(self, module: nn.Module) -> None:
-        """BlinkDL's RWKV-7 initialisation schedule (for models built from a config)."""
-        C, L = self.config.hidden_size, self.config.num_hidden_layers
-        if isinstance(module, (Rwkv7TimeMix, Rwkv7ChannelMix)):
-            layer = module.layer_id
-            ratio_0_to_1 = layer / max(L - 1, 1)
-            ratio_1_to_almost0 = 1.0 - layer / L
-            ramp = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
-            if isinstance(module, Rwkv7ChannelMix):
-                init.copy_(module.x_k, 1.0 - ramp.pow(ratio_1_to_almost0**4))
-                return
-            for name, power in zip(TIME_MIX_LERPS, (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)):
-                init.copy_(getattr(module, name), 1.0 - ramp.pow(power * ratio_1_to_almost0))
-            n = torch.arange(C, dtype=torch.float32) / max(C - 1, 1)
-            init.copy_(module.w0, (-7 + 5 * n.pow(0.85 + ratio_0_to_1**0.5) + 0.5).view(1, 1, C))
-            init.zeros_(module.a0)
-            for low, high in ((module.w1, module.w2), (module.a1, module.a2), (module.g1, module.g2)):
-                init.zeros_(low)
-                init.normal_(high, std=0.1 / math.sqrt(high.shape[0]))
-            if module.layer_id > 0:
-                init.ones_(module.v0)
-                init.zeros_(module.v1)
-                init.normal_(module.v2, std=0.1 / math.sqrt(module.v2.shape[0]))
-            init.constant_(module.k_k, 0.85)
-            init.ones_(module.k_a)
-            init.zeros_(module.r_k)
-            init.constant_(module.ln_x.weight, ((1 + layer) / L) ** 0.7)
-            init.zeros_(module.ln_x.bias)
-        elif isinstance(module, (nn.Linear, nn.Embedding)):
-            init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, nn.LayerNorm):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
+    mix_classes = (Rwkv7TimeMix, Rwkv7ChannelMix)
+
+    def _init_mix(self, module: Rwkv7TimeMix | Rwkv7ChannelMix, schedule: LayerSchedule) -> None:
+        """BlinkDL's RWKV-7 schedule (for models built from a config)."""
+        ramp, ratio_1_to_almost0 = schedule.ramp, schedule.ratio_1_to_almost0
+        if isinstance(module, Rwkv7ChannelMix):
+            init.copy_(module.x_k, 1.0 - ramp.pow(ratio_1_to_almost0**4))
+            return
+        for name, power in zip(TIME_MIX_LERPS, (0.2, 0.9, 0.7, 0.7, 0.9, 0.2)):
+            init.copy_(getattr(module, name), 1.0 - ramp.pow(power * ratio_1_to_almost0))
+        decay_offset = -7 + 5 * schedule.channel.pow(0.85 + schedule.ratio_0_to_1**0.5) + 0.5
+        init.copy_(module.w0, decay_offset.view(1, 1, -1))
+        init.zeros_(module.a0)
+        for low, high in ((module.w1, module.w2), (module.a1, module.a2), (module.g1, module.g2)):
+            init.zeros_(low)
+            init.normal_(high, std=0.1 / math.sqrt(high.shape[0]))
+        if schedule.layer > 0:
+            init.ones_(module.v0)
+            init.zeros_(module.v1)
+            init.normal_(module.v2, std=0.1 / math.sqrt(module.v2.shape[0]))
+        init.constant_(module.k_k, 0.85)
+        init.ones_(module.k_a)
+        init.zeros_(module.r_k)
+        init.constant_(module.ln_x.weight, ((1 + schedule.layer) / schedule.num_layers) ** 0.7)
+        init.zeros_(module.ln_x.bias)
 
 
 class Rwkv7Model(RwkvModelBase, Rwkv7PreTrainedModel):
     """The RWKV-7 blocks between the embedding and the final layer norm (forward: `RwkvModelBase`)."""
 
+    block_class = Rwkv7Block
     initial_state_class = Rwkv7InitialState
     supports_reset = True  # the WKV-7 kernel and the token shift reset at packed examples' starts
-
-    def __init__(self, config: Rwkv7Config):
-        super().__init__(config)
-        self.emb = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList([Rwkv7Block(config, i) for i in range(config.num_hidden_layers)])
-        self.ln_out = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self._post_init_state()
-        self.post_init()
 
     def state_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, self.config.num_hidden_layers, layer_state_size(self.config))
