@@ -1,6 +1,8 @@
-"""Shared numerical comparison for tests: one tolerance table, one assert."""
+"""Shared helpers for tests: one tolerance table and one assert, tiny models, a free port."""
 
 from __future__ import annotations
+
+import socket
 
 import torch
 
@@ -169,3 +171,11 @@ def rwkv_package_model(version: int = 4):
             else:
                 os.environ[key] = value
     return module
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a multi-process test's rendezvous: the launchers'
+    default (29500) would collide between tests run in parallel (pytest-xdist) or beside a real run."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

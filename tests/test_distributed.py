@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from rwkv_ft.testing import assert_close
+from rwkv_ft.testing import assert_close, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "recipes" / "accelerate"
@@ -59,6 +59,7 @@ def launch(config: Path, out: Path, *args: str, fault: str | None = None, env: d
     the CPU; the launcher and its workers are killed if they outlive `timeout` (a hang fails)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+        "--main_process_port", str(free_port()),
         str(WORKER), "train", str(QUICKSTART), *TINY, "training.batch_size=2", f"training.output_dir={out}", *args,
     ]  # fmt: skip
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -239,7 +240,7 @@ def test_fsdp2_shards_gather_into_a_normal_adapter(tmp_path):
     `rwkv-ft merge` reads it; whole tensors go back into the shards (resume)."""
     from rwkv_ft.merge import merge_adapter
 
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}"]
     command = [*torchrun, str(WORKER), "fsdp2", str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from rwkv_ft.recipe import RecipeError, load_recipe
-from rwkv_ft.testing import assert_close
+from rwkv_ft.testing import assert_close, free_port
 from rwkv_ft.train import complete_checkpoints, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     single = run(load_recipe(ROOT / "recipes" / "quickstart.yaml", [*args, f"training.output_dir={tmp_path / 'one'}"]))
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"),
+        "--config_file", str(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
         "-m", "rwkv_ft.train", str(ROOT / "recipes" / "quickstart.yaml"),
         *args, "training.batch_size=2", f"training.output_dir={tmp_path / 'two'}",
     ]  # fmt: skip
