@@ -84,10 +84,10 @@ State storage: the forward keeps the fp32 state entering every chunk (B*H*T/L*N*
 _grad_kernel; the backward's scan writes the adjoint per chunk likewise (transient). Q, Yc, M, D
 are transient too: the backward recomputes Q and M rather than keep them, and its prep keeps the
 key side (pair matrices and (I - A_ab)^-1, 5 KB per chunk and head at L = 16, `key_side_shapes`)
-until _grad_kernel has read it: a fifth of that kernel's instructions were their recomputation. Or the forward keeps
-nothing and the backward runs it again (`recompute_states` of `wkv7`), keeping Q and M from that
-run: ~1 KB per token and head less to hold between forward and backward, for one more forward
-scan and the value side of prep in the backward.
+until _grad_kernel has read it (computing them again was a fifth of that kernel's instructions).
+Or the forward keeps nothing and the backward runs it again (`recompute_states` of `wkv7`),
+keeping Q, M and the key side from that run: ~1 KB per token and head less to hold between
+forward and backward, for one more forward scan and the value side of prep in the backward.
 
 Precision: MMA operands here are derived fp32 values (states, exp-scaled keys), so plain tf32
 (10-bit mantissa) would cost ~1e-3 relative per product. PREC picks the product: "bf16x3" (each
