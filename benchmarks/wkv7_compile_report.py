@@ -132,6 +132,7 @@ def main():
                 **no_key,
                 HAS_RESET=False,
                 VALUE_SIDE=True,
+                Y_SIDE=True,
                 PREC=prec,
                 VE=True,
             ),
@@ -150,6 +151,7 @@ def main():
                 **key_out,
                 HAS_RESET=False,
                 VALUE_SIDE=False,
+                Y_SIDE=False,
                 PREC=prec,
                 VE=True,
             ),
@@ -169,6 +171,7 @@ def main():
                 BV=a.bv_scan,
                 HAS_STATE=True,
                 STORE_CK=True,
+                STORE_Y=True,
                 PREC=prec,
             ),
         ),
@@ -217,6 +220,10 @@ def main():
             ),
         ),
     }
+    # The backward's run of the forward under recompute_states: the states, not y.
+    prep_args = specs["prep"][1]
+    specs["prep_rerun"] = (tw._prep_kernel, dict(prep_args, yct_ptr=None, Y_SIDE=False, **key_out))
+    specs["scan_rerun"] = (tw._scan_fwd_kernel, dict(specs["scan_fwd"][1], yct_ptr=None, y_ptr=None, STORE_Y=False))
     print(f"triton {triton.__version__}, sm_90a, L={L} N={N} bv_scan={a.bv_scan} bv_grad={a.bv_grad} prec={a.prec}")
     for name in a.kernels.split(","):
         fn, args = specs[name]

@@ -562,6 +562,9 @@ def test_first_call_compiles_ahead_what_forward_and_backward_launch(monkeypatch,
     tw.wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, None, cfg, state, s0)
     # (the forward run again in the backward launches its prep keeping the key side: a compile of its own)
     assert ahead == recorder.launches
+    if not store:  # that run wants the states, not y: no Yc from its prep, no y from its scan
+        (_, _, _, rerun_prep), (_, _, _, rerun_scan) = recorder.launches[2:4]
+        assert (rerun_prep["Y_SIDE"], rerun_prep["KEEP_KEY"], rerun_scan["STORE_Y"]) == (False, True, False)
     assert [name for name, *_ in recorder.launches] == [
         "_prep_kernel", "_scan_fwd_kernel", *(["_prep_kernel"] if not keep_prep or not store else []),
         *(["_scan_fwd_kernel"] if not store else []), "_scan_bwd_kernel", "_grad_kernel",

@@ -611,11 +611,13 @@ def _prep_kernel(
     r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, reset_ptr, qt_ptr, m_ptr, yct_ptr, d_ptr, kp_ptr, kinv_ptr,
     T, H, s_b, s_t, s_h, NC,
     N: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr, HAS_RESET: tl.constexpr,
-    VALUE_SIDE: tl.constexpr, KEEP_KEY: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr,
+    VALUE_SIDE: tl.constexpr, Y_SIDE: tl.constexpr, KEEP_KEY: tl.constexpr, PREC: tl.constexpr,
+    VE: tl.constexpr,
 ):  # fmt: skip
     """Program (chunk, batch * H + head): the chunk as a map of its entering state S_0,
     Y^T = S_0 Q^T + Yc^T and S_L = S_0 M + D (see the module docstring). Writes Q^T (N, L) and
-    M (N, N); with VALUE_SIDE also Yc^T (N, L) and D (N, N); with KEEP_KEY (in the backward) also
+    M (N, N); with VALUE_SIDE also D (N, N) and, with Y_SIDE too, Yc^T (N, L) (the backward's run
+    of the forward needs the states, not y); with KEEP_KEY (in the backward) also
     the key-side products _grad_kernel would otherwise compute again: the masked pair matrices
     (2L, 2L) and (I - A_ab)^-1 (L, L)."""
     c = tl.program_id(0)
@@ -654,21 +656,23 @@ def _prep_kernel(
         # of a chain of (L, N) products.
         MA = _mm(Minv, Aak, PREC, False, False)  # (L, L)
         Ua = _mm(MA, V, PREC, False, VE)  # (L, N)
-        Yc = _mm(_mm(Arb, MA, PREC, False, False) + Ark, V, PREC, False, VE)
         D = _mm(tl.trans(Ua), Bs, PREC, False, False) + _mm(tl.trans(V), Ks, PREC, VE, False)  # (N, N)
-        tl.store(yct_ptr + base * N * L + lt, tl.trans(Yc))
         tl.store(d_ptr + base * N * N + nn, D)
+        if Y_SIDE:
+            Yc = _mm(_mm(Arb, MA, PREC, False, False) + Ark, V, PREC, False, VE)
+            tl.store(yct_ptr + base * N * L + lt, tl.trans(Yc))
 
 
 @triton.jit
 def _scan_fwd_kernel(
     s0_ptr, qt_ptr, m_ptr, yct_ptr, d_ptr, y_ptr, sT_ptr, ck_ptr, T, H, NC,
     N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, HAS_STATE: tl.constexpr, STORE_CK: tl.constexpr,
-    PREC: tl.constexpr,
+    STORE_Y: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Program (value block, batch * H + head): the chunks in order, S (BV, N) in registers.
-    Per chunk two products with S on the left: y^T = S Q^T + Yc^T, S <- S M + D. With STORE_CK,
-    the state entering every chunk is stored for the backward."""
+    Per chunk two products with S on the left: y^T = S Q^T + Yc^T (unless not STORE_Y: the
+    backward's run of the forward), S <- S M + D. With STORE_CK, the state entering every chunk is
+    stored for the backward."""
     vb = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // H
@@ -689,12 +693,13 @@ def _scan_fwd_kernel(
         base = bh.to(tl.int64) * NC + c
         if STORE_CK:
             tl.store(ck_ptr + base * N * N + tile, S)
-        Qt = tl.load(qt_ptr + base * N * L + lt)  # (N, L)
-        Yct = tl.load(yct_ptr + base * N * L + vl)  # (BV, L)
         M = tl.load(m_ptr + base * N * N + nn)  # (N, N)
         D = tl.load(d_ptr + base * N * N + tile)  # (BV, N)
-        yt = _mm(S, Qt, PREC, False, False) + Yct
-        _store_cols(y_ptr + o_off, yt, c * L, T, H * N, rows, vcols)
+        if STORE_Y:
+            Qt = tl.load(qt_ptr + base * N * L + lt)  # (N, L)
+            Yct = tl.load(yct_ptr + base * N * L + vl)  # (BV, L)
+            yt = _mm(S, Qt, PREC, False, False) + Yct
+            _store_cols(y_ptr + o_off, yt, c * L, T, H * N, rows, vcols)
         S = _mm(S, M, PREC, False, False) + D
     tl.store(sT_ptr + bh.to(tl.int64) * N * N + tile, S)
 
@@ -908,16 +913,17 @@ def _launch(kernel, grid, args, meta) -> None:
 
 
 def _prep_launch(r, w, k, v, a, b, reset, outs, cfg: Wkv7Config, value_side: bool, key=None):
-    """_prep_kernel writing `outs` = (Q^T, M, Yc^T, D); Yc^T and D None unless value_side; and
-    with `key` = (pair matrices, (I - A_ab)^-1) buffers, the key side for _grad_kernel."""
+    """_prep_kernel writing `outs` = (Q^T, M, Yc^T, D); D None unless value_side, Yc^T None
+    unless value_side and y is wanted; and with `key` = (pair matrices, (I - A_ab)^-1) buffers,
+    the key side for _grad_kernel."""
     B, T, H, N = r.shape
     m = _meta(cfg, T)
     s_b, s_t, s_h, _ = r.stride()
     args = (r, w, k, v, a, b, reset, *outs, *(key or (None,) * 2), T, H, s_b, s_t, s_h, m["NC"])
     meta = dict(
         N=N, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None, VALUE_SIDE=value_side,
-        KEEP_KEY=key is not None, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
-        num_warps=cfg.warps_prep,
+        Y_SIDE=value_side and outs[2] is not None, KEEP_KEY=key is not None, PREC=PRECISIONS[cfg.prec],
+        VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep,
     )  # fmt: skip
     return _prep_kernel, (m["NC"], B * H), args, meta
 
@@ -928,7 +934,7 @@ def _scan_fwd_launch(r, s0, prep, y, sT, ck, cfg: Wkv7Config):
     args = (s0, *prep, y, sT, ck, T, H, m["NC"])
     meta = dict(
         N=N, BV=cfg.bv_scan, L=m["L"], HAS_STATE=s0 is not None, STORE_CK=ck is not None,
-        PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
+        STORE_Y=y is not None, PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
     )  # fmt: skip
     return _scan_fwd_kernel, (N // cfg.bv_scan, B * H), args, meta
 
@@ -967,15 +973,16 @@ def key_side_shapes(B: int, T: int, H: int, N: int, cfg: Wkv7Config) -> list[tup
     return [(B * H, nc, 2 * L, 2 * L), (B * H, nc, L, L)]
 
 
-def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool, keep_key: bool = False):
-    """Launch _prep_kernel: Q^T and M (and Yc^T, D with value_side), (B*H, NC, ...) fp32, and with
-    keep_key the key side for _grad_kernel (`key_side_shapes`; else None)."""
+def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool, keep_key: bool = False, want_y: bool = True):
+    """Launch _prep_kernel: Q^T and M (and D with value_side, Yc^T with value_side and want_y),
+    (B*H, NC, ...) fp32, and with keep_key the key side for _grad_kernel (`key_side_shapes`; else
+    None)."""
     B, T, H, N = r.shape
     m = _meta(cfg, T)
     dev = r.device
     qt = _new((B * H, m["NC"], N, m["L"]), torch.float32, dev)
     mm = _new((B * H, m["NC"], N, N), torch.float32, dev)
-    yct = _new((B * H, m["NC"], N, m["L"]), torch.float32, dev) if value_side else None
+    yct = _new((B * H, m["NC"], N, m["L"]), torch.float32, dev) if value_side and want_y else None
     dd = _new((B * H, m["NC"], N, N), torch.float32, dev) if value_side else None
     key = [_new(shape, torch.float32, dev) for shape in key_side_shapes(B, T, H, N, cfg)] if keep_key else None
     _launch(*_prep_launch(r, w, k, v, a, b, reset, (qt, mm, yct, dd), cfg, value_side, key))
@@ -984,10 +991,11 @@ def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool, keep_key: 
 
 def wkv7_fwd(
     r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool, backward: bool | None = None,
-    keep_key: bool = False,
+    keep_key: bool = False, want_y: bool = True,
 ):  # fmt: skip
     """r..b: (B, T, H, N) with shared strides; s0: (B, H, N, N) fp32 contiguous or None; reset:
-    (B, T) uint8 contiguous or None. Returns y (B, T, H, N) in r's dtype (contiguous), the final
+    (B, T) uint8 contiguous or None. Returns y (B, T, H, N) in r's dtype (contiguous; None unless
+    want_y: wkv7_bwd's run of the forward needs only the states), the final
     state (B, H, N, N) fp32 and what the backward needs besides the inputs: [] unless
     store_states, else [chunk-start states (`stored_states_shape`)] (+ [Q^T, M] with keep_prep,
     + the key side (`key_side_shapes`) with keep_key: wkv7_bwd's run of the forward).
@@ -996,8 +1004,8 @@ def wkv7_fwd(
     B, T, H, N = r.shape
     dev = r.device
     _compile_ahead(r, w, k, v, a, b, s0, reset, cfg, store_states, store_states if backward is None else backward)
-    qt, mm, yct, dd, key = _prep(r, w, k, v, a, b, reset, cfg, value_side=True, keep_key=keep_key)
-    y = _new((B, T, H, N), r.dtype, dev)
+    qt, mm, yct, dd, key = _prep(r, w, k, v, a, b, reset, cfg, value_side=True, keep_key=keep_key, want_y=want_y)
+    y = _new((B, T, H, N), r.dtype, dev) if want_y else None
     sT = _new((B, H, N, N), torch.float32, dev)
     ck = _new(stored_states_shape(B, T, H, N, cfg), torch.float32, dev) if store_states else None
     _launch(*_scan_fwd_launch(r, s0, (qt, mm, yct, dd), y, sT, ck, cfg))
@@ -1018,7 +1026,7 @@ def wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, dsT, cfg: Wkv7Config, want_ds0:
     dev = r.device
     if not saved:
         keep = dataclasses.replace(cfg, keep_prep=True)
-        saved = wkv7_fwd(r, w, k, v, a, b, s0, reset, keep, True, keep_key=True)[2]
+        saved = wkv7_fwd(r, w, k, v, a, b, s0, reset, keep, True, keep_key=True, want_y=False)[2]
     ck, *prep = saved
     if prep:
         qt, mm, *key = prep
@@ -1066,9 +1074,9 @@ def _launches_ahead(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: 
         _scan_fwd_launch(r, state, (f32, f32, f32, f32), x, f32, stored, cfg),
     ]
     if backward:
-        if not store_states:  # the backward runs the forward again, storing, its prep keeping the key side
-            launches.append(_prep_launch(r, w, k, v, a, b, reset, (f32, f32, f32, f32), cfg, True, key))
-            launches.append(_scan_fwd_launch(r, state, (f32, f32, f32, f32), x, f32, f32, cfg))
+        if not store_states:  # the backward runs the forward again for the states (no y), keeping the key side
+            launches.append(_prep_launch(r, w, k, v, a, b, reset, (f32, f32, None, f32), cfg, True, key))
+            launches.append(_scan_fwd_launch(r, state, (f32, f32, None, f32), None, f32, f32, cfg))
         elif not cfg.keep_prep:
             launches.append(_prep_launch(r, w, k, v, a, b, reset, (f32, f32, None, None), cfg, False, key))
         grad_key = None if store_states and cfg.keep_prep else key  # keep_prep: the forward kept no key side
