@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--prec", default="bf16x3")
     ap.add_argument("--kernels", default="prep,prep_mq,scan_fwd,scan_bwd,grad")
     ap.add_argument("--no-align", action="store_true", help="no divisibility-by-16 specialisation")
+    ap.add_argument("--no-keep-key", action="store_true", help="grad computes the key side again (before v2.2)")
     a = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
     tw = load_module(a.module)
@@ -110,6 +111,12 @@ def main():
         s_h="i64",
     )
     lev = dict(NLEV=(L // tw.SUB).bit_length() - 1, LOG2_L=L.bit_length() - 1)
+    # The key side the backward's prep keeps for grad (--no-keep-key: grad computes it again).
+    keep = not a.no_keep_key
+    key_ptrs = dict(kp_ptr="*fp32", kinv_ptr="*fp32") if keep else dict(kp_ptr=None, kinv_ptr=None)
+    no_key = dict(kp_ptr=None, kinv_ptr=None, KEEP_KEY=False)
+    key_out = dict(key_ptrs, KEEP_KEY=keep)
+    key_in = dict(key_ptrs, LOAD_KEY=keep)
     specs = {
         "prep": (
             tw._prep_kernel,
@@ -122,8 +129,10 @@ def main():
                 m_ptr="*fp32",
                 yct_ptr="*fp32",
                 d_ptr="*fp32",
+                **no_key,
                 HAS_RESET=False,
                 VALUE_SIDE=True,
+                Y_SIDE=True,
                 PREC=prec,
                 VE=True,
             ),
@@ -139,8 +148,10 @@ def main():
                 m_ptr="*fp32",
                 yct_ptr=None,
                 d_ptr=None,
+                **key_out,
                 HAS_RESET=False,
                 VALUE_SIDE=False,
+                Y_SIDE=False,
                 PREC=prec,
                 VE=True,
             ),
@@ -160,6 +171,7 @@ def main():
                 BV=a.bv_scan,
                 HAS_STATE=True,
                 STORE_CK=True,
+                STORE_Y=True,
                 PREC=prec,
             ),
         ),
@@ -191,6 +203,7 @@ def main():
                 dy_ptr="*bf16",
                 ck_ptr="*fp32",
                 ds_ptr="*fp32",
+                **key_in,
                 dr_ptr="*bf16",
                 dw_ptr="*fp32",
                 dk_ptr="*bf16",
@@ -207,6 +220,10 @@ def main():
             ),
         ),
     }
+    # The backward's run of the forward under recompute_states: the states, not y.
+    prep_args = specs["prep"][1]
+    specs["prep_rerun"] = (tw._prep_kernel, dict(prep_args, yct_ptr=None, Y_SIDE=False, **key_out))
+    specs["scan_rerun"] = (tw._scan_fwd_kernel, dict(specs["scan_fwd"][1], yct_ptr=None, y_ptr=None, STORE_Y=False))
     print(f"triton {triton.__version__}, sm_90a, L={L} N={N} bv_scan={a.bv_scan} bv_grad={a.bv_grad} prec={a.prec}")
     for name in a.kernels.split(","):
         fn, args = specs[name]

@@ -308,6 +308,28 @@ def test_kept_prep_equals_recomputed():
     check(make_inputs(2, 37, 2, 32, seed=37))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_key_side_equals_computed(dtype):
+    """The gradient kernel reading the key side (pair matrices, (I - A_ab)^-1, Wa) that the
+    backward's prep kept gives what it gives computing them itself (as it does after keep_prep),
+    with resets and with the multi-level plan of fast-decaying chunks."""
+    xs = make_inputs(2, 37, 2, 32, dtype, seed=41)
+    xs[1] = xs[1].clone()
+    xs[1][0, :16] = -9.0  # one chunk past the one-pass bound: the level passes
+    reset = torch.zeros(2, 37, dtype=torch.bool, device=DEV)
+    reset[1, 21] = True
+    outs = {}
+    for keep_prep in (False, True):
+        use_config(**SPLIT, keep_prep=keep_prep)
+        outs[keep_prep] = run(triton_fn, xs, reset=reset)
+    kept, computed = outs[False], outs[True]
+    for got, expected in zip([kept[0], kept[1], *kept[2]], [computed[0], computed[1], *computed[2]]):
+        if DEV == "cpu":  # the interpreter: the same arithmetic in either kernel
+            assert torch.equal(got, expected)
+        else:
+            assert_close(got, expected, dtype)
+
+
 def test_loss_on_y_only_and_state_only():
     use_config(**SPLIT)
     xs = make_inputs(2, 23, 1, 32, seed=19)
@@ -538,8 +560,11 @@ def test_first_call_compiles_ahead_what_forward_and_backward_launch(monkeypatch,
     _, _, saved = tw.wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg, store, True)
     dy = torch.randn(B, T, H, N, dtype=torch.bfloat16)
     tw.wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, None, cfg, state, s0)
-    # the forward run again in the backward launches its prep as the first forward did (one compile)
-    assert ahead == [launch for i, launch in enumerate(recorder.launches) if store or i != 2]
+    # (the forward run again in the backward launches its prep keeping the key side: a compile of its own)
+    assert ahead == recorder.launches
+    if not store:  # that run wants the states, not y: no Yc from its prep, no y from its scan
+        (_, _, _, rerun_prep), (_, _, _, rerun_scan) = recorder.launches[2:4]
+        assert (rerun_prep["Y_SIDE"], rerun_prep["KEEP_KEY"], rerun_scan["STORE_Y"]) == (False, True, False)
     assert [name for name, *_ in recorder.launches] == [
         "_prep_kernel", "_scan_fwd_kernel", *(["_prep_kernel"] if not keep_prep or not store else []),
         *(["_scan_fwd_kernel"] if not store else []), "_scan_bwd_kernel", "_grad_kernel",

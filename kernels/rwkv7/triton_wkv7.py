@@ -15,7 +15,8 @@ where Q, Yc, M, D depend on the chunk's inputs only. So the work splits into
      giving Q, Yc, M, D (fp32, to memory);
   2. _scan_fwd_kernel, one program per (head, block of BV value rows), chunks in order: two
      products with S on the left per chunk (M = BV rows: tensor-core sized), S in registers.
-The backward mirrors it: _prep_kernel again (Q, M only), _scan_bwd_kernel carries the adjoint
+The backward mirrors it: _prep_kernel again (Q, M only, and it keeps the chunk's pair matrices and
+(I - A_ab)^-1 for the gradient kernel), _scan_bwd_kernel carries the adjoint
 (dS_0 = dS_L M^T + dY^T Q) chunks last first, and _grad_kernel, one program per chunk, turns the
 state entering the chunk (stored by the forward) and the adjoint of the state after it into every
 input gradient. Only the scans are sequential, and their chain per chunk is two products long.
@@ -81,10 +82,12 @@ atomics: the backward is bitwise repeatable).
 
 State storage: the forward keeps the fp32 state entering every chunk (B*H*T/L*N*N*4 bytes) for
 _grad_kernel; the backward's scan writes the adjoint per chunk likewise (transient). Q, Yc, M, D
-are transient too: the backward recomputes Q and M rather than keep them. Or the forward keeps
-nothing and the backward runs it again (`recompute_states` of `wkv7`), keeping Q and M from that
-run: ~1 KB per token and head less to hold between forward and backward, for one more forward
-scan and the value side of prep in the backward.
+are transient too: the backward recomputes Q and M rather than keep them, and its prep keeps the
+key side (pair matrices and (I - A_ab)^-1, 5 KB per chunk and head at L = 16, `key_side_shapes`)
+until _grad_kernel has read it (computing them again was a fifth of that kernel's instructions).
+Or the forward keeps nothing and the backward runs it again (`recompute_states` of `wkv7`),
+keeping Q, M and the key side from that run: ~1 KB per token and head less to hold between
+forward and backward, for one more forward scan and the value side of prep in the backward.
 
 Precision: MMA operands here are derived fp32 values (states, exp-scaled keys), so plain tf32
 (10-bit mantissa) would cost ~1e-3 relative per product. PREC picks the product: "bf16x3" (each
@@ -333,15 +336,12 @@ def _pair_matrices(r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC: tl.cons
 
 
 @triton.jit
-def _key_side(
-    r, w, k, a, b, seg, rows, HAS_RESET: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr,
-    PREC: tl.constexpr,
-):  # fmt: skip
-    """Everything of a chunk that does not involve the state. r, w, k, a, b: (L, N) fp32, zero past
-    the sequence end; seg: (L,) segment ids. Returns the masked stacked pair matrices (2L, 2L),
-    (I - A_ab)^-1 (L, L), the state-side operands As, Rs, Bs, Ks (L, N), exp(G_L) (1, N) (0 when a
-    reset cuts S_0 off), exp(G), exp(Gx), exp(G_L - G) (L, N), the clamped w (L, N),
-    G - G_L / 2 and Gx - G_L / 2 (L, N), the level plan and the masks."""
+def _decay_side(r, w, k, a, b, seg, rows, HAS_RESET: tl.constexpr, NLEV: tl.constexpr):
+    """Everything of a chunk's key side but the pair matrices: elementwise in the tokens. r, w, k,
+    a, b: (L, N) fp32, zero past the sequence end; seg: (L,) segment ids. Returns the state-side
+    operands As, Rs, Bs, Ks (L, N), exp(G_L) (1, N) (0 when a reset cuts S_0 off), exp(G), exp(Gx),
+    exp(G_L - G) (L, N), the clamped w (L, N), G - G_L / 2 and Gx - G_L / 2 (L, N), the level plan
+    and the masks."""
     wc = tl.maximum(w, _W_MIN)
     w64 = wc.to(tl.float64)
     G64 = tl.cumsum(w64, axis=0)  # (L, N): log decay from the chunk start through token t
@@ -354,17 +354,26 @@ def _key_side(
     gx_mid = (G64 - w64 - 0.5 * GL64).to(tl.float32)
     n_lev, h0 = _levels(wc, r.shape[0], NLEV)
     m0, m_end, keep = _masks(seg, rows, HAS_RESET)
-    pm = _pair_matrices(r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC)
-    P = tl.where(_causal(seg, rows, HAS_RESET), pm, 0.0)
-    _, Pb = _vsplit(P)
-    Aab, _ = _hsplit(Pb)
-    Minv = _inv_unit_lower(Aab, LOG2_L, PREC)
     As = tl.where(m0, a * egx, 0.0)
     Rs = tl.where(m0, r * eg, 0.0)
     Bs = tl.where(m_end, b * eL, 0.0)
     Ks = tl.where(m_end, k * eL, 0.0)
     gam = tl.where(keep, tl.exp(gl), 0.0)
-    return P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, g_mid, gx_mid, n_lev, h0, m0, m_end
+    return As, Rs, Bs, Ks, gam, eg, egx, eL, wc, g_mid, gx_mid, n_lev, h0, m0, m_end
+
+
+@triton.jit
+def _pair_side(
+    r, k, a, b, seg, rows, wc, g_mid, gx_mid, n_lev, h0, HAS_RESET: tl.constexpr, LOG2_L: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """The masked stacked pair matrices (2L, 2L) and (I - A_ab)^-1 (L, L) of a chunk (the products
+    of its key side), from `_decay_side`'s exponents."""
+    pm = _pair_matrices(r, k, a, b, wc, g_mid, gx_mid, rows, n_lev, h0, PREC)
+    P = tl.where(_causal(seg, rows, HAS_RESET), pm, 0.0)
+    _, Pb = _vsplit(P)
+    Aab, _ = _hsplit(Pb)
+    return P, _inv_unit_lower(Aab, LOG2_L, PREC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -565,6 +574,31 @@ def _key_grads(
     return dr + dr0, dw, dk + dk_end + dk0, da + da0, db + db_end + db0
 
 
+@triton.jit
+def _key_offsets(base, rows):
+    """Offsets of one chunk's kept key side: the masked stacked pair matrices (2L, 2L) and
+    (I - A_ab)^-1 (L, L), row-major, chunk `base` of their buffers. (Wa = (I - A_ab)^-1 As is not
+    kept: loading it costs _grad_kernel more instructions than its product, sm_90a compile.)"""
+    L: tl.constexpr = rows.shape[0]
+    i2 = tl.arange(0, 2 * L)
+    p = base * 4 * L * L + i2[:, None] * 2 * L + i2[None, :]
+    inv = base * L * L + rows[:, None] * L + rows[None, :]
+    return p, inv
+
+
+@triton.jit
+def _store_key_side(kp_ptr, kinv_ptr, base, P, Minv, rows):
+    p, inv = _key_offsets(base, rows)
+    tl.store(kp_ptr + p, P)
+    tl.store(kinv_ptr + inv, Minv)
+
+
+@triton.jit
+def _load_key_side(kp_ptr, kinv_ptr, base, rows):
+    p, inv = _key_offsets(base, rows)
+    return tl.load(kp_ptr + p), tl.load(kinv_ptr + inv)
+
+
 # ----------------------------------------------------------------------------------------------
 # Kernels. Forward: _prep_kernel (every chunk at once: the chunk's transition M, its state-free
 # part D, and the y operators Q, Yc) then _scan_fwd_kernel (the chunks in order, the state in
@@ -574,14 +608,18 @@ def _key_grads(
 
 @triton.jit
 def _prep_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, reset_ptr, qt_ptr, m_ptr, yct_ptr, d_ptr,
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, reset_ptr, qt_ptr, m_ptr, yct_ptr, d_ptr, kp_ptr, kinv_ptr,
     T, H, s_b, s_t, s_h, NC,
     N: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr, HAS_RESET: tl.constexpr,
-    VALUE_SIDE: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr,
+    VALUE_SIDE: tl.constexpr, Y_SIDE: tl.constexpr, KEEP_KEY: tl.constexpr, PREC: tl.constexpr,
+    VE: tl.constexpr,
 ):  # fmt: skip
     """Program (chunk, batch * H + head): the chunk as a map of its entering state S_0,
     Y^T = S_0 Q^T + Yc^T and S_L = S_0 M + D (see the module docstring). Writes Q^T (N, L) and
-    M (N, N); with VALUE_SIDE also Yc^T (N, L) and D (N, N)."""
+    M (N, N); with VALUE_SIDE also D (N, N) and, with Y_SIDE too, Yc^T (N, L) (the backward's run
+    of the forward needs the states, not y); with KEEP_KEY (in the backward) also
+    the key-side products _grad_kernel would otherwise compute again: the masked pair matrices
+    (2L, 2L) and (I - A_ab)^-1 (L, L)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // H
@@ -594,9 +632,10 @@ def _prep_kernel(
     r, w, k, a, b, seg = _chunk_key_inputs(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
     )
-    P, Minv, As, Rs, Bs, Ks, gam, _, _, _, _, _, _, _, _, _, _ = _key_side(
-        r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
+    As, Rs, Bs, Ks, gam, _, _, _, wc, g_mid, gx_mid, n_lev, h0, _, _ = _decay_side(
+        r, w, k, a, b, seg, rows, HAS_RESET, NLEV
     )
+    P, Minv = _pair_side(r, k, a, b, seg, rows, wc, g_mid, gx_mid, n_lev, h0, HAS_RESET, LOG2_L, PREC)
     Pl, Pr = _hsplit(P)  # [[A_rb], [A_ab]], [[A_rk], [A_ak]]  (2L, L)
     Arb, _ = _vsplit(Pl)
     Ark, Aak = _vsplit(Pr)
@@ -608,6 +647,8 @@ def _prep_kernel(
     nn = cols[:, None] * N + cols[None, :]
     tl.store(qt_ptr + base * N * L + lt, tl.trans(Q))
     tl.store(m_ptr + base * N * N + nn, M)
+    if KEEP_KEY:
+        _store_key_side(kp_ptr, kinv_ptr, base, P, Minv, rows)
     if VALUE_SIDE:
         V = _load_rows(v_ptr + x_off, t0, T, s_t, rows, cols)  # (L, N)
         # Through (L, L) maps of the keys alone, Ua = (Minv A_ak) V and Yc = (A_rb Minv A_ak + A_rk) V
@@ -615,21 +656,23 @@ def _prep_kernel(
         # of a chain of (L, N) products.
         MA = _mm(Minv, Aak, PREC, False, False)  # (L, L)
         Ua = _mm(MA, V, PREC, False, VE)  # (L, N)
-        Yc = _mm(_mm(Arb, MA, PREC, False, False) + Ark, V, PREC, False, VE)
         D = _mm(tl.trans(Ua), Bs, PREC, False, False) + _mm(tl.trans(V), Ks, PREC, VE, False)  # (N, N)
-        tl.store(yct_ptr + base * N * L + lt, tl.trans(Yc))
         tl.store(d_ptr + base * N * N + nn, D)
+        if Y_SIDE:
+            Yc = _mm(_mm(Arb, MA, PREC, False, False) + Ark, V, PREC, False, VE)
+            tl.store(yct_ptr + base * N * L + lt, tl.trans(Yc))
 
 
 @triton.jit
 def _scan_fwd_kernel(
     s0_ptr, qt_ptr, m_ptr, yct_ptr, d_ptr, y_ptr, sT_ptr, ck_ptr, T, H, NC,
     N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, HAS_STATE: tl.constexpr, STORE_CK: tl.constexpr,
-    PREC: tl.constexpr,
+    STORE_Y: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Program (value block, batch * H + head): the chunks in order, S (BV, N) in registers.
-    Per chunk two products with S on the left: y^T = S Q^T + Yc^T, S <- S M + D. With STORE_CK,
-    the state entering every chunk is stored for the backward."""
+    Per chunk two products with S on the left: y^T = S Q^T + Yc^T (unless not STORE_Y: the
+    backward's run of the forward), S <- S M + D. With STORE_CK, the state entering every chunk is
+    stored for the backward."""
     vb = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // H
@@ -650,12 +693,13 @@ def _scan_fwd_kernel(
         base = bh.to(tl.int64) * NC + c
         if STORE_CK:
             tl.store(ck_ptr + base * N * N + tile, S)
-        Qt = tl.load(qt_ptr + base * N * L + lt)  # (N, L)
-        Yct = tl.load(yct_ptr + base * N * L + vl)  # (BV, L)
         M = tl.load(m_ptr + base * N * N + nn)  # (N, N)
         D = tl.load(d_ptr + base * N * N + tile)  # (BV, N)
-        yt = _mm(S, Qt, PREC, False, False) + Yct
-        _store_cols(y_ptr + o_off, yt, c * L, T, H * N, rows, vcols)
+        if STORE_Y:
+            Qt = tl.load(qt_ptr + base * N * L + lt)  # (N, L)
+            Yct = tl.load(yct_ptr + base * N * L + vl)  # (BV, L)
+            yt = _mm(S, Qt, PREC, False, False) + Yct
+            _store_cols(y_ptr + o_off, yt, c * L, T, H * N, rows, vcols)
         S = _mm(S, M, PREC, False, False) + D
     tl.store(sT_ptr + bh.to(tl.int64) * N * N + tile, S)
 
@@ -700,16 +744,18 @@ def _scan_bwd_kernel(
 
 @triton.jit
 def _grad_kernel(
-    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, reset_ptr, dy_ptr, ck_ptr, ds_ptr,
+    r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, reset_ptr, dy_ptr, ck_ptr, ds_ptr, kp_ptr, kinv_ptr,
     dr_ptr, dw_ptr, dk_ptr, dv_ptr, da_ptr, db_ptr,
     T, H, s_b, s_t, s_h, NC,
     N: tl.constexpr, BV: tl.constexpr, L: tl.constexpr, NLEV: tl.constexpr, LOG2_L: tl.constexpr,
-    HAS_RESET: tl.constexpr, HAS_DY: tl.constexpr, PREC: tl.constexpr, VE: tl.constexpr, GE: tl.constexpr,
+    HAS_RESET: tl.constexpr, HAS_DY: tl.constexpr, LOAD_KEY: tl.constexpr, PREC: tl.constexpr,
+    VE: tl.constexpr, GE: tl.constexpr,
 ):  # fmt: skip
     """Program (chunk, batch * H + head): the chunk's input gradients from the state entering it
     (stored by the forward) and the adjoint of the state after it (stored by _scan_bwd_kernel).
     The key-side algebra runs once; the value rows are taken BV at a time, their key-side shares
-    summed in registers (no atomics: bitwise repeatable)."""
+    summed in registers (no atomics: bitwise repeatable). LOAD_KEY: the pair matrices and
+    (I - A_ab)^-1 come from the backward's _prep_kernel (KEEP_KEY) instead of being computed again."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     bi = bh // H
@@ -723,13 +769,17 @@ def _grad_kernel(
     r, w, k, a, b, seg = _chunk_key_inputs(
         r_ptr, w_ptr, k_ptr, a_ptr, b_ptr, reset_ptr, x_off, bi, t0, T, s_t, rows, cols, HAS_RESET
     )
-    P, Minv, As, Rs, Bs, Ks, gam, eg, egx, eL, wc, g_mid, gx_mid, n_lev, h0, m0, m_end = _key_side(
-        r, w, k, a, b, seg, rows, HAS_RESET, NLEV, LOG2_L, PREC
+    As, Rs, Bs, Ks, gam, eg, egx, eL, wc, g_mid, gx_mid, n_lev, h0, m0, m_end = _decay_side(
+        r, w, k, a, b, seg, rows, HAS_RESET, NLEV
     )
+    if LOAD_KEY:
+        P, Minv = _load_key_side(kp_ptr, kinv_ptr, base, rows)
+    else:
+        P, Minv = _pair_side(r, k, a, b, seg, rows, wc, g_mid, gx_mid, n_lev, h0, HAS_RESET, LOG2_L, PREC)
+    Wa = _mm(Minv, As, PREC, False, False)  # key-side factor of SA, once per chunk
     Pt, Pb = _vsplit(P)  # [A_rb, A_rk], [A_ab, A_ak]  (L, 2L)
     _, Aak = _hsplit(Pb)
     BsKs = _vstack(Bs, Ks)
-    Wa = _mm(Minv, As, PREC, False, False)  # key-side factors of SA, once per chunk
     MA = _mm(Minv, Aak, PREC, False, False)
     D = tl.zeros([2 * L, 2 * L], dtype=tl.float32)
     dRA = tl.zeros([2 * L, N], dtype=tl.float32)
@@ -862,15 +912,18 @@ def _launch(kernel, grid, args, meta) -> None:
     kernel[grid](*args, **meta)
 
 
-def _prep_launch(r, w, k, v, a, b, reset, outs, cfg: Wkv7Config, value_side: bool):
-    """_prep_kernel writing `outs` = (Q^T, M, Yc^T, D); Yc^T and D None unless value_side."""
+def _prep_launch(r, w, k, v, a, b, reset, outs, cfg: Wkv7Config, value_side: bool, key=None):
+    """_prep_kernel writing `outs` = (Q^T, M, Yc^T, D); D None unless value_side, Yc^T None
+    unless value_side and y is wanted; and with `key` = (pair matrices, (I - A_ab)^-1) buffers,
+    the key side for _grad_kernel."""
     B, T, H, N = r.shape
     m = _meta(cfg, T)
     s_b, s_t, s_h, _ = r.stride()
-    args = (r, w, k, v, a, b, reset, *outs, T, H, s_b, s_t, s_h, m["NC"])
+    args = (r, w, k, v, a, b, reset, *outs, *(key or (None,) * 2), T, H, s_b, s_t, s_h, m["NC"])
     meta = dict(
         N=N, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None, VALUE_SIDE=value_side,
-        PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep,
+        Y_SIDE=value_side and outs[2] is not None, KEEP_KEY=key is not None, PREC=PRECISIONS[cfg.prec],
+        VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep,
     )  # fmt: skip
     return _prep_kernel, (m["NC"], B * H), args, meta
 
@@ -881,7 +934,7 @@ def _scan_fwd_launch(r, s0, prep, y, sT, ck, cfg: Wkv7Config):
     args = (s0, *prep, y, sT, ck, T, H, m["NC"])
     meta = dict(
         N=N, BV=cfg.bv_scan, L=m["L"], HAS_STATE=s0 is not None, STORE_CK=ck is not None,
-        PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
+        STORE_Y=y is not None, PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
     )  # fmt: skip
     return _scan_fwd_kernel, (N // cfg.bv_scan, B * H), args, meta
 
@@ -898,51 +951,67 @@ def _scan_bwd_launch(r, dsT, qt, mm, dy, ds, ds0, cfg: Wkv7Config):
     return _scan_bwd_kernel, (N // cfg.bv_scan, B * H), args, meta
 
 
-def _grad_launch(r, w, k, v, a, b, reset, dy, ck, ds, grads, cfg: Wkv7Config):
-    """_grad_kernel writing `grads` = (dr, dw, dk, dv, da, db)."""
+def _grad_launch(r, w, k, v, a, b, reset, dy, ck, ds, key, grads, cfg: Wkv7Config):
+    """_grad_kernel writing `grads` = (dr, dw, dk, dv, da, db), reading the key side `key` kept by
+    the backward's _prep_kernel (or, None, computing it)."""
     B, T, H, N = r.shape
     m = _meta(cfg, T)
     s_b, s_t, s_h, _ = r.stride()
-    args = (r, w, k, v, a, b, reset, dy, ck, ds, *grads, T, H, s_b, s_t, s_h, m["NC"])
+    args = (r, w, k, v, a, b, reset, dy, ck, ds, *(key or (None,) * 2), *grads, T, H, s_b, s_t, s_h, m["NC"])
     meta = dict(
         N=N, BV=cfg.bv_grad, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None,
-        HAS_DY=dy is not None, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
+        HAS_DY=dy is not None, LOAD_KEY=key is not None, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
         GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_grad,
     )  # fmt: skip
     return _grad_kernel, (m["NC"], B * H), args, meta
 
 
-def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool):
-    """Launch _prep_kernel: Q^T and M (and Yc^T, D with value_side), (B*H, NC, ...) fp32."""
+def key_side_shapes(B: int, T: int, H: int, N: int, cfg: Wkv7Config) -> list[tuple[int, ...]]:
+    """Shapes of the key side the backward's _prep_kernel keeps for _grad_kernel (transient, fp32):
+    the stacked pair matrices and (I - A_ab)^-1 of every chunk (5 KB per chunk and head at L = 16)."""
+    L, nc = cfg.chunk, triton.cdiv(T, cfg.chunk)
+    return [(B * H, nc, 2 * L, 2 * L), (B * H, nc, L, L)]
+
+
+def _prep(r, w, k, v, a, b, reset, cfg: Wkv7Config, value_side: bool, keep_key: bool = False, want_y: bool = True):
+    """Launch _prep_kernel: Q^T and M (and D with value_side, Yc^T with value_side and want_y),
+    (B*H, NC, ...) fp32, and with keep_key the key side for _grad_kernel (`key_side_shapes`; else
+    None)."""
     B, T, H, N = r.shape
     m = _meta(cfg, T)
     dev = r.device
     qt = _new((B * H, m["NC"], N, m["L"]), torch.float32, dev)
     mm = _new((B * H, m["NC"], N, N), torch.float32, dev)
-    yct = _new((B * H, m["NC"], N, m["L"]), torch.float32, dev) if value_side else None
+    yct = _new((B * H, m["NC"], N, m["L"]), torch.float32, dev) if value_side and want_y else None
     dd = _new((B * H, m["NC"], N, N), torch.float32, dev) if value_side else None
-    _launch(*_prep_launch(r, w, k, v, a, b, reset, (qt, mm, yct, dd), cfg, value_side))
-    return qt, mm, yct, dd
+    key = [_new(shape, torch.float32, dev) for shape in key_side_shapes(B, T, H, N, cfg)] if keep_key else None
+    _launch(*_prep_launch(r, w, k, v, a, b, reset, (qt, mm, yct, dd), cfg, value_side, key))
+    return qt, mm, yct, dd, key
 
 
-def wkv7_fwd(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool, backward: bool | None = None):
+def wkv7_fwd(
+    r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: bool, backward: bool | None = None,
+    keep_key: bool = False, want_y: bool = True,
+):  # fmt: skip
     """r..b: (B, T, H, N) with shared strides; s0: (B, H, N, N) fp32 contiguous or None; reset:
-    (B, T) uint8 contiguous or None. Returns y (B, T, H, N) in r's dtype (contiguous), the final
+    (B, T) uint8 contiguous or None. Returns y (B, T, H, N) in r's dtype (contiguous; None unless
+    want_y: wkv7_bwd's run of the forward needs only the states), the final
     state (B, H, N, N) fp32 and what the backward needs besides the inputs: [] unless
-    store_states, else [chunk-start states (`stored_states_shape`)] (+ [Q^T, M] with keep_prep).
+    store_states, else [chunk-start states (`stored_states_shape`)] (+ [Q^T, M] with keep_prep,
+    + the key side (`key_side_shapes`) with keep_key: wkv7_bwd's run of the forward).
     backward: whether a backward will follow (default: store_states; True without store_states:
     it will rebuild the states, see wkv7_bwd), for compiling its kernels ahead."""
     B, T, H, N = r.shape
     dev = r.device
     _compile_ahead(r, w, k, v, a, b, s0, reset, cfg, store_states, store_states if backward is None else backward)
-    qt, mm, yct, dd = _prep(r, w, k, v, a, b, reset, cfg, value_side=True)
-    y = _new((B, T, H, N), r.dtype, dev)
+    qt, mm, yct, dd, key = _prep(r, w, k, v, a, b, reset, cfg, value_side=True, keep_key=keep_key, want_y=want_y)
+    y = _new((B, T, H, N), r.dtype, dev) if want_y else None
     sT = _new((B, H, N, N), torch.float32, dev)
     ck = _new(stored_states_shape(B, T, H, N, cfg), torch.float32, dev) if store_states else None
     _launch(*_scan_fwd_launch(r, s0, (qt, mm, yct, dd), y, sT, ck, cfg))
     if not store_states:
         return y, sT, []
-    return y, sT, [ck, qt, mm] if cfg.keep_prep else [ck]
+    return y, sT, [ck, qt, mm, *(key or [])] if cfg.keep_prep else [ck]
 
 
 def wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, dsT, cfg: Wkv7Config, want_ds0: bool, s0=None):
@@ -950,13 +1019,20 @@ def wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, dsT, cfg: Wkv7Config, want_ds0:
     dsT (B, H, N, N) fp32 contiguous or None. Returns dr, dw, dk, dv, da, db (B, T, H, N) in r's
     dtype (dw in w's), contiguous, and the state's (B, H, N, N) fp32 (None unless want_ds0).
     saved = [] (the forward stored nothing): the forward runs again here from s0, the initial
-    state (or None), storing the states and keeping its chunk maps for this backward only."""
+    state (or None), storing the states and keeping its chunk maps and key side for this backward
+    only. The key side (the chunks' pair matrices and (I - A_ab)^-1) is kept from the backward's
+    own prep run for _grad_kernel, or computed there when the forward kept Q and M (keep_prep)."""
     B, T, H, N = r.shape
     dev = r.device
     if not saved:
-        saved = wkv7_fwd(r, w, k, v, a, b, s0, reset, dataclasses.replace(cfg, keep_prep=True), True)[2]
+        keep = dataclasses.replace(cfg, keep_prep=True)
+        saved = wkv7_fwd(r, w, k, v, a, b, s0, reset, keep, True, keep_key=True, want_y=False)[2]
     ck, *prep = saved
-    qt, mm = prep if prep else _prep(r, w, k, v, a, b, reset, cfg, value_side=False)[:2]
+    if prep:
+        qt, mm, *key = prep
+    else:
+        qt, mm, _, _, key = _prep(r, w, k, v, a, b, reset, cfg, value_side=False, keep_key=True)
+    key = key or None
     ds = _new(stored_states_shape(B, T, H, N, cfg), torch.float32, dev)
     ds0 = _new((B, H, N, N), torch.float32, dev) if want_ds0 else None
     _launch(*_scan_bwd_launch(r, dsT, qt, mm, dy, ds, ds0, cfg))
@@ -964,7 +1040,7 @@ def wkv7_bwd(r, w, k, v, a, b, reset, saved, dy, dsT, cfg: Wkv7Config, want_ds0:
     dr, dk, dv, da, db = (_new((B, T, H, N), r.dtype, dev) for _ in range(5))
     dw = _new((B, T, H, N), w.dtype, dev)  # w may be fp32 while the others are bf16 / fp16
     grads = [dr, dw, dk, dv, da, db]
-    _launch(*_grad_launch(r, w, k, v, a, b, reset, dy, ck, ds, grads, cfg))
+    _launch(*_grad_launch(r, w, k, v, a, b, reset, dy, ck, ds, key, grads, cfg))
     return (*grads, ds0)
 
 
@@ -992,17 +1068,20 @@ def _launches_ahead(r, w, k, v, a, b, s0, reset, cfg: Wkv7Config, store_states: 
     of the tensors the kernels would write."""
     f32, x = torch.float32, r.dtype
     state, stored = (f32 if s0 is not None else None), (f32 if store_states else None)
+    key = (f32, f32)
     launches = [
         _prep_launch(r, w, k, v, a, b, reset, (f32, f32, f32, f32), cfg, True),
         _scan_fwd_launch(r, state, (f32, f32, f32, f32), x, f32, stored, cfg),
     ]
     if backward:
-        if not store_states:  # the backward runs the forward again, storing (its prep is the same)
-            launches.append(_scan_fwd_launch(r, state, (f32, f32, f32, f32), x, f32, f32, cfg))
+        if not store_states:  # the backward runs the forward again for the states (no y), keeping the key side
+            launches.append(_prep_launch(r, w, k, v, a, b, reset, (f32, f32, None, f32), cfg, True, key))
+            launches.append(_scan_fwd_launch(r, state, (f32, f32, None, f32), None, f32, f32, cfg))
         elif not cfg.keep_prep:
-            launches.append(_prep_launch(r, w, k, v, a, b, reset, (f32, f32, None, None), cfg, False))
+            launches.append(_prep_launch(r, w, k, v, a, b, reset, (f32, f32, None, None), cfg, False, key))
+        grad_key = None if store_states and cfg.keep_prep else key  # keep_prep: the forward kept no key side
         launches.append(_scan_bwd_launch(r, None, f32, f32, x, f32, state, cfg))
-        launches.append(_grad_launch(r, w, k, v, a, b, reset, x, f32, f32, (x, w.dtype, x, x, x, x), cfg))
+        launches.append(_grad_launch(r, w, k, v, a, b, reset, x, f32, f32, grad_key, (x, w.dtype, x, x, x, x), cfg))
     return launches
 
 
