@@ -75,6 +75,11 @@ VARIANTS = [  # names without spaces or commas: --variants takes a comma list
     ("keep_prep", {"keep_prep": True}),
     ("stages1", {"stages_scan": 1}),
     ("stages3", {"stages_scan": 3}),
+    ("stages4", {"stages_scan": 4}),
+    ("regs168_prep", {"regs_prep": 168}),  # 3 programs per SM instead of 2
+    ("regs128_prep", {"regs_prep": 128}),  # 4
+    ("regs168_grad", {"regs_grad": 168}),
+    ("regs168_scan", {"regs_scan": 168}),
     ("tf32_algebra(inexact)", {"prec": "tf32"}),
     ("tf32x3", {"prec": "tf32x3", "prec_scan": "tf32x3"}),
 ]

@@ -32,7 +32,7 @@ def load_module(path):
     return mod
 
 
-def compile_one(fn, args: dict, num_warps: int, num_stages: int = 3, aligned: bool = True):
+def compile_one(fn, args: dict, num_warps: int, num_stages: int = 3, aligned: bool = True, maxnreg: int | None = None):
     """aligned: every pointer and integer argument is marked divisible by 16, as the launcher
     specialises them at the benchmark shapes (aligned tensors, T, H, strides multiples of 16); the
     loads then vectorise, which changes layouts and instruction counts."""
@@ -47,7 +47,10 @@ def compile_one(fn, args: dict, num_warps: int, num_stages: int = 3, aligned: bo
             sig[name] = "constexpr"
             consts[name] = v
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:  # the kernel's regs_* knob (Wkv7Config)
+        options["maxnreg"] = maxnreg
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as d:
         cub = os.path.join(d, "k.cubin")
         open(cub, "wb").write(k.asm["cubin"])
@@ -92,6 +95,7 @@ def main():
     ap.add_argument("--prec", default="bf16x3")
     ap.add_argument("--kernels", default="prep,prep_mq,scan_fwd,scan_bwd,grad")
     ap.add_argument("--no-align", action="store_true", help="no divisibility-by-16 specialisation")
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (the regs_* knobs)")
     ap.add_argument("--no-keep-key", action="store_true", help="grad computes the key side again (before v2.2)")
     a = ap.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
@@ -224,13 +228,16 @@ def main():
     prep_args = specs["prep"][1]
     specs["prep_rerun"] = (tw._prep_kernel, dict(prep_args, yct_ptr=None, Y_SIDE=False, **key_out))
     specs["scan_rerun"] = (tw._scan_fwd_kernel, dict(specs["scan_fwd"][1], yct_ptr=None, y_ptr=None, STORE_Y=False))
-    print(f"triton {triton.__version__}, sm_90a, L={L} N={N} bv_scan={a.bv_scan} bv_grad={a.bv_grad} prec={a.prec}")
+    print(
+        f"triton {triton.__version__}, sm_90a, L={L} N={N} bv_scan={a.bv_scan} bv_grad={a.bv_grad} prec={a.prec} "
+        f"maxnreg={a.maxnreg}"
+    )
     for name in a.kernels.split(","):
         fn, args = specs[name]
         for w in map(int, a.warps.split(",")):
             t = time.time()
             try:
-                r = compile_one(fn, args, w, aligned=not a.no_align)
+                r = compile_one(fn, args, w, aligned=not a.no_align, maxnreg=a.maxnreg)
                 print(
                     f"{name:9s} warps={w}: {time.time() - t:5.1f}s " + " ".join(f"{k}={v}" for k, v in r.items()),
                     flush=True,

@@ -831,7 +831,8 @@ class Wkv7Config:
     program of the scans (N / bv_scan programs per head); bv_grad: value rows per step of the
     gradient kernel's loop; prec / prec_scan: a key of PRECISIONS for the per-chunk algebra / for
     the scans' state products; warps_*: num_warps; stages_scan: software pipelining depth of the
-    scans' loads."""
+    scans' loads; regs_*: a register cap per thread (ptxas maxnreg; None: the compiler's choice),
+    which trades spills for more programs per SM."""
 
     chunk: int = 16
     bv_scan: int = 64
@@ -843,6 +844,15 @@ class Wkv7Config:
     warps_grad: int = 4
     stages_scan: int = 2
     keep_prep: bool = False  # the forward keeps Q and M for the backward (more memory, no recompute)
+    regs_prep: int | None = None
+    regs_scan: int | None = None
+    regs_grad: int | None = None
+
+
+def _regs(cap: int | None) -> dict:
+    """Launch options for a register cap: ptxas' maxnreg, NVIDIA only (Triton's AMD backend
+    rejects the option)."""
+    return {"maxnreg": cap} if cap is not None and torch.version.hip is None else {}
 
 
 @functools.cache
@@ -865,9 +875,21 @@ def _config(B: int, T: int, H: int, N: int, dtype: torch.dtype) -> Wkv7Config:
     dimension until there is about one program per SM (rows of S are independent).
     The per-chunk kernels run one program per chunk and head. The gradient kernel walks the value
     rows 32 at a time: with triton 3.6 on an H200, 64-row tiles there fault (illegal shared-memory
-    address, compute-sanitizer, 2026-12-04; benchmarks/wkv7_gpu_diag.py checks every config)."""
+    address, compute-sanitizer, 2026-12-04; benchmarks/wkv7_gpu_diag.py checks every config).
+    The scans are bound by their loads of M and D: three stages in flight instead of two took
+    fwd+bwd to 0.90-0.99x (H100, 2026-12-05); at N = 128 three stages of M would not fit in
+    shared memory. The prep kernel is latency-bound at two programs per SM (214 registers):
+    capped at 168 it runs three, and the forward takes 0.90-0.94x the time, fwd+bwd 0.96-0.97x
+    (H200, 2026-12-05); N = 128 was not measured with the cap, so it keeps the compiler's choice."""
     prec = "tf32x3" if dtype == torch.float32 else "bf16x3"
-    cfg = Wkv7Config(bv_scan=_value_block(N, B * H, _sm_count()), bv_grad=min(32, N), prec=prec, prec_scan=prec)
+    cfg = Wkv7Config(
+        bv_scan=_value_block(N, B * H, _sm_count()),
+        bv_grad=min(32, N),
+        prec=prec,
+        prec_scan=prec,
+        stages_scan=3 if N <= 64 else 2,
+        regs_prep=168 if N <= 64 else None,
+    )
     if _CFG_OVERRIDE:
         cfg = dataclasses.replace(cfg, **_CFG_OVERRIDE)
     _check_config(cfg, N)
@@ -932,7 +954,7 @@ def _prep_launch(r, w, k, v, a, b, reset, outs, cfg: Wkv7Config, value_side: boo
     meta = dict(
         N=N, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None, VALUE_SIDE=value_side,
         Y_SIDE=value_side and outs[2] is not None, KEEP_KEY=key is not None, PREC=PRECISIONS[cfg.prec],
-        VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep,
+        VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep, **_regs(cfg.regs_prep),
     )  # fmt: skip
     return _prep_kernel, (m["NC"], B * H), args, meta
 
@@ -944,6 +966,7 @@ def _scan_fwd_launch(r, s0, prep, y, sT, ck, cfg: Wkv7Config):
     meta = dict(
         N=N, BV=cfg.bv_scan, L=m["L"], HAS_STATE=s0 is not None, STORE_CK=ck is not None,
         STORE_Y=y is not None, PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
+        **_regs(cfg.regs_scan),
     )  # fmt: skip
     return _scan_fwd_kernel, (N // cfg.bv_scan, B * H), args, meta
 
@@ -955,7 +978,7 @@ def _scan_bwd_launch(r, dsT, qt, mm, dy, ds, ds0, cfg: Wkv7Config):
     meta = dict(
         N=N, BV=cfg.bv_scan, L=m["L"], HAS_DST=dsT is not None, HAS_DY=dy is not None, WANT_DS0=ds0 is not None,
         PREC=PRECISIONS[cfg.prec_scan], GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_scan,
-        num_stages=cfg.stages_scan,
+        num_stages=cfg.stages_scan, **_regs(cfg.regs_scan),
     )  # fmt: skip
     return _scan_bwd_kernel, (N // cfg.bv_scan, B * H), args, meta
 
@@ -970,7 +993,7 @@ def _grad_launch(r, w, k, v, a, b, reset, dy, ck, ds, key, grads, cfg: Wkv7Confi
     meta = dict(
         N=N, BV=cfg.bv_grad, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None,
         HAS_DY=dy is not None, LOAD_KEY=key is not None, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
-        GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_grad,
+        GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_grad, **_regs(cfg.regs_grad),
     )  # fmt: skip
     return _grad_kernel, (m["NC"], B * H), args, meta
 
