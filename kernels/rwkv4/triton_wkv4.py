@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rwkv_ft.kernels.launch_options import FIXED_LAUNCH_OPTIONS
+
 EMPTY_MAX = -1e38
 _EMPTY = tl.constexpr(EMPTY_MAX)  # the same, readable inside kernels
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -740,7 +742,7 @@ def wkv4_fwd(td, tf, k, v, s0, reset=None):
         k, v, td, tf, s0, reset, flags, agg, incl, y, y32, z, sT, idxT, B, T, C, L, NC, nb,
         BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None, HAS_RESET=reset is not None,
         STORE_Y32=store_y32, PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST,
-        PF1=_PF["fwd"][0], PF2=_PF["fwd"][1], **_evict("fwd"), DETERMINISTIC=det, num_warps=nw,
+        PF1=_PF["fwd"][0], PF2=_PF["fwd"][1], **_evict("fwd"), DETERMINISTIC=det, num_warps=nw, **FIXED_LAUNCH_OPTIONS,
     )  # fmt: skip
     return y, y32, z, sT, idxT, (block_c, L_bwd, nw)
 
@@ -776,7 +778,7 @@ def wkv4_bwd(td, tf, k, v, y, z, s0, reset, sT, idxT, gy, gsT, cfg):
         B, T, C, L, NC, nb, BLOCK_C=block_c, EVEN=C % block_c == 0, HAS_STATE=s0 is not None,
         HAS_RESET=reset is not None, HAS_GST=gsT is not None,
         PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST, PF1=_PF["bwd"][0],
-        PF2=_PF["bwd"][1], **_evict("bwd"), DETERMINISTIC=det, num_warps=nw,
+        PF2=_PF["bwd"][1], **_evict("bwd"), DETERMINISTIC=det, num_warps=nw, **FIXED_LAUNCH_OPTIONS,
     )  # fmt: skip
     if det:
         gtdf = gtdf.sum(0)

@@ -112,6 +112,8 @@ import torch
 import triton
 import triton.language as tl
 
+from rwkv_ft.kernels.launch_options import FIXED_LAUNCH_OPTIONS, register_cap
+
 # The interpreter's bf16 tl.dot multiplies raw bit patterns (triton 3.9), so bf16 products are
 # widened to fp32 there (same values: a bf16 x bf16 product is exact in fp32). Triton itself
 # decides interpret mode when a kernel is decorated, i.e. at import of this module.
@@ -849,12 +851,6 @@ class Wkv7Config:
     regs_grad: int | None = None
 
 
-def _regs(cap: int | None) -> dict:
-    """Launch options for a register cap: ptxas' maxnreg, NVIDIA only (Triton's AMD backend
-    rejects the option)."""
-    return {"maxnreg": cap} if cap is not None and torch.version.hip is None else {}
-
-
 @functools.cache
 def _sm_count() -> int:
     return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
@@ -954,7 +950,7 @@ def _prep_launch(r, w, k, v, a, b, reset, outs, cfg: Wkv7Config, value_side: boo
     meta = dict(
         N=N, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None, VALUE_SIDE=value_side,
         Y_SIDE=value_side and outs[2] is not None, KEEP_KEY=key is not None, PREC=PRECISIONS[cfg.prec],
-        VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep, **_regs(cfg.regs_prep),
+        VE=r.dtype == torch.bfloat16, num_warps=cfg.warps_prep, **FIXED_LAUNCH_OPTIONS, **register_cap(cfg.regs_prep),
     )  # fmt: skip
     return _prep_kernel, (m["NC"], B * H), args, meta
 
@@ -966,7 +962,7 @@ def _scan_fwd_launch(r, s0, prep, y, sT, ck, cfg: Wkv7Config):
     meta = dict(
         N=N, BV=cfg.bv_scan, L=m["L"], HAS_STATE=s0 is not None, STORE_CK=ck is not None,
         STORE_Y=y is not None, PREC=PRECISIONS[cfg.prec_scan], num_warps=cfg.warps_scan, num_stages=cfg.stages_scan,
-        **_regs(cfg.regs_scan),
+        **FIXED_LAUNCH_OPTIONS, **register_cap(cfg.regs_scan),
     )  # fmt: skip
     return _scan_fwd_kernel, (N // cfg.bv_scan, B * H), args, meta
 
@@ -978,7 +974,7 @@ def _scan_bwd_launch(r, dsT, qt, mm, dy, ds, ds0, cfg: Wkv7Config):
     meta = dict(
         N=N, BV=cfg.bv_scan, L=m["L"], HAS_DST=dsT is not None, HAS_DY=dy is not None, WANT_DS0=ds0 is not None,
         PREC=PRECISIONS[cfg.prec_scan], GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_scan,
-        num_stages=cfg.stages_scan, **_regs(cfg.regs_scan),
+        num_stages=cfg.stages_scan, **FIXED_LAUNCH_OPTIONS, **register_cap(cfg.regs_scan),
     )  # fmt: skip
     return _scan_bwd_kernel, (N // cfg.bv_scan, B * H), args, meta
 
@@ -993,7 +989,7 @@ def _grad_launch(r, w, k, v, a, b, reset, dy, ck, ds, key, grads, cfg: Wkv7Confi
     meta = dict(
         N=N, BV=cfg.bv_grad, L=m["L"], NLEV=m["NLEV"], LOG2_L=m["LOG2_L"], HAS_RESET=reset is not None,
         HAS_DY=dy is not None, LOAD_KEY=key is not None, PREC=PRECISIONS[cfg.prec], VE=r.dtype == torch.bfloat16,
-        GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_grad, **_regs(cfg.regs_grad),
+        GE=r.dtype == torch.bfloat16, num_warps=cfg.warps_grad, **FIXED_LAUNCH_OPTIONS, **register_cap(cfg.regs_grad),
     )  # fmt: skip
     return _grad_kernel, (m["NC"], B * H), args, meta
 
