@@ -57,7 +57,8 @@ ANCHORS = {
 }
 ACC_SHAPES = [(2, 1024, 4), (1, 4096, 2)]
 BASELINE_SHAPES = [(8, 4096, 32), (4, 1024, 16), (8, 1024, 64), (1, 16384, 32)]
-FLA_SHAPES = [(8, 4096, 32), (4, 1024, 16)]
+# fla at every goal shape, its anchor shapes first (each new shape may autotune again: the budget decides).
+FLA_SHAPES = [(8, 4096, 32), (4, 1024, 16), (4, 4096, 64), (8, 1024, 64), (1, 16384, 32)]
 VARIANT_SHAPES = [(8, 4096, 32), (4, 1024, 16), (1, 16384, 32)]
 # Knobs of triton_wkv7._CFG_OVERRIDE compared at VARIANT_SHAPES (the rule's choice is "default").
 VARIANTS = [  # names without spaces or commas: --variants takes a comma list
@@ -393,11 +394,12 @@ def steps(fn, B, T, H, dtype=torch.bfloat16):
 
 def time_impl(fn, shape, *, eager=True, first_limit=90):
     fwd, fwdbwd = steps(fn, *shape)
-    with time_limit(first_limit):  # the first calls compile
+    t = time.time()
+    with time_limit(first_limit):  # the first calls compile (and fla's autotune, per shape)
         fwd()
         fwdbwd()
         torch.cuda.synchronize()
-    out = {"fwd_graph": graph_ms(fwd), "fwdbwd_graph": graph_ms(fwdbwd)}
+    out = {"first_s": time.time() - t, "fwd_graph": graph_ms(fwd), "fwdbwd_graph": graph_ms(fwdbwd)}
     if eager:
         out["fwd"] = bench_ms(fwd)
         out["fwdbwd"] = bench_ms(fwdbwd)
@@ -492,7 +494,10 @@ def fla_section(res, fla):
         return
     try:
         with time_limit(max(left() - 30, 10)):
+            t = time.time()  # fla's first call in this process: its autotuning
             accuracy_case(res, "plain (as the anchors)", 2, 1024, 4, torch.bfloat16, fla=fla, ours_too=False)
+            res["fla_first_case_s"] = time.time() - t
+            log(f"fla: first accuracy case (first call, autotuning) {res['fla_first_case_s']:.0f} s")
             accuracy_case(
                 res, "state (fla [K, V] layout)", 2, 1024, 4, torch.bfloat16, fla=fla, ours_too=False, state=True
             )
@@ -574,17 +579,21 @@ def report(res):
         f"\n{res['device']} {res['date']} torch {res['torch']} triton {res['triton']}; copy {res['copy_TBps']:.2f} TB/s"
     )
     log(f"compile (fresh cache, first fwd / bwd, s): {res.get('compile')}")
+    if "fla_first_case_s" in res:
+        log(f"fla's first call in this process (autotuning, B2 T1024 H4): {res['fla_first_case_s']:.0f} s")
     log(
-        "\n| B, T, H | ours fwd | ours fwd+bwd eager | ours fwd+bwd graph | fla fwd+bwd eager | BlinkDL v3 "
-        "| fla (anchor) | goal | bytes floor | peak GiB |"
+        "\n| B, T, H | ours fwd | ours fwd+bwd eager | ours fwd+bwd graph | fla fwd+bwd eager | fla fwd+bwd graph "
+        "| ours / fla (graph) | BlinkDL v3 | fla (anchor) | goal | bytes floor | peak GiB |"
     )
-    log("|---|---|---|---|---|---|---|---|---|---|")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in res["timings"]:
         o, f = row.get("ours", {}), row.get("fla", {})
         blink, fla_anchor, goal = ANCHORS[tuple(row["shape"])]
+        ratio = o["fwdbwd_graph"] / f["fwdbwd_graph"] if "fwdbwd_graph" in o and "fwdbwd_graph" in f else None
         log(
             f"| {', '.join(map(str, row['shape']))} | {fmt(o.get('fwd'))} | {fmt(o.get('fwdbwd'))} | "
-            f"**{fmt(o.get('fwdbwd_graph'))}** | {fmt(f.get('fwdbwd'))} | {blink} | {fmt(fla_anchor, 2)} | {goal} | "
+            f"**{fmt(o.get('fwdbwd_graph'))}** | {fmt(f.get('fwdbwd'))} | {fmt(f.get('fwdbwd_graph'))} | "
+            f"{fmt(ratio, 2)} | {blink} | {fmt(fla_anchor, 2)} | {goal} | "
             f"{row['floor']['bytes_ms']:.3f} | {fmt(o.get('peak_GiB'), 2)} |"
         )
     log("\nAccuracy (bf16: error / bf16 rounding floor; fp32: relative error)")
