@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from rwkv_ft.kernels.launch_options import FIXED_LAUNCH_OPTIONS
+from rwkv_ft.kernels.launch_options import FIXED_LAUNCH_OPTIONS, register_cap
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -49,9 +49,7 @@ def compile_one(fn, args: dict, num_warps: int, num_stages: int = 3, aligned: bo
             sig[name] = "constexpr"
             consts[name] = v
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    options = dict(num_warps=num_warps, num_stages=num_stages, **FIXED_LAUNCH_OPTIONS)
-    if maxnreg is not None:  # the kernel's regs_* knob (Wkv7Config)
-        options["maxnreg"] = maxnreg
+    options = dict(num_warps=num_warps, num_stages=num_stages, **FIXED_LAUNCH_OPTIONS, **register_cap(maxnreg))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as d:
         cub = os.path.join(d, "k.cubin")

@@ -310,7 +310,7 @@ def test_kept_prep_equals_recomputed():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kept_key_side_equals_computed(dtype):
-    """The gradient kernel reading the key side (pair matrices, (I - A_ab)^-1, Wa) that the
+    """The gradient kernel reading the key side (pair matrices, (I - A_ab)^-1) that the
     backward's prep kept gives what it gives computing them itself (as it does after keep_prep),
     with resets and with the multi-level plan of fast-decaying chunks."""
     xs = make_inputs(2, 37, 2, 32, dtype, seed=41)
