@@ -48,7 +48,7 @@ from peft import LoraConfig, get_peft_model
 
 import rwkv_ft
 from rwkv_ft.adapters.fast_lora import enable_fast_lora
-from rwkv_ft.train import set_chunk_len
+from rwkv_ft.train import collector_paused, set_chunk_len
 
 # name: (version, layers, width, vocab, batch, extra config)
 SHAPES = {
@@ -223,8 +223,9 @@ def run_case(shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=N
     before = lora_b.detach().clone()
 
     def step():
-        loss = model(ids, labels=ids).loss
-        loss.backward()
+        with collector_paused():  # as rwkv_ft.train's steps
+            loss = model(ids, labels=ids).loss
+            loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss

@@ -110,6 +110,24 @@ def objects_frozen_for_gc():
         gc.unfreeze()
 
 
+@contextlib.contextmanager
+def collector_paused():
+    """Python's cyclic garbage collector does not run inside (a training step's forward and
+    backward); it resumes on exit. A long-context step builds Python objects per chunk (the
+    checkpoint's holders of every saved tensor) that live until its backward ends, and the
+    collector walked them again and again: 1.7-2.1 s of 3 steps at 131,072 tokens (1.5-1.6B LoRA,
+    H100; benchmarks/NOTES.md, "Long-context training"). Reference counting still frees memory
+    inside; cycles wait for the exit."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 class torch_rng_isolated:
     """Seed torch's RNG for a block without consuming the global RNG stream outside it."""
 
@@ -531,7 +549,8 @@ def _make_trainer_class():
             self._walk_trained_parameters_only(model)
             if self.equal_chunk_counts:
                 inputs = self._pad_to_longest(inputs)
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            with collector_paused():
+                loss = super().training_step(model, inputs, num_items_in_batch)
             # After the backward (whose collectives every rank runs alike, NaN or not), so that the
             # host never waits between forward and backward; before the optimizer step.
             self._stop_if_not_finite(loss)

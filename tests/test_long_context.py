@@ -75,6 +75,23 @@ def test_each_chunk_but_the_last_is_recomputed_once(model, recompute_last):
     assert len(calls) == 16 + 15 + recompute_last
 
 
+def test_token_ids_are_checked_once_per_chunked_forward(model, monkeypatch):
+    """Checking the ids waits on the device (a host sync): the chunks share one check of the whole
+    sample, not one per chunk and per recompute, and an id outside the vocabulary is still named."""
+    from rwkv_ft.models import modeling_utils
+
+    checked, check = [], modeling_utils.check_token_ids
+    monkeypatch.setattr(modeling_utils, "check_token_ids", lambda ids, n: (checked.append(ids.shape), check(ids, n)))
+    set_chunk(model, 64)
+    ids = random_ids(1, T, model.config.vocab_size, seed=6)
+    model(ids, labels=ids).loss.backward()
+    assert checked == [ids.shape]
+    vocab = model.config.vocab_size
+    ids[0, 900] = vocab  # in the 15th chunk
+    with pytest.raises(ValueError, match=f"token id {vocab} is outside the model's vocabulary"):
+        model(ids, labels=ids)
+
+
 def test_with_lora_and_state_tuning(model):
     from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
 

@@ -352,7 +352,7 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """A clear error for ids outside the embedding (instead of an IndexError or a CUDA assert)."""
     if input_ids.numel() == 0 or input_ids.is_meta or torch.compiler.is_compiling():
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync for both
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(
@@ -843,10 +843,14 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         # targets[t] is the token position t predicts, so a chunk's last position scores the next chunk's first.
         targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
 
+        if input_ids is not None:
+            # Checked once here: the base model's own check would wait on the device (a host sync)
+            # at every chunk, and again at every chunk's recompute in the backward.
+            check_token_ids(input_ids, self.rwkv.emb.num_embeddings)
+
         def run_chunk(piece, piece_targets, piece_reset, incoming):
             out = self.rwkv(
-                input_ids=piece if input_ids is not None else None,
-                inputs_embeds=piece if input_ids is None else None,
+                inputs_embeds=self.rwkv.emb(piece) if input_ids is not None else piece,  # (B, chunk, C)
                 state=incoming,
                 reset=piece_reset,
                 use_cache=True,

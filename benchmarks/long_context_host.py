@@ -1,0 +1,169 @@
+"""Where a long-context (chunked) LoRA step's wall time goes beyond the GPU's work (issue 12).
+
+    source .whl/prelude.sh && python -u benchmarks/long_context_host.py rwkv4-1.6b TAG \
+        [--lengths 4096,16384,65536,131072] [--gc on|freeze|pause|freeze_pause] [--steps 3]
+    python benchmarks/long_context_host.py tiny4 cpu --device cpu --variant eager --lengths 24,64 --chunk 16
+
+One model per process (a process that built other models first walks their objects in every full
+garbage collection: the bench_step.py long-context table of the tenth session was slowed that way),
+batch 1, `training.chunk_len` = --chunk, the bare loop of bench_step.py at --variant. Per length,
+after two warm-up steps: wall time of each timed step, the time the host took to enqueue it (with
+host syncs inside, the two meet), the garbage collector's collections and time during the timed
+steps, peak memory, the host syncs of one step (torch.cuda.set_sync_debug_mode, with where they
+happen), and one profiled step (GPU busy time, launches). The GPU-busy time per chunk against the
+unchunked run's is the ceiling of the tokens/s ratio that issue 12 measures.
+
+--gc: on (Python's default), freeze (objects existing after the warm-up frozen, as rwkv_ft.train
+does for the whole run), pause (the collector off inside each forward+backward, as rwkv_ft.train's
+steps), freeze_pause (both: what a recipe run does). Inductor's C++ wrapper: TORCHINDUCTOR_CPP_WRAPPER=1.
+Writes DIR/long_context_host_TAG.json (DIR: $OUT or '.').
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_step import bare_model, profile_step  # noqa: E402
+
+from rwkv_ft.train import collector_paused, set_chunk_len  # noqa: E402
+
+
+class CollectorClock:
+    """Collections of Python's garbage collector and the time they took, since the last reset."""
+
+    def __init__(self):
+        self.seconds, self.count, self._start = 0.0, 0, 0.0
+        gc.callbacks.append(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.count += 1
+
+    def reset(self) -> None:
+        self.seconds, self.count = 0.0, 0
+
+
+def host_syncs(step, device: str) -> list[str]:
+    """Where the host waited on the device during one step (CUDA only)."""
+    if device != "cuda":
+        return []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing" in str(w.message)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("shape", help="a bench_step.py shape: rwkv4-1.6b, rwkv7-1.5b, tiny4, ...")
+    ap.add_argument("tag", help="names the output file")
+    ap.add_argument("--gc", default="freeze_pause", choices=["on", "freeze", "pause", "freeze_pause"])
+    ap.add_argument("--lengths", default="4096,16384,65536,131072")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--variant", default="compile_selective")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--chunk", type=int, default=4096)
+    args = ap.parse_args()
+
+    def sync() -> None:
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+
+    clock = CollectorClock()
+    model = bare_model(args.shape, args.variant, args.device, {})
+    set_chunk_len(model, args.chunk)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=args.device == "cuda")
+    pause = args.gc in ("pause", "freeze_pause")
+    out = {
+        "shape": args.shape,
+        "variant": args.variant,
+        "gc": args.gc,
+        "chunk": args.chunk,
+        "cpp_wrapper": os.environ.get("TORCHINDUCTOR_CPP_WRAPPER") == "1",
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "lengths": {},
+    }
+    for T in [int(x) for x in args.lengths.split(",")]:
+        ids = torch.randint(1, model.config.vocab_size, (1, T), device=args.device)
+
+        def step(ids=ids):
+            with collector_paused() if pause else contextlib.nullcontext():
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        start = time.perf_counter()
+        for _ in range(2):
+            step()
+        sync()
+        warm = time.perf_counter() - start
+        if args.gc.startswith("freeze"):
+            gc.collect()
+            gc.freeze()
+        clock.reset()
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        walls, enqueued = [], []
+        for _ in range(args.steps):
+            sync()
+            start = time.perf_counter()
+            step()
+            enqueued.append(time.perf_counter() - start)
+            sync()
+            walls.append(time.perf_counter() - start)
+        gc_s, gc_n = clock.seconds, clock.count
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        syncs = host_syncs(step, args.device)
+        prof = profile_step(step, args.device)
+        gc.unfreeze()
+        median = sorted(walls)[len(walls) // 2]
+        out["lengths"][T] = {
+            "tok_s": T / median,
+            "wall_s": walls,
+            "enqueued_s": enqueued,
+            "warmup_s": warm,
+            "gc_s": gc_s,
+            "gc_collections": gc_n,
+            "peak_gib": peak,
+            "host_syncs": len(syncs),
+            "host_sync_sites": sorted(set(syncs)),
+            "gpu_busy_ms": prof["gpu_busy_ms"],
+            "wall_ms_profiled": prof["wall_ms_profiled"],
+            "launches": prof["launches"],
+            "families": prof["families"],
+        }
+        busy = f"{prof['gpu_busy_ms']:.0f} ms" if prof["gpu_busy_ms"] else "-"
+        print(
+            f"{args.shape} T={T}: {T / median:,.0f} tok/s; step s {[round(x, 3) for x in walls]} "
+            f"(enqueued {[round(x, 3) for x in enqueued]}); gc {gc_s:.3f} s in {gc_n}; host syncs {len(syncs)}; "
+            f"peak {peak or 0:.2f} GiB; GPU busy {busy}, {prof['launches']} launches; warm-up {warm:.1f} s",
+            flush=True,
+        )
+    path = Path(os.environ.get("OUT", ".")) / f"long_context_host_{args.tag}.json"
+    path.write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
