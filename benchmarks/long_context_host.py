@@ -1,7 +1,8 @@
 """Where a long-context (chunked) LoRA step's wall time goes beyond the GPU's work (issue 12).
 
     source .whl/prelude.sh && python -u benchmarks/long_context_host.py rwkv4-1.6b TAG \
-        [--lengths 4096,16384,65536,131072] [--gc on|freeze|pause|freeze_pause] [--steps 3]
+        [--lengths 4096,16384,65536,131072] [--gc on|freeze|pause|freeze_pause] [--steps 3] \
+        [--offload 0,0.25,0.5] [--check 16384]
     python benchmarks/long_context_host.py tiny4 cpu --device cpu --variant eager --lengths 24,64 --chunk 16
 
 One model per process (a process that built other models first walks their objects in every full
@@ -16,6 +17,10 @@ unchunked run's is the ceiling of the tokens/s ratio that issue 12 measures.
 --gc: on (Python's default), freeze (objects existing after the warm-up frozen, as rwkv_ft.train
 does for the whole run), pause (the collector off inside each forward+backward, as rwkv_ft.train's
 steps), freeze_pause (both: what a recipe run does). Inductor's C++ wrapper: TORCHINDUCTOR_CPP_WRAPPER=1.
+--offload: the `training.chunk_offload` shares to run each length with (rwkv_ft.models.offload: that
+share of the chunks keeps its activations in pinned host memory instead of recomputing them); a run
+with a share other than 0 is keyed "T_offloadSHARE" and records the pinned host memory it used.
+--check T: before timing, one step at T per share against share 0: loss, gradients, peak memory.
 Writes DIR/long_context_host_TAG.json (DIR: $OUT or '.').
 """
 
@@ -36,6 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import bare_model, profile_step  # noqa: E402
 
+from rwkv_ft.models.offload import host_memory_pool  # noqa: E402
 from rwkv_ft.train import collector_paused, set_chunk_len  # noqa: E402
 
 
@@ -71,6 +77,40 @@ def host_syncs(step, device: str) -> list[str]:
     return [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing" in str(w.message)]
 
 
+def check_offload(model, args, shares: list[float]) -> dict:
+    """Loss and trained gradients of one step at each offload share against share 0 (max relative
+    difference of each), and each one's peak memory: the offload must change neither."""
+    ids = torch.randint(1, model.config.vocab_size, (1, args.check), device=args.device)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    results, reference = {}, None
+    for share in [0.0, *[s for s in shares if s]]:
+        set_chunk_len(model, args.chunk, share)
+        model.zero_grad(set_to_none=True)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in trained if p.grad is not None}
+        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        if reference is None:
+            reference = (loss.item(), grads)
+        worst = max(
+            (g - reference[1][n]).abs().max().item() / max(reference[1][n].abs().max().item(), 1e-30)
+            for n, g in grads.items()
+        )
+        results[share] = {
+            "loss": loss.item(),
+            "loss_diff": abs(loss.item() - reference[0]),
+            "grad_max_rel_diff": worst,
+            "peak_gib": peak,
+            "grads": len(grads),
+        }
+        print(f"check T={args.check} offload {share}: {results[share]}", flush=True)
+    model.zero_grad(set_to_none=True)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("shape", help="a bench_step.py shape: rwkv4-1.6b, rwkv7-1.5b, tiny4, ...")
@@ -81,6 +121,13 @@ def main() -> None:
     ap.add_argument("--variant", default="compile_selective")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--chunk", type=int, default=4096)
+    ap.add_argument("--offload", default="0", help="comma-separated training.chunk_offload shares")
+    ap.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        help="first compare one step's loss and gradients at each share with share 0, at this T",
+    )
     args = ap.parse_args()
 
     def sync() -> None:
@@ -89,7 +136,6 @@ def main() -> None:
 
     clock = CollectorClock()
     model = bare_model(args.shape, args.variant, args.device, {})
-    set_chunk_len(model, args.chunk)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=args.device == "cuda")
     pause = args.gc in ("pause", "freeze_pause")
     out = {
@@ -103,7 +149,14 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "lengths": {},
     }
-    for T in [int(x) for x in args.lengths.split(",")]:
+    shares = [float(x) for x in args.offload.split(",")]
+    out["offload"] = shares
+    if args.check:
+        out["check"] = check_offload(model, args, shares)
+    for T, share in [(int(x), share) for x in args.lengths.split(",") for share in shares]:
+        if share and T <= args.chunk:
+            continue  # one chunk: nothing to offload
+        set_chunk_len(model, args.chunk, share)
         ids = torch.randint(1, model.config.vocab_size, (1, T), device=args.device)
 
         def step(ids=ids):
@@ -138,7 +191,9 @@ def main() -> None:
         prof = profile_step(step, args.device)
         gc.unfreeze()
         median = sorted(walls)[len(walls) // 2]
-        out["lengths"][T] = {
+        out["lengths"][f"{T}_offload{share}" if share else T] = {
+            "offload": share,
+            "host_pinned_gib": host_memory_pool(pin=args.device == "cuda").total_bytes / 2**30,
             "tok_s": T / median,
             "wall_s": walls,
             "enqueued_s": enqueued,
@@ -155,7 +210,7 @@ def main() -> None:
         }
         busy = f"{prof['gpu_busy_ms']:.0f} ms" if prof["gpu_busy_ms"] else "-"
         print(
-            f"{args.shape} T={T}: {T / median:,.0f} tok/s; step s {[round(x, 3) for x in walls]} "
+            f"{args.shape} T={T} offload {share}: {T / median:,.0f} tok/s; step s {[round(x, 3) for x in walls]} "
             f"(enqueued {[round(x, 3) for x in enqueued]}); gc {gc_s:.3f} s in {gc_n}; host syncs {len(syncs)}; "
             f"peak {peak or 0:.2f} GiB; GPU busy {busy}, {prof['launches']} launches; warm-up {warm:.1f} s",
             flush=True,

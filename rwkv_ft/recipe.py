@@ -83,6 +83,9 @@ class TrainingSection:
     # reduce-overhead (also CUDA graphs of each block's forward and backward: no per-op launch cost)
     compile: bool | str = False
     chunk_len: int | None = None  # long-context training: run samples in chunks of this many tokens (exact gradient)
+    # long-context training on a GPU: share (0..1) of the chunks whose activations wait in pinned host
+    # memory instead of being recomputed in the backward (faster, needs host memory: rwkv_ft.models.offload)
+    chunk_offload: float = 0.0
     logging_steps: int = 1
     eval_steps: int | None = None  # null: evaluate at the end of each epoch
     save_steps: int | None = None  # null: save at the end of each epoch
@@ -271,6 +274,16 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         low = 1 if key in AT_LEAST_ONE else 0
         if value is not None and not value >= low:  # `not >=` also catches nan
             raise RecipeError(f"{where}: {key} must be >= {low}, got {value!r}")
+    offload = recipe.training.chunk_offload
+    if not 0 <= offload <= 1:  # `not` also catches nan
+        raise RecipeError(f"{where}: training.chunk_offload must be between 0 and 1, got {offload!r}")
+    if offload and recipe.training.chunk_len is None:
+        raise RecipeError(f"{where}: training.chunk_offload needs training.chunk_len (it offloads chunks)")
+    if offload and recipe.training.gradient_checkpointing == "selective" and not recipe.training.compile:
+        raise RecipeError(
+            f"{where}: training.chunk_offload with gradient_checkpointing: selective needs training.compile: true "
+            "(uncompiled, selective recompute keeps what it saves on the GPU, out of the offload's reach)"
+        )
     if recipe.training.chunk_len is not None and recipe.training.compile == "reduce-overhead":
         raise RecipeError(
             f"{where}: training.chunk_len cannot be combined with training.compile: reduce-overhead (CUDA graphs "

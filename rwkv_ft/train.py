@@ -222,12 +222,14 @@ def set_kernel_backend(model, backend: str) -> None:
             module.wkv_backend = backend
 
 
-def set_chunk_len(model, chunk_len: int | None) -> None:
+def set_chunk_len(model, chunk_len: int | None, offload: float = 0.0) -> None:
     """Long-context training: the causal LM inside `model` (peft-wrapped or not) runs sequences
-    longer than `chunk_len` in chunks with the exact gradient (`RwkvForCausalLMBase._chunked_loss`).
+    longer than `chunk_len` in chunks with the exact gradient (`RwkvForCausalLMBase._chunked_loss`),
+    keeping the activations of `offload` (0..1) of them in host memory instead of recomputing them.
     A non-finite chunk is reported, not raised: RwkvTrainer stops every rank together, naming it."""
     for module in causal_lms(model):
         module.train_chunk_len = chunk_len
+        module.train_chunk_offload = offload
         module.raise_on_nonfinite_chunk = False
 
 
@@ -975,7 +977,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         logger.warning("skipped rows: %s", ", ".join(f"{n} {reason}" for reason, n in sorted(data.skipped.items())))
 
     model = attach_adapter(load_model(recipe, base, base_record), recipe)
-    set_chunk_len(model, recipe.training.chunk_len)
+    set_chunk_len(model, recipe.training.chunk_len, recipe.training.chunk_offload)
     _log_trainable(model)
     has_eval = data.eval is not None and len(data.eval) > 0
     trainer = _make_trainer_class()(
@@ -993,6 +995,14 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     zero3 = zero_stage(trainer.accelerator) == 3
     for lm in causal_lms(model):
         lm.recompute_last_chunk = zero3
+    if recipe.training.chunk_offload and how != "none":
+        # The offload tells parameters from activations by their storage; FSDP2 and ZeRO-3 gather
+        # parameters into fresh memory at every step, which it would copy to the host as well (ZeRO-2
+        # would work, but it has not been tried).
+        raise RecipeError(
+            f"training.chunk_offload works on one GPU or under DDP, not under {how} (the accelerate config); "
+            "set training.chunk_offload=0"
+        )
     if how == "fsdp2":  # before the Trainer shards the model
         fp32_trained_parameters(model)
     if recipe.training.compile and zero3:

@@ -193,6 +193,30 @@ def test_compiled_matches_eager(version, recompute):
 
 
 @pytest.mark.parametrize("version", sorted(MODEL_FACTORIES))
+def test_compiled_selective_blocks_in_offloaded_chunks(version, monkeypatch):
+    """Long-context chunks offloaded to host memory (`training.chunk_offload`) over compiled blocks
+    with selective recompute: what the compiled graphs save reaches the offload's hooks (uncompiled
+    selective recompute does not, and is refused), and the compiled backward takes it back."""
+    from rwkv_ft.models import offload
+    from rwkv_ft.train import set_chunk_len
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)  # the tiny model's tensors are a few KB
+    monkeypatch.setattr(offload, "_POOLS", {})
+    ids = random_ids(1, 24, seed=3)
+    eager = loss_and_grads(lora_model(version, recompute="selective"), ids)
+    model = lora_model(version, recompute="selective")
+    model.compile_blocks(backend=PARTITIONED)
+    set_chunk_len(model, 8, 1.0)  # chunks 0 and 1 offloaded, 2 kept
+    packed = []
+    pack = offload.ChunkOffload.pack
+    monkeypatch.setattr(
+        offload.ChunkOffload, "pack", lambda self, t: (r := pack(self, t), packed.append(type(r).__name__))[0]
+    )
+    assert_same_step(loss_and_grads(model, ids), eager, torch.float32)
+    assert packed.count("_Packed") > 0
+
+
+@pytest.mark.parametrize("version", sorted(MODEL_FACTORIES))
 def test_compiled_bf16_as_accurate_as_eager_bf16(version):
     """bf16 weights and activations, LoRA computed in bf16 with fp32 master weights, through inductor
     (its fused kernels round differently from eager's op-by-op bf16). Both are compared with the same

@@ -188,7 +188,8 @@ def test_training_reports_a_non_finite_chunk_instead_of_raising(model):
 
 
 def test_document_data_trains_in_chunks_through_the_recipe(tmp_path):
-    """The long-context recipe's path: document rows, the plain template, chunk_len below the length."""
+    """The long-context recipe's path: document rows, the plain template, chunk_len below the length,
+    half the chunks offloaded."""
     from pathlib import Path
 
     from rwkv_ft.recipe import load_recipe
@@ -205,6 +206,7 @@ def test_document_data_trains_in_chunks_through_the_recipe(tmp_path):
             "tokenizer=world",
             f"data.path={root / 'data' / 'document_sample.jsonl'}",
             "training.chunk_len=64",
+            "training.chunk_offload=0.5",  # on a CPU too: half the chunks keep their activations
             "training.max_steps=2",
             "training.precision=fp32",
             "merge.enabled=false",
@@ -274,3 +276,227 @@ def test_documents_up_to_131072_tokens_are_kept_whole(tmp_path):
     assert 100_000 < len(expected) <= 131_072
     data = prepare_sft_data(tmp_path / "book.txt", tokenizer, template="plain", max_length=131_072)
     assert len(data.train) == 1 and data.train[0]["input_ids"] == expected == data.train[0]["labels"]
+
+
+# -- chunks whose activations wait in host memory (training.chunk_offload) ------------------------
+
+
+@pytest.fixture
+def offload_everything(monkeypatch):
+    """The tiny models' saved tensors are a few KB: offload them all (the default skips small ones),
+    from a pool of this test's own."""
+    from rwkv_ft.models import offload
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    monkeypatch.setattr(offload, "_POOLS", {})
+    packed = []
+    finish = offload.ChunkOffload.finish_forward
+    monkeypatch.setattr(
+        offload.ChunkOffload, "finish_forward", lambda self: (packed.append(self.packed_bytes), finish(self))[1]
+    )
+    return packed
+
+
+def test_offloaded_chunks_are_spread_evenly_and_never_the_last():
+    from rwkv_ft.models.offload import offloaded_chunks
+
+    assert offloaded_chunks(16, 0.5) == [i % 2 == 0 and i < 14 for i in range(15)] + [False]  # 7 of 15
+    assert offloaded_chunks(16, 1.0) == [True] * 15 + [False]
+    assert offloaded_chunks(16, 0.0) == [False] * 16
+    assert offloaded_chunks(1, 1.0) == [False] and offloaded_chunks(0, 1.0) == []
+    for n in range(1, 40):
+        for share in (0.1, 0.25, 1 / 3, 0.5, 0.9):
+            plan = offloaded_chunks(n, share)
+            assert len(plan) == n and not plan[-1]
+            assert sum(plan) == int(share * (n - 1) + 1e-9)
+            if sum(plan) * 2 <= n - 1:  # up to half: never two in a row
+                assert not any(a and b for a, b in zip(plan, plan[1:]))
+
+
+def test_offloaded_chunks_keep_the_exact_gradient_and_are_not_recomputed(model, offload_everything):
+    """Half the chunks offloaded, between recomputed ones (all of them: the tests below)."""
+    share = 0.5
+    ids = random_ids(1, T, model.config.vocab_size, seed=7)
+    labels = ids.clone()
+    labels[:, :100] = -100
+    whole = loss_and_grads(model, ids, labels)
+    set_chunk(model, 64)
+    model.train_chunk_offload = share
+    calls = []
+    model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    assert_same(loss_and_grads(model, ids, labels), whole)
+    offloaded = int(share * 15)  # of the 15 chunks before the last, rounded down
+    assert len(calls) == 16 + 15 - offloaded
+    assert offload_everything and offload_everything[-1] > 0
+
+
+def test_offload_with_lora_state_tuning_and_padding(model, offload_everything):
+    from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False))
+    state = add_state_tuning(peft_model, StateTuningConfig(train_token_shift=True))
+    with torch.no_grad():
+        for p in state.parameters():
+            p.normal_(0, 0.5)
+    ids = random_ids(2, 300, model.config.vocab_size, seed=8)
+    mask = torch.ones_like(ids)
+    mask[1, 170:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    whole = loss_and_grads(peft_model, ids, labels, attention_mask=mask)
+    set_chunk(peft_model, 32)
+    model.train_chunk_offload = 0.5
+    assert_same(loss_and_grads(peft_model, ids, labels, attention_mask=mask), whole)
+    assert offload_everything[-1] > 0
+
+
+def test_offload_copies_a_tensor_saved_twice_once_and_never_a_parameter(monkeypatch):
+    from rwkv_ft.models import offload
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    weight = torch.nn.Parameter(torch.randn(16, 8, dtype=torch.float64))
+    x = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+
+    def f():
+        return ((x * x) @ weight).sin().sum()  # mul saves x twice, mm saves x * x and the weight
+
+    f().backward()
+    expected = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    hooks = offload.ChunkOffload(torch.device("cpu"), {weight.untyped_storage().data_ptr()})
+    with hooks.saving():
+        loss = f()
+    packed = [ref() for ref in hooks.queue]
+    # x (saved twice: one copy), x * x, and the matmul's output for sin's backward; not the weight
+    assert [p.uses for p in packed] == [2, 1, 1]
+    assert hooks.packed_bytes == (4 * 16 + 4 * 16 + 4 * 8) * x.element_size()
+    hooks.finish_forward()
+    loss.backward()
+    assert torch.equal(x.grad, expected[0]) and torch.equal(weight.grad, expected[1])
+
+
+def test_offload_gives_back_what_it_saved_with_its_layout(monkeypatch):
+    from rwkv_ft.models import offload
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    hooks = offload.ChunkOffload(torch.device("cpu"), set())
+    base = torch.randn(6, 5, 4)
+    for saved in (base, base.transpose(0, 2), base[1:3], base.permute(1, 0, 2), base[4:].permute(2, 0, 1)):
+        packed = hooks.pack(saved)
+        assert isinstance(packed, offload._Packed)
+        back = hooks.unpack(packed)
+        assert back.shape == saved.shape and back.stride() == saved.stride() and torch.equal(back, saved)
+        assert back.untyped_storage().data_ptr() != saved.untyped_storage().data_ptr()
+    # Strided with gaps or overlapping: there is no span to copy, so the tensor stays where it is.
+    for kept in (base[:, ::2], base[:1].expand(3, 5, 4), base.permute(1, 0, 2)[2:]):
+        assert hooks.pack(kept) is kept
+
+
+def test_two_forwards_before_their_backwards_keep_their_own_host_memory(model, offload_everything):
+    """A second forward must not reuse the host memory that the first one's backward still needs."""
+    first, second = (random_ids(1, 300, model.config.vocab_size, seed=s) for s in (9, 10))
+    expected = [loss_and_grads(model, ids)[1] for ids in (first, second)]
+    set_chunk(model, 64)
+    model.train_chunk_offload = 1.0
+    model.zero_grad()
+    losses = [model(ids, labels=ids).loss for ids in (first, second)]
+    (losses[0] + losses[1]).backward()
+    for name, grad in expected[0].items():
+        param = dict(model.named_parameters())[name]
+        assert_close(param.grad, grad + expected[1][name], rel=1e-5, name=name)
+
+
+def test_a_host_short_of_memory_recomputes_instead(model, offload_everything, monkeypatch, caplog):
+    from rwkv_ft.models import offload
+
+    monkeypatch.setattr(offload, "available_host_bytes", lambda: offload.HOST_RESERVE_BYTES)
+    offload.warn_host_memory_short.cache_clear()
+    ids = random_ids(1, 300, model.config.vocab_size, seed=11)
+    whole = loss_and_grads(model, ids)
+    set_chunk(model, 64)
+    model.train_chunk_offload = 1.0
+    calls = []
+    model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    with caplog.at_level("WARNING", logger="rwkv_ft.models.offload"):
+        assert_same(loss_and_grads(model, ids), whole)
+    assert len(calls) == 5 + 4  # every chunk but the last recomputed
+    assert offload_everything == [0]
+    assert "short of memory" in caplog.text and "training.chunk_offload" in caplog.text
+
+
+def test_offload_refuses_uncompiled_selective_recompute(model):
+    model.set_activation_recompute("selective")
+    set_chunk(model, 64)
+    model.train_chunk_offload = 0.5
+    ids = random_ids(1, 200, model.config.vocab_size, seed=12)
+    with pytest.raises(ValueError, match="chunk_offload needs compiled blocks"):
+        model(ids, labels=ids)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["training.chunk_offload=1.5"], "training.chunk_offload must be between 0 and 1, got 1.5"),
+        (["training.chunk_offload=.nan"], "training.chunk_offload must be between 0 and 1"),
+        (["training.chunk_len=null", "training.chunk_offload=0.5"], "training.chunk_offload needs training.chunk_len"),
+        (
+            ["training.chunk_offload=0.5", "training.gradient_checkpointing=selective"],
+            "with gradient_checkpointing: selective needs training.compile: true",
+        ),
+    ],
+)
+def test_recipe_checks_chunk_offload(overrides, message):
+    from pathlib import Path
+
+    from rwkv_ft.recipe import RecipeError, load_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "rwkv7_long_context.yaml"
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(recipe, overrides)
+
+
+@pytest.mark.parametrize("limit", [0, 1 << 40])
+def test_the_backward_prefetches_the_last_saved_first_within_the_limit(model, monkeypatch, limit):
+    """The prefetch as on a GPU (a CPU run never prefetches), with the device's memory counted as the
+    copies back that no node has used yet: the blocks' hooks start it before any offloaded tensor is
+    needed, the last saved come back first, and with no room everything is fetched only when needed."""
+    from rwkv_ft.models import offload
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 0)
+    monkeypatch.setattr(offload, "_POOLS", {})
+    fetched, needed_before_fetch = [], []
+    fetch, unpack = offload.ChunkOffload._fetch, offload.ChunkOffload.unpack
+    finish = offload.ChunkOffload.finish_forward
+
+    def record_fetch(self, packed):
+        fetched.append(packed)
+        fetch(self, packed)
+
+    def record_unpack(self, saved):
+        if isinstance(saved, offload._Packed) and not saved.fetched:
+            needed_before_fetch.append(saved)
+        return unpack(self, saved)
+
+    def finish_with_limit(self):
+        finish(self)
+        self.limit = limit
+        order.extend(ref() for ref in self.queue)
+
+    order = []
+    monkeypatch.setattr(offload.ChunkOffload, "_fetch", record_fetch)
+    monkeypatch.setattr(offload.ChunkOffload, "unpack", record_unpack)
+    monkeypatch.setattr(offload.ChunkOffload, "finish_forward", finish_with_limit)
+    monkeypatch.setattr(
+        offload.ChunkOffload,
+        "_device_allocated",
+        lambda self: sum(p.nbytes for p in fetched if p.on_device is not None),
+    )
+    ids = random_ids(1, 200, model.config.vocab_size, seed=13)
+    whole = loss_and_grads(model, ids)
+    set_chunk(model, 64)
+    model.train_chunk_offload = 1.0  # chunks 0-2 offloaded, 3 kept
+    assert_same(loss_and_grads(model, ids), whole)
+    assert order and sorted(map(id, fetched)) == sorted(map(id, order))  # each copied back once
+    if limit:
+        assert fetched == order[::-1] and not needed_before_fetch
+    else:
+        assert needed_before_fetch == fetched

@@ -484,3 +484,14 @@ def test_the_garbage_collector_skips_the_model_while_training(tmp_path):
     with pytest.raises(KeyboardInterrupt, match="crash at step 1"):
         run(tiny_recipe(tmp_path / "crashed", "training.max_steps=2"), callbacks=[CrashAt(1)])
     assert gc.get_freeze_count() == 0
+
+
+def test_chunk_offload_is_refused_where_parameters_are_sharded(tmp_path, monkeypatch):
+    """FSDP2 and DeepSpeed gather parameters into fresh memory, which the offload would copy to the
+    host with the activations: refused by name before any step (a one-process stand-in for them)."""
+    import rwkv_ft.train as train
+
+    monkeypatch.setattr(train, "sharding", lambda accelerator: "fsdp2")
+    recipe = tiny_recipe(tmp_path, "training.chunk_len=16", "training.chunk_offload=0.5", "training.max_steps=1")
+    with pytest.raises(RecipeError, match="training.chunk_offload works on one GPU or under DDP, not under fsdp2"):
+        train.run(recipe)

@@ -16,14 +16,18 @@ Every step is O(1) in the sequence length.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
+
+if TYPE_CHECKING:
+    from rwkv_ft.models.offload import ChunkOffload
 
 # model_kwargs key holding our _GenerationState (not a cache name any transformers release knows).
 _GENERATION_KEY = "rwkv_generation"
@@ -232,6 +236,11 @@ class RwkvPreTrainedModelMixin:
             enable_activation_checkpointing(self)
         for block in rwkv_blocks(self):
             block.selective_recompute = mode == "selective"
+
+
+def is_compiled_module(module: nn.Module) -> bool:
+    """Whether `module.compile()` has been called on `module`."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 RECOMPUTE_MODES = ("none", "full", "selective")
@@ -469,6 +478,9 @@ class RwkvModelBase:
     # re-laid out one example per row (exact, but each example is padded to the longest).
     supports_reset: bool = False
     block_class: type[RwkvBlock]
+    # Called with each block's output hidden state in parallel mode, or None. Long-context offloading
+    # (`rwkv_ft.models.offload`) sets it for a chunked forward, to time its prefetch by the backward.
+    block_output_hook: Callable[[torch.Tensor], None] | None = None
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -597,6 +609,8 @@ class RwkvModelBase:
             if output_hidden_states:
                 all_hidden += (hidden,)
             hidden, layer_state, carry = block(hidden, None if state is None else state[:, i], mask, reset, carry)
+            if self.block_output_hook is not None:
+                self.block_output_hook(hidden)
             layer_states.append(layer_state)
         return hidden, torch.stack(layer_states, dim=1), all_hidden
 
@@ -694,6 +708,9 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
     # ZeRO-3 a chunk recomputed after one that was not sees some parameters still partitioned
     # (a CheckpointError on 2 processes); rwkv_ft.train sets this there.
     recompute_last_chunk: bool = False
+    # Share (0..1) of the chunks before the last whose activations wait in host memory instead of
+    # being recomputed in the backward (`rwkv_ft.models.offload`; set from training.chunk_offload).
+    train_chunk_offload: float = 0.0
     _chunk_report: tuple[torch.Tensor, list[tuple[int, int]], int] | None = None
     # In training, the head's logits and their cross-entropy are computed this many rows at a time
     # (`rwkv_ft.models.loss`): the B x T x V fp32 logits are never held; the forward returns
@@ -818,10 +835,12 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         (B x L x state each) and, in the backward, recomputes one chunk at a time from its boundary
         state while the state's gradient flows back across every boundary. The last chunk keeps its
         activations (unless `recompute_last_chunk`): its backward comes first, so it needs no
-        recompute. Peak activation memory is that of one chunk. The loss is token-weighted over all
-        chunks (or divided by `num_items_in_batch`, as the Trainer passes under gradient
-        accumulation); a non-finite chunk loss raises naming the
-        chunk, or is reported by `nonfinite_chunk()` (`raise_on_nonfinite_chunk`). Right padding
+        recompute. With `train_chunk_offload`, a share of the chunks skip the checkpoint and keep
+        their activations in host memory instead (`rwkv_ft.models.offload`): the same gradient
+        without their recompute. Peak activation memory is that of one chunk. The loss is
+        token-weighted over all chunks (or divided by `num_items_in_batch`, as the Trainer passes
+        under gradient accumulation); a non-finite chunk loss raises naming the chunk, or is
+        reported by `nonfinite_chunk()` (`raise_on_nonfinite_chunk`). Right padding
         (the collator's) is dropped: it only follows a row's real tokens, so it can change nothing
         they see; packed rows keep their resets, column 0 of a chunk included.
         """
@@ -860,20 +879,33 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
 
         total = source.new_zeros((), dtype=torch.float32)
         finite, bounds = [], []
-        for begin in range(0, T, chunk_len):
-            end = min(begin + chunk_len, T)
-            piece = (source[:, begin:end], targets[:, begin:end], None if starts is None else starts[:, begin:end])
-            if state is None:  # the first chunk: the learned initial state, if any, as a differentiable input
-                state = self.rwkv._learned_initial_state(B)
-            if end < T or self.recompute_last_chunk:
-                loss_sum, state = checkpoint(run_chunk, *piece, state, use_reentrant=False)
-            else:
-                loss_sum, state = run_chunk(*piece, state)
-            # Every chunk runs even after a non-finite one: under FSDP or ZeRO-3 each block call is a
-            # collective, so every rank must make the same calls. The flags stay on the device (no sync).
-            finite.append(torch.isfinite(loss_sum.detach()))
-            bounds.append((begin, end))
-            total = total + loss_sum
+        offload, offloaded = self._chunk_offload_plan(source.device, -(-T // chunk_len))
+        try:
+            for index, begin in enumerate(range(0, T, chunk_len)):
+                end = min(begin + chunk_len, T)
+                piece = (source[:, begin:end], targets[:, begin:end], None if starts is None else starts[:, begin:end])
+                if state is None:  # the first chunk: the learned initial state, if any, as a differentiable input
+                    state = self.rwkv._learned_initial_state(B)
+                if offloaded[index] and offload.start_chunk():
+                    with offload.saving():
+                        loss_sum, state = run_chunk(*piece, state)
+                elif end < T or self.recompute_last_chunk:
+                    loss_sum, state = checkpoint(run_chunk, *piece, state, use_reentrant=False)
+                else:
+                    loss_sum, state = run_chunk(*piece, state)
+                # Every chunk runs even after a non-finite one: under FSDP or ZeRO-3 each block call is a
+                # collective, so every rank must make the same calls. The flags stay on the device (no sync).
+                finite.append(torch.isfinite(loss_sum.detach()))
+                bounds.append((begin, end))
+                total = total + loss_sum
+        finally:
+            self.rwkv.block_output_hook = None
+        if offload is not None:
+            offload.finish_forward()
+            if offload.host_full:
+                from rwkv_ft.models.offload import warn_host_memory_short
+
+                warn_host_memory_short()
         self._chunk_report = (torch.stack(finite), bounds, T)
         if self.raise_on_nonfinite_chunk:
             bad = self.nonfinite_chunk()
@@ -882,6 +914,27 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         if num_items_in_batch is None:  # counted on the device: no host sync
             num_items_in_batch = (targets != -100).sum().clamp_min(1)
         return total / num_items_in_batch
+
+    def _chunk_offload_plan(self, device: torch.device, n_chunks: int) -> tuple[ChunkOffload | None, list[bool]]:
+        """The offload of this chunked forward (None: every chunk but the last is recomputed) and
+        which chunks it takes (`train_chunk_offload`)."""
+        from rwkv_ft.models.offload import ChunkOffload, offloaded_chunks
+
+        offloaded = offloaded_chunks(n_chunks, self.train_chunk_offload)
+        if not (any(offloaded) and torch.is_grad_enabled()):
+            return None, [False] * n_chunks
+        eager_selective = [
+            block for block in self.rwkv.blocks if block.selective_recompute and not is_compiled_module(block)
+        ]
+        if eager_selective:
+            raise ValueError(
+                "training.chunk_offload needs compiled blocks with selective recompute (training.compile: "
+                "true): uncompiled, selective recompute keeps the tensors it saves on the device, out of "
+                "the offload's reach; compile the blocks, or use gradient_checkpointing true or false"
+            )
+        offload = ChunkOffload.for_model(self, device)
+        self.rwkv.block_output_hook = offload.block_output_hook
+        return offload, offloaded
 
     def nonfinite_chunk(self) -> tuple[int, int, int, int] | None:
         """(chunk index, first token, last token, sequence length) of the first chunk of the last

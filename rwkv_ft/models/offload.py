@@ -1,0 +1,364 @@
+"""Long-context training: chunks that keep their activations in host memory instead of recomputing
+them in the backward (`training.chunk_offload`, `RwkvForCausalLMBase.train_chunk_offload`).
+
+A chunk run under activation checkpointing (`RwkvForCausalLMBase._chunked_loss`) runs its forward
+twice, the second time in the backward; that second forward is 0.34-0.40 of an unchunked step
+(H100, 2026-12-05), which caps a chunked step near 0.71-0.75x the unchunked one. An offloaded chunk
+runs its forward once: every tensor autograd saves for its backward is copied to pinned host memory
+on a side stream while the forward goes on, and copied back ahead of the chunk's backward, as far as
+the GPU memory the forward peaked at allows (so the step's peak does not grow).
+
+The copies cross PCIe (~50 GB/s each way) and a chunk's activations are GiBs, so offloading every
+chunk makes the forward wait on the copies: `offloaded_chunks` spreads a share of them between
+recomputed ones, whose forwards give the copies time. The host memory (about one chunk's
+activations per offloaded chunk) is pinned once and kept for the process (`HostMemoryPool`); when
+the host runs short, the remaining chunks of the step are recomputed instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import weakref
+from collections import deque
+from collections.abc import Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ALIGN = 256  # bytes: where each tensor's piece of a host buffer starts (any dtype's alignment)
+BLOCK_BYTES = 256 << 20  # host memory is pinned in buffers of this size (larger tensors get their own)
+MIN_BYTES = 64 << 10  # smaller saved tensors stay on the device: their copy would cost more than it frees
+HOST_RESERVE_BYTES = 4 << 30  # host memory never taken: the rest of the process, the data loader
+# Activations copied out but not yet freed on the device: past this the forward waits for the copies,
+# which bounds how far the forward's peak can grow when the copies fall behind.
+MAX_IN_FLIGHT_BYTES = 2 << 30
+
+
+def offloaded_chunks(n_chunks: int, share: float) -> list[bool]:
+    """Which of `n_chunks` chunks keep their activations in host memory: `share` (0..1) of the chunks
+    before the last, spread evenly from the first. The last chunk never is: its backward runs first,
+    straight after its forward, so it keeps its activations on the device and recomputes nothing."""
+    candidates = n_chunks - 1
+    count = min(candidates, int(share * candidates + 1e-9)) if candidates > 0 else 0  # rounded down
+    # chunk i is offloaded when ceil(i * count / candidates) steps up at i + 1: evenly spaced, chunk 0 first
+    plan = [_ceil_div((i + 1) * count, candidates) > _ceil_div(i * count, candidates) for i in range(candidates)]
+    return plan + [False] if n_chunks > 0 else []
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return _ceil_div(n, multiple) * multiple
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Whether `t`'s elements fill a span of its storage exactly once, in some order of its dims (a
+    contiguous tensor or a permutation of one): then that span is all there is to copy."""
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def available_host_bytes() -> int | None:
+    """Host memory the kernel says is available (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@functools.cache
+def warn_host_memory_short() -> None:
+    """Once per process: the host ran short and some chunks were recomputed instead."""
+    logger.warning(
+        "training.chunk_offload: the host is short of memory, so some chunks planned for host memory were "
+        "recomputed instead (slower, same gradient); lower training.chunk_offload or free host memory"
+    )
+
+
+class HostMemoryPool:
+    """Host buffers (pinned when the device is a GPU: asynchronous copies need it), kept for reuse by
+    later steps: pinning GiBs takes a while, and the step after needs as many again."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self.total_bytes = 0
+        self.chunk_bytes_hint = 0  # the largest chunk offloaded so far: what the next one will likely take
+
+    def can_lease(self, nbytes: int) -> bool:
+        """Whether `nbytes` more could be leased, from free buffers or fresh host memory."""
+        free = sum(size * len(buffers) for size, buffers in self.free.items())
+        available = available_host_bytes()
+        return available is None or nbytes <= free + max(0, available - HOST_RESERVE_BYTES)
+
+    def lease(self, nbytes: int) -> torch.Tensor | None:
+        """A uint8 buffer of at least `nbytes`, or None when the host cannot spare one."""
+        size = BLOCK_BYTES if nbytes <= BLOCK_BYTES else 1 << (nbytes - 1).bit_length()
+        free = self.free.get(size)
+        if free:
+            return free.pop()
+        available = available_host_bytes()
+        if available is not None and size > available - HOST_RESERVE_BYTES:
+            return None
+        buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
+        self.total_bytes += size
+        return buffer
+
+    def give_back(self, buffers: list[torch.Tensor]) -> None:
+        for buffer in buffers:
+            self.free.setdefault(buffer.numel(), []).append(buffer)
+        buffers.clear()
+
+
+_POOLS: dict[bool, HostMemoryPool] = {}
+
+
+def host_memory_pool(pin: bool) -> HostMemoryPool:
+    """The process's pool (one per pinning): the host memory of one step serves the next."""
+    if pin not in _POOLS:
+        _POOLS[pin] = HostMemoryPool(pin)
+    return _POOLS[pin]
+
+
+class HostArena:
+    """One chunked step's host memory: aligned pieces cut from buffers leased from the pool, given
+    back when the arena is collected, i.e. when autograd has dropped every tensor packed into it (a
+    second forward before the first one's backward gets buffers of its own)."""
+
+    def __init__(self, pool: HostMemoryPool) -> None:
+        self.buffers: list[torch.Tensor] = []
+        self.current: torch.Tensor | None = None
+        self.offset = 0
+        self.pool = pool
+        weakref.finalize(self, pool.give_back, self.buffers)
+
+    def room(self) -> int:
+        """Bytes left in the buffer being cut."""
+        return 0 if self.current is None else max(0, self.current.numel() - self.offset)
+
+    def take(self, nbytes: int) -> torch.Tensor | None:
+        """`nbytes` of host memory (uint8), or None when the pool has no more to lease."""
+        if nbytes > BLOCK_BYTES:  # a buffer of its own
+            buffer = self.pool.lease(nbytes)
+            if buffer is not None:
+                self.buffers.append(buffer)
+                return buffer[:nbytes]
+            return None
+        if self.current is None or self.offset + nbytes > self.current.numel():
+            buffer = self.pool.lease(nbytes)
+            if buffer is None:
+                return None
+            self.buffers.append(buffer)
+            self.current, self.offset = buffer, 0
+        piece = self.current[self.offset : self.offset + nbytes]
+        self.offset = _round_up(self.offset + nbytes, ALIGN)
+        return piece
+
+
+class _Packed:
+    """A saved tensor that waits in host memory: its dense span, and the layout to rebuild it with."""
+
+    __slots__ = ("offload", "host", "size", "stride", "dtype", "uses", "on_device", "ready", "fetched", "__weakref__")
+
+    def __init__(self, offload: ChunkOffload, host: torch.Tensor, source: torch.Tensor) -> None:
+        self.offload = offload  # keeps the arena (and its host memory) as long as this lives
+        self.host = host
+        self.size, self.stride, self.dtype = source.size(), source.stride(), source.dtype
+        self.uses = 1  # how many autograd nodes saved it (the same tensor is packed once)
+        self.on_device: torch.Tensor | None = None
+        self.ready: torch.cuda.Event | None = None
+        self.fetched = False  # copied back once already (the prefetch skips it)
+
+    @property
+    def nbytes(self) -> int:
+        return self.host.numel()
+
+
+class ChunkOffload:
+    """The saved-tensor hooks of one chunked forward's offloaded chunks, and the prefetch that brings
+    their tensors back in the backward.
+
+    `saving()` wraps an offloaded chunk's forward; `block_output_hook` is called with every block's
+    output hidden state of every chunk (`RwkvModelBase.block_output_hook`), so that each block's
+    backward first tops up the prefetch; `finish_forward()` fixes the device memory the prefetch may
+    fill up to: what the forward ended with.
+    """
+
+    def __init__(self, device: torch.device, protected: set[int]) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.arena = HostArena(host_memory_pool(pin=self.cuda))
+        self.protected = protected  # storages never copied: the parameters and buffers
+        self.by_key: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
+        self.queue: list[weakref.ref] = []  # packed tensors in the order they were saved
+        self.in_flight: deque[tuple[torch.cuda.Event, int]] = deque()
+        self.in_flight_bytes = 0
+        self.limit: int | None = None
+        self.host_full = False
+        self.packed_bytes = 0
+        self.chunk_start_bytes = 0
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, device: torch.device) -> ChunkOffload:
+        protected = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+        return cls(device, protected)
+
+    def start_chunk(self) -> bool:
+        """Whether the next chunk can be offloaded: the host can take as much as the largest chunk
+        so far (the first one ever: any memory at all). Otherwise it and the rest are recomputed, so
+        that no chunk is left holding its activations on the device half-way."""
+        pool = self.arena.pool
+        if not self.host_full:
+            needed = max(pool.chunk_bytes_hint, 1) - self.arena.room()
+            self.host_full = needed > 0 and not pool.can_lease(needed)
+        return not self.host_full
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Around an offloaded chunk's forward (after `start_chunk` said yes)."""
+        self.chunk_start_bytes = self.packed_bytes
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            yield
+        pool = self.arena.pool
+        pool.chunk_bytes_hint = max(pool.chunk_bytes_hint, self.packed_bytes - self.chunk_start_bytes)
+
+    # -- the forward: copies out --------------------------------------------------------------
+
+    def _worth_offloading(self, t: torch.Tensor) -> bool:
+        return (
+            t.device == self.device
+            and t.layout == torch.strided
+            and t.numel() * t.element_size() >= MIN_BYTES
+            and is_dense(t)
+            and t.untyped_storage().data_ptr() not in self.protected
+        )
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor | _Packed:
+        if self.host_full or not self._worth_offloading(t):
+            return t
+        # A tensor saved by several nodes (LoRA's input, for one) is copied once. The key holds the
+        # version (in-place changes) and the tensor itself, weakly: memory freed and reused by another
+        # tensor of the same shape must not match.
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+        seen = self.by_key.get(key)
+        if seen is not None and seen[0]() is t and seen[1]() is not None:
+            packed = seen[1]()
+            packed.uses += 1
+            return packed
+        nbytes = t.numel() * t.element_size()
+        host = self.arena.take(nbytes)
+        if host is None:
+            self.host_full = True
+            return t
+        span = t.as_strided((t.numel(),), (1,))  # the dense span, from t's storage offset
+        if self.cuda:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                host.view(t.dtype).copy_(span, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            t.record_stream(self.stream)  # its device memory is not reused before the copy ends
+            self._bound_in_flight(done, nbytes)
+        else:
+            host.view(t.dtype).copy_(span)
+        packed = _Packed(self, host, t)
+        self.by_key[key] = (weakref.ref(t), weakref.ref(packed))
+        self.queue.append(weakref.ref(packed))
+        self.packed_bytes += nbytes
+        return packed
+
+    def _bound_in_flight(self, done: torch.cuda.Event, nbytes: int) -> None:
+        self.in_flight.append((done, nbytes))
+        self.in_flight_bytes += nbytes
+        while self.in_flight and (self.in_flight_bytes > MAX_IN_FLIGHT_BYTES or self.in_flight[0][0].query()):
+            event, size = self.in_flight.popleft()
+            event.synchronize()
+            self.in_flight_bytes -= size
+
+    def finish_forward(self) -> None:
+        """The forward is over: the prefetch may fill the device up to what it holds now, once the
+        last copies out have freed their device memory (the chunk before the last is rarely
+        offloaded, so these have usually ended)."""
+        self.by_key.clear()
+        if self.cuda:
+            for event, _ in self.in_flight:
+                event.synchronize()
+            self.in_flight.clear()
+            self.in_flight_bytes = 0
+            self.limit = self._device_allocated()
+
+    def _device_allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device)
+
+    # -- the backward: copies back --------------------------------------------------------------
+
+    def _fetch(self, packed: _Packed) -> None:
+        span = torch.empty(packed.nbytes // packed.dtype.itemsize, dtype=packed.dtype, device=self.device)
+        if self.cuda:
+            # allocated on the compute stream: the copy starts once that stream is done with the memory
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.stream):
+                span.copy_(packed.host.view(packed.dtype), non_blocking=True)
+                packed.ready = torch.cuda.Event()
+                packed.ready.record(self.stream)
+            span.record_stream(self.stream)
+        else:
+            span.copy_(packed.host.view(packed.dtype))
+        packed.on_device = span.as_strided(packed.size, packed.stride)
+        packed.fetched = True
+
+    def unpack(self, saved: torch.Tensor | _Packed) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        if saved.on_device is None:
+            self._fetch(saved)
+        tensor = saved.on_device
+        if saved.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(saved.ready)
+        saved.uses -= 1
+        if saved.uses <= 0:  # its last user has it: the device copy goes when that node is done
+            saved.on_device, saved.ready, saved.uses = None, None, 1
+        self.prefetch()
+        return tensor
+
+    def block_output_hook(self, hidden: torch.Tensor) -> None:
+        """Called with each block's output in the forward: before that block's backward, top up the
+        prefetch (the blocks after it have freed their activations by then)."""
+        if hidden.requires_grad:
+            hidden.register_hook(self._prefetch_hook)
+
+    def _prefetch_hook(self, grad: torch.Tensor) -> None:
+        self.prefetch()
+
+    def prefetch(self) -> None:
+        """Start copying back the saved tensors needed next (the last saved first) while the device
+        holds less than it did at the end of the forward."""
+        if self.limit is None:
+            return
+        while self.queue:
+            packed = self.queue[-1]()
+            if packed is None or packed.fetched:
+                self.queue.pop()
+                continue
+            if self._device_allocated() + packed.nbytes > self.limit:
+                return
+            self.queue.pop()
+            self._fetch(packed)
