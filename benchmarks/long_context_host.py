@@ -49,18 +49,20 @@ class CollectorClock:
     """Collections of Python's garbage collector and the time they took, since the last reset."""
 
     def __init__(self):
-        self.seconds, self.count, self._start = 0.0, 0, 0.0
+        self.seconds, self.count, self._start, self.each = 0.0, 0, 0.0, []
         gc.callbacks.append(self._on_collection)
 
     def _on_collection(self, phase: str, info: dict) -> None:
         if phase == "start":
             self._start = time.perf_counter()
         else:
-            self.seconds += time.perf_counter() - self._start
+            seconds = time.perf_counter() - self._start
+            self.seconds += seconds
             self.count += 1
+            self.each.append((info["generation"], info["collected"], round(seconds, 4)))
 
     def reset(self) -> None:
-        self.seconds, self.count = 0.0, 0
+        self.seconds, self.count, self.each = 0.0, 0, []
 
 
 def host_syncs(step, device: str) -> list[str]:
@@ -185,7 +187,7 @@ def main() -> None:
             enqueued.append(time.perf_counter() - start)
             sync()
             walls.append(time.perf_counter() - start)
-        gc_s, gc_n = clock.seconds, clock.count
+        gc_s, gc_n, gc_each = clock.seconds, clock.count, clock.each
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
         syncs = host_syncs(step, args.device)
         prof = profile_step(step, args.device)
@@ -200,6 +202,7 @@ def main() -> None:
             "warmup_s": warm,
             "gc_s": gc_s,
             "gc_collections": gc_n,
+            "gc_each": gc_each,  # (generation, objects collected, seconds) per collection
             "peak_gib": peak,
             "host_syncs": len(syncs),
             "host_sync_sites": sorted(set(syncs)),

@@ -192,11 +192,13 @@ def test_compiled_matches_eager(version, recompute):
     compare(version, torch.float32, {"backend": PARTITIONED}, random_ids(2, 6, seed=2), recompute=recompute)
 
 
-@pytest.mark.parametrize("version", sorted(MODEL_FACTORIES))
-def test_compiled_selective_blocks_in_offloaded_chunks(version, monkeypatch):
+def test_compiled_selective_blocks_in_offloaded_chunks(monkeypatch):
     """Long-context chunks offloaded to host memory (`training.chunk_offload`) over compiled blocks
     with selective recompute: what the compiled graphs save reaches the offload's hooks (uncompiled
-    selective recompute does not, and is refused), and the compiled backward takes it back."""
+    selective recompute does not, and is refused), and the compiled backward takes it back. RWKV-7
+    only (the version long-context recipes train; the hooks see both versions' graphs alike), to
+    keep the suite's time."""
+    version = "rwkv7"
     from rwkv_ft.models import offload
     from rwkv_ft.train import set_chunk_len
 

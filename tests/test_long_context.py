@@ -454,49 +454,59 @@ def test_recipe_checks_chunk_offload(overrides, message):
         load_recipe(recipe, overrides)
 
 
-@pytest.mark.parametrize("limit", [0, 1 << 40])
+@pytest.mark.parametrize("limit", [0, 40_000, 1 << 40])
 def test_the_backward_prefetches_the_last_saved_first_within_the_limit(model, monkeypatch, limit):
-    """The prefetch as on a GPU (a CPU run never prefetches), with the device's memory counted as the
-    copies back that no node has used yet: the blocks' hooks start it before any offloaded tensor is
-    needed, the last saved come back first, and with no room everything is fetched only when needed."""
+    """The prefetch as on a GPU (a CPU run never prefetches), with a window of `limit` bytes copied
+    back ahead of their use: the blocks' hooks start it before any offloaded tensor is needed, the
+    last saved come back first, never more than one chunk ahead of the backward (one further back
+    would sit through the chunks between) nor more bytes than the window, and with no window each
+    tensor is fetched only when needed."""
     from rwkv_ft.models import offload
 
     monkeypatch.setattr(offload, "MIN_BYTES", 0)
     monkeypatch.setattr(offload, "_POOLS", {})
-    fetched, needed_before_fetch = [], []
+    fetched, needed_before_fetch, backward_at, most_ahead = [], [], [99], [0]
     fetch, unpack = offload.ChunkOffload._fetch, offload.ChunkOffload.unpack
-    finish = offload.ChunkOffload.finish_forward
+    finish, hook = offload.ChunkOffload.finish_forward, offload.ChunkOffload._prefetch_hook
 
-    def record_fetch(self, packed):
+    def record_fetch(self, packed, ahead=False):
+        assert packed.chunk >= min(backward_at) - 1, "fetched more than one chunk ahead of the backward"
         fetched.append(packed)
-        fetch(self, packed)
+        fetch(self, packed, ahead)
+        most_ahead[0] = max(most_ahead[0], self.ahead_bytes)
+
+    def record_hook(self, chunk, grad):
+        backward_at.append(chunk)
+        hook(self, chunk, grad)
 
     def record_unpack(self, saved):
-        if isinstance(saved, offload._Packed) and not saved.fetched:
-            needed_before_fetch.append(saved)
+        if isinstance(saved, offload._Packed):
+            backward_at.append(saved.chunk)
+            if not saved.fetched:
+                needed_before_fetch.append(saved)
         return unpack(self, saved)
 
     def finish_with_limit(self):
         finish(self)
-        self.limit = limit
+        self.window = limit
         order.extend(ref() for ref in self.queue)
 
     order = []
     monkeypatch.setattr(offload.ChunkOffload, "_fetch", record_fetch)
     monkeypatch.setattr(offload.ChunkOffload, "unpack", record_unpack)
+    monkeypatch.setattr(offload.ChunkOffload, "_prefetch_hook", record_hook)
     monkeypatch.setattr(offload.ChunkOffload, "finish_forward", finish_with_limit)
-    monkeypatch.setattr(
-        offload.ChunkOffload,
-        "_device_allocated",
-        lambda self: sum(p.nbytes for p in fetched if p.on_device is not None),
-    )
     ids = random_ids(1, 200, model.config.vocab_size, seed=13)
     whole = loss_and_grads(model, ids)
     set_chunk(model, 64)
     model.train_chunk_offload = 1.0  # chunks 0-2 offloaded, 3 kept
     assert_same(loss_and_grads(model, ids), whole)
     assert order and sorted(map(id, fetched)) == sorted(map(id, order))  # each copied back once
-    if limit:
+    assert most_ahead[0] <= limit
+    if limit == 1 << 40:
         assert fetched == order[::-1] and not needed_before_fetch
+        assert {p.chunk for p in fetched} == {0, 1, 2} and min(backward_at) == 0
+    elif limit:
+        assert 0 < len(needed_before_fetch) < len(fetched)  # some ahead, some when needed
     else:
         assert needed_before_fetch == fetched

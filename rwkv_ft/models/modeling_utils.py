@@ -886,6 +886,10 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
                 piece = (source[:, begin:end], targets[:, begin:end], None if starts is None else starts[:, begin:end])
                 if state is None:  # the first chunk: the learned initial state, if any, as a differentiable input
                     state = self.rwkv._learned_initial_state(B)
+                if offload is not None:
+                    offload.enter_chunk(index)
+                    if end == T:  # the last chunk keeps its activations: no chunk's copies may be in flight
+                        offload.drain()
                 if offloaded[index] and offload.start_chunk():
                     with offload.saving():
                         loss_sum, state = run_chunk(*piece, state)

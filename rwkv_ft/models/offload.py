@@ -33,9 +33,13 @@ ALIGN = 256  # bytes: where each tensor's piece of a host buffer starts (any dty
 BLOCK_BYTES = 256 << 20  # host memory is pinned in buffers of this size (larger tensors get their own)
 MIN_BYTES = 64 << 10  # smaller saved tensors stay on the device: their copy would cost more than it frees
 HOST_RESERVE_BYTES = 4 << 30  # host memory never taken: the rest of the process, the data loader
-# Activations copied out but not yet freed on the device: past this the forward waits for the copies,
-# which bounds how far the forward's peak can grow when the copies fall behind.
+# Activations copied out but not yet freed on the device: past this (or past the largest chunk's
+# activations, whichever is more) the forward waits for the copies. One chunk in flight lets the
+# copies run on through the next (recomputed) chunk's forward, which holds little.
 MAX_IN_FLIGHT_BYTES = 2 << 30
+# Copies back that no autograd node has used yet: at most this many bytes, which is what the step's
+# peak may grow by. Enough to keep the copies ahead of the backward wherever PCIe outruns it.
+PREFETCH_BYTES = 1 << 30
 
 
 def offloaded_chunks(n_chunks: int, share: float) -> list[bool]:
@@ -175,16 +179,21 @@ class HostArena:
 class _Packed:
     """A saved tensor that waits in host memory: its dense span, and the layout to rebuild it with."""
 
-    __slots__ = ("offload", "host", "size", "stride", "dtype", "uses", "on_device", "ready", "fetched", "__weakref__")
+    __slots__ = (
+        "offload", "chunk", "host", "size", "stride", "dtype", "uses", "on_device", "ready", "fetched", "ahead",
+        "__weakref__",
+    )  # fmt: skip
 
-    def __init__(self, offload: ChunkOffload, host: torch.Tensor, source: torch.Tensor) -> None:
+    def __init__(self, offload: ChunkOffload, chunk: int, host: torch.Tensor, source: torch.Tensor) -> None:
         self.offload = offload  # keeps the arena (and its host memory) as long as this lives
+        self.chunk = chunk
         self.host = host
         self.size, self.stride, self.dtype = source.size(), source.stride(), source.dtype
         self.uses = 1  # how many autograd nodes saved it (the same tensor is packed once)
         self.on_device: torch.Tensor | None = None
         self.ready: torch.cuda.Event | None = None
         self.fetched = False  # copied back once already (the prefetch skips it)
+        self.ahead = False  # copied back by the prefetch, not yet used
 
     @property
     def nbytes(self) -> int:
@@ -195,10 +204,17 @@ class ChunkOffload:
     """The saved-tensor hooks of one chunked forward's offloaded chunks, and the prefetch that brings
     their tensors back in the backward.
 
-    `saving()` wraps an offloaded chunk's forward; `block_output_hook` is called with every block's
-    output hidden state of every chunk (`RwkvModelBase.block_output_hook`), so that each block's
-    backward first tops up the prefetch; `finish_forward()` fixes the device memory the prefetch may
-    fill up to: what the forward ended with.
+    `enter_chunk(i)` comes before every chunk's forward, `start_chunk()` says whether an offloaded
+    one can be, and `saving()` wraps its forward; `drain()` waits for the copies out before the last
+    chunk (which keeps its activations: they must not meet a chunk's worth still in flight).
+    `block_output_hook` is called with every block's output hidden state of every chunk
+    (`RwkvModelBase.block_output_hook`), so that each block's backward first tops up the prefetch;
+    `finish_forward()` fixes the device memory the prefetch may fill up to: what the forward ended
+    with. The prefetch keeps at most `PREFETCH_BYTES` copied back ahead of their use, and brings
+    back only the chunk right before the one in its backward: one further back would sit in memory
+    through the recompute of the chunks between, raising the peak. (It counts its own bytes: asking
+    the allocator, `torch.cuda.memory_allocated`, builds every statistic at each call, and thousands of
+    calls per step cost more host time than the offload saves.)
     """
 
     def __init__(self, device: torch.device, protected: set[int]) -> None:
@@ -211,15 +227,20 @@ class ChunkOffload:
         self.queue: list[weakref.ref] = []  # packed tensors in the order they were saved
         self.in_flight: deque[tuple[torch.cuda.Event, int]] = deque()
         self.in_flight_bytes = 0
-        self.limit: int | None = None
+        self.window: int | None = None  # bytes the prefetch may hold ahead; None: no prefetch
+        self.ahead_bytes = 0
         self.host_full = False
         self.packed_bytes = 0
         self.chunk_start_bytes = 0
+        self.chunk = 0  # the chunk whose forward runs
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, device: torch.device) -> ChunkOffload:
         protected = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
         return cls(device, protected)
+
+    def enter_chunk(self, index: int) -> None:
+        self.chunk = index
 
     def start_chunk(self) -> bool:
         """Whether the next chunk can be offloaded: the host can take as much as the largest chunk
@@ -279,7 +300,7 @@ class ChunkOffload:
             self._bound_in_flight(done, nbytes)
         else:
             host.view(t.dtype).copy_(span)
-        packed = _Packed(self, host, t)
+        packed = _Packed(self, self.chunk, host, t)
         self.by_key[key] = (weakref.ref(t), weakref.ref(packed))
         self.queue.append(weakref.ref(packed))
         self.packed_bytes += nbytes
@@ -288,29 +309,29 @@ class ChunkOffload:
     def _bound_in_flight(self, done: torch.cuda.Event, nbytes: int) -> None:
         self.in_flight.append((done, nbytes))
         self.in_flight_bytes += nbytes
-        while self.in_flight and (self.in_flight_bytes > MAX_IN_FLIGHT_BYTES or self.in_flight[0][0].query()):
+        cap = max(MAX_IN_FLIGHT_BYTES, self.arena.pool.chunk_bytes_hint)
+        while self.in_flight and (self.in_flight_bytes > cap or self.in_flight[0][0].query()):
             event, size = self.in_flight.popleft()
             event.synchronize()
             self.in_flight_bytes -= size
 
+    def drain(self) -> None:
+        """Wait until every copy out has ended (their device memory is free again)."""
+        for event, _ in self.in_flight:
+            event.synchronize()
+        self.in_flight.clear()
+        self.in_flight_bytes = 0
+
     def finish_forward(self) -> None:
-        """The forward is over: the prefetch may fill the device up to what it holds now, once the
-        last copies out have freed their device memory (the chunk before the last is rarely
-        offloaded, so these have usually ended)."""
+        """The forward is over: the copies out end, and the backward may prefetch (on a GPU)."""
         self.by_key.clear()
         if self.cuda:
-            for event, _ in self.in_flight:
-                event.synchronize()
-            self.in_flight.clear()
-            self.in_flight_bytes = 0
-            self.limit = self._device_allocated()
-
-    def _device_allocated(self) -> int:
-        return torch.cuda.memory_allocated(self.device)
+            self.drain()
+            self.window = PREFETCH_BYTES
 
     # -- the backward: copies back --------------------------------------------------------------
 
-    def _fetch(self, packed: _Packed) -> None:
+    def _fetch(self, packed: _Packed, ahead: bool = False) -> None:
         span = torch.empty(packed.nbytes // packed.dtype.itemsize, dtype=packed.dtype, device=self.device)
         if self.cuda:
             # allocated on the compute stream: the copy starts once that stream is done with the memory
@@ -323,7 +344,8 @@ class ChunkOffload:
         else:
             span.copy_(packed.host.view(packed.dtype))
         packed.on_device = span.as_strided(packed.size, packed.stride)
-        packed.fetched = True
+        packed.fetched, packed.ahead = True, ahead
+        self.ahead_bytes += packed.nbytes if ahead else 0
 
     def unpack(self, saved: torch.Tensor | _Packed) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):
@@ -331,34 +353,37 @@ class ChunkOffload:
         if saved.on_device is None:
             self._fetch(saved)
         tensor = saved.on_device
+        if saved.ahead:
+            saved.ahead = False
+            self.ahead_bytes -= saved.nbytes
         if saved.ready is not None:
             torch.cuda.current_stream(self.device).wait_event(saved.ready)
         saved.uses -= 1
         if saved.uses <= 0:  # its last user has it: the device copy goes when that node is done
             saved.on_device, saved.ready, saved.uses = None, None, 1
-        self.prefetch()
+        self.prefetch(saved.chunk)
         return tensor
 
     def block_output_hook(self, hidden: torch.Tensor) -> None:
         """Called with each block's output in the forward: before that block's backward, top up the
         prefetch (the blocks after it have freed their activations by then)."""
         if hidden.requires_grad:
-            hidden.register_hook(self._prefetch_hook)
+            hidden.register_hook(functools.partial(self._prefetch_hook, self.chunk))
 
-    def _prefetch_hook(self, grad: torch.Tensor) -> None:
-        self.prefetch()
+    def _prefetch_hook(self, chunk: int, grad: torch.Tensor) -> None:
+        self.prefetch(chunk)
 
-    def prefetch(self) -> None:
-        """Start copying back the saved tensors needed next (the last saved first) while the device
-        holds less than it did at the end of the forward."""
-        if self.limit is None:
+    def prefetch(self, in_backward_of: int) -> None:
+        """Start copying back the saved tensors needed next (the last saved first) of the chunk whose
+        backward runs and the one before it, up to `window` bytes not yet used."""
+        if self.window is None:
             return
         while self.queue:
             packed = self.queue[-1]()
             if packed is None or packed.fetched:
                 self.queue.pop()
                 continue
-            if self._device_allocated() + packed.nbytes > self.limit:
+            if packed.chunk < in_backward_of - 1 or self.ahead_bytes + packed.nbytes > self.window:
                 return
             self.queue.pop()
-            self._fetch(packed)
+            self._fetch(packed, ahead=True)
