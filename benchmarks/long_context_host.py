@@ -187,7 +187,7 @@ def main() -> None:
             enqueued.append(time.perf_counter() - start)
             sync()
             walls.append(time.perf_counter() - start)
-        gc_s, gc_n, gc_each = clock.seconds, clock.count, clock.each
+        gc_s, gc_n, gc_each = clock.seconds, clock.count, list(clock.each)  # the timed steps only
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
         syncs = host_syncs(step, args.device)
         prof = profile_step(step, args.device)
