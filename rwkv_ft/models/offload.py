@@ -91,6 +91,12 @@ def available_host_bytes() -> int | None:
         return None
 
 
+def _spare_host_bytes() -> int | None:
+    """Host memory the offload may still take (None: unknown, so no limit)."""
+    available = available_host_bytes()
+    return None if available is None else available - HOST_RESERVE_BYTES
+
+
 @functools.cache
 def warn_host_memory_short() -> None:
     """Once per process: the host ran short and some chunks were recomputed instead."""
@@ -113,8 +119,8 @@ class HostMemoryPool:
     def can_lease(self, nbytes: int) -> bool:
         """Whether `nbytes` more could be leased, from free buffers or fresh host memory."""
         free = sum(size * len(buffers) for size, buffers in self.free.items())
-        available = available_host_bytes()
-        return available is None or nbytes <= free + max(0, available - HOST_RESERVE_BYTES)
+        spare = _spare_host_bytes()
+        return spare is None or nbytes <= free + max(0, spare)
 
     def lease(self, nbytes: int) -> torch.Tensor | None:
         """A uint8 buffer of at least `nbytes`, or None when the host cannot spare one."""
@@ -122,8 +128,8 @@ class HostMemoryPool:
         free = self.free.get(size)
         if free:
             return free.pop()
-        available = available_host_bytes()
-        if available is not None and size > available - HOST_RESERVE_BYTES:
+        spare = _spare_host_bytes()
+        if spare is not None and size > spare:
             return None
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
         self.total_bytes += size
@@ -163,17 +169,14 @@ class HostArena:
 
     def take(self, nbytes: int) -> torch.Tensor | None:
         """`nbytes` of host memory (uint8), or None when the pool has no more to lease."""
-        if nbytes > BLOCK_BYTES:  # a buffer of its own
-            buffer = self.pool.lease(nbytes)
-            if buffer is not None:
-                self.buffers.append(buffer)
-                return buffer[:nbytes]
-            return None
-        if self.current is None or self.offset + nbytes > self.current.numel():
+        own_buffer = nbytes > BLOCK_BYTES
+        if own_buffer or self.current is None or nbytes > self.room():
             buffer = self.pool.lease(nbytes)
             if buffer is None:
                 return None
             self.buffers.append(buffer)
+            if own_buffer:
+                return buffer[:nbytes]
             self.current, self.offset = buffer, 0
         piece = self.current[self.offset : self.offset + nbytes]
         self.offset = _round_up(self.offset + nbytes, ALIGN)
@@ -213,9 +216,9 @@ class ChunkOffload:
     chunk (which keeps its activations: they must not meet a chunk's worth still in flight).
     `block_output_hook` is called with every block's output hidden state of every chunk
     (`RwkvModelBase.block_output_hook`), so that each block's backward first tops up the prefetch;
-    `finish_forward()` fixes the device memory the prefetch may fill up to: what the forward ended
-    with. The prefetch keeps at most `PREFETCH_BYTES` copied back ahead of their use, and brings
-    back only the chunk right before the one in its backward: one further back would sit in memory
+    `finish_forward()` waits for the last copies out and opens the prefetch. The prefetch keeps at
+    most `PREFETCH_BYTES` copied back ahead of their use, and brings back only the chunk right
+    before the one in its backward: one further back would sit in memory
     through the recompute of the chunks between, raising the peak. (It counts its own bytes: asking
     the allocator, `torch.cuda.memory_allocated`, builds every statistic at each call, and thousands of
     calls per step cost more host time than the offload saves.)
@@ -235,7 +238,6 @@ class ChunkOffload:
         self.ahead_bytes = 0
         self.host_full = False
         self.packed_bytes = 0
-        self.chunk_start_bytes = 0
         self.chunk = 0  # the chunk whose forward runs
 
     @classmethod
@@ -259,30 +261,33 @@ class ChunkOffload:
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
         """Around an offloaded chunk's forward (after `start_chunk` said yes)."""
-        self.chunk_start_bytes = self.packed_bytes
+        start = self.packed_bytes
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
             yield
         pool = self.arena.pool
-        pool.chunk_bytes_hint = max(pool.chunk_bytes_hint, self.packed_bytes - self.chunk_start_bytes)
+        pool.chunk_bytes_hint = max(pool.chunk_bytes_hint, self.packed_bytes - start)
 
     # -- the forward: copies out --------------------------------------------------------------
 
-    def _worth_offloading(self, t: torch.Tensor) -> bool:
+    def _worth_offloading(self, t: torch.Tensor, storage: int) -> bool:
         return (
             t.device == self.device
             and t.layout == torch.strided
             and t.numel() * t.element_size() >= MIN_BYTES
             and is_dense(t)
-            and t.untyped_storage().data_ptr() not in self.protected
+            and storage not in self.protected
         )
 
     def pack(self, t: torch.Tensor) -> torch.Tensor | _Packed:
-        if self.host_full or not self._worth_offloading(t):
+        if self.host_full:
+            return t
+        storage = t.untyped_storage().data_ptr()
+        if not self._worth_offloading(t, storage):
             return t
         # A tensor saved by several nodes (LoRA's input, for one) is copied once. The key holds the
         # version (in-place changes) and the tensor itself, weakly: memory freed and reused by another
         # tensor of the same shape must not match.
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+        key = (storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
         seen = self.by_key.get(key)
         if seen is not None and seen[0]() is t and seen[1]() is not None:
             packed = seen[1]()
