@@ -2,7 +2,7 @@
 
     source .whl/prelude.sh && python -u benchmarks/long_context_host.py rwkv4-1.6b TAG \
         [--lengths 4096,16384,65536,131072] [--gc on|freeze|pause|freeze_pause] [--steps 3] \
-        [--offload 0,0.25,0.5] [--check 16384]
+        [--offload 0,0.25,0.5] [--check 16384] [--streams]
     python benchmarks/long_context_host.py tiny4 cpu --device cpu --variant eager --lengths 24,64 --chunk 16
 
 One model per process (a process that built other models first walks their objects in every full
@@ -21,6 +21,7 @@ steps), freeze_pause (both: what a recipe run does). Inductor's C++ wrapper: TOR
 share of the chunks keeps its activations in pinned host memory instead of recomputing them); a run
 with a share other than 0 is keyed "T_offloadSHARE" and records the pinned host memory it used.
 --check T: before timing, one step at T per share against share 0: loss, gradients, peak memory.
+--streams: one more profiled step per length, read per CUDA stream (`stream_breakdown`).
 Writes DIR/long_context_host_TAG.json (DIR: $OUT or '.').
 """
 
@@ -32,14 +33,16 @@ import gc
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_step import bare_model, profile_step  # noqa: E402
+from bench_step import bare_model, busy_ms, profile_step  # noqa: E402
 
 from rwkv_ft.models.offload import host_memory_pool  # noqa: E402
 from rwkv_ft.train import collector_paused, set_chunk_len  # noqa: E402
@@ -77,6 +80,52 @@ def host_syncs(step, device: str) -> list[str]:
         finally:
             torch.cuda.set_sync_debug_mode(0)
     return [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing" in str(w.message)]
+
+
+def stream_breakdown(step) -> dict:
+    """One more profiled step, read per CUDA stream from its trace: each stream's busy time by kind
+    (kernels, copies each way), and the gaps between kernels on the compute stream (the one with the
+    most kernel time). With the offload's copies on a side stream, the GPU-busy time of
+    `profile_step` counts the copies too; only the compute stream's gaps say whether it waited."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    spans = defaultdict(list)  # stream -> (start us, end us, category, name)
+    for e in events:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            spans[e.get("args", {}).get("stream")].append((e["ts"], e["ts"] + e["dur"], e["cat"], e["name"]))
+    kernel_us = {s: sum(b - a for a, b, cat, _ in v if cat == "kernel") for s, v in spans.items()}
+    compute = max(kernel_us, key=kernel_us.get)
+    streams = {}
+    for stream, v in spans.items():
+        by_kind = defaultdict(float)
+        for a, b, cat, name in v:
+            by_kind[name.split(" (")[0] if cat == "gpu_memcpy" else cat] += (b - a) / 1e3
+        streams[str(stream)] = {
+            "busy_ms": busy_ms([(a, b) for a, b, *_ in v]),
+            "ms_by_kind": {k: round(ms, 1) for k, ms in by_kind.items()},
+        }
+    gaps = defaultdict(lambda: [0, 0.0])  # size bucket -> [count, ms]
+    ordered = sorted(spans[compute])
+    end = ordered[0][1]
+    for a, b, *_ in ordered[1:]:
+        gap = a - end
+        if gap > 5:
+            bucket = "5-50us" if gap < 50 else "50us-1ms" if gap < 1000 else ">1ms"
+            gaps[bucket][0] += 1
+            gaps[bucket][1] += gap / 1e3
+        end = max(end, b)
+    return {
+        "compute_stream": str(compute),
+        "streams": streams,
+        "compute_gaps": {k: [n, round(ms, 1)] for k, (n, ms) in gaps.items()},
+    }
 
 
 def check_offload(model, args, shares: list[float]) -> dict:
@@ -124,6 +173,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--offload", default="0", help="comma-separated training.chunk_offload shares")
+    ap.add_argument(
+        "--streams",
+        action="store_true",
+        help="one more profiled step per length, read per CUDA stream (compute-stream gaps, copies)",
+    )
     ap.add_argument(
         "--check",
         type=int,
@@ -191,6 +245,7 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
         syncs = host_syncs(step, args.device)
         prof = profile_step(step, args.device)
+        streams = stream_breakdown(step) if args.streams and args.device == "cuda" else None
         gc.unfreeze()
         median = sorted(walls)[len(walls) // 2]
         out["lengths"][f"{T}_offload{share}" if share else T] = {
@@ -210,6 +265,7 @@ def main() -> None:
             "wall_ms_profiled": prof["wall_ms_profiled"],
             "launches": prof["launches"],
             "families": prof["families"],
+            "streams": streams,
         }
         busy = f"{prof['gpu_busy_ms']:.0f} ms" if prof["gpu_busy_ms"] else "-"
         print(

@@ -84,8 +84,8 @@ class TrainingSection:
     compile: bool | str = False
     chunk_len: int | None = None  # long-context training: run samples in chunks of this many tokens (exact gradient)
     # long-context training on a GPU: share (0..1) of the chunks whose activations wait in pinned host
-    # memory instead of being recomputed in the backward (needs host memory; on an H100, RWKV-7 ran 3%
-    # faster at 0.5 and RWKV-4 slower: rwkv_ft.models.offload)
+    # memory instead of being recomputed in the backward (needs host memory; on an H100, RWKV-7 ran 9%
+    # faster at 0.5, RWKV-4 no faster: rwkv_ft.models.offload)
     chunk_offload: float = 0.0
     logging_steps: int = 1
     eval_steps: int | None = None  # null: evaluate at the end of each epoch

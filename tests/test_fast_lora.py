@@ -12,6 +12,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 
 import rwkv_ft  # noqa: F401  (registers the Auto classes and the peft defaults)
 from rwkv_ft.adapters.fast_lora import FastLoraLinear, disable_fast_lora, enable_fast_lora
+from rwkv_ft.models.modeling_utils import rwkv_blocks
 from rwkv_ft.testing import MODEL_FACTORIES, assert_close, random_ids, relative_error
 
 
@@ -81,6 +82,38 @@ def test_bf16_adapters_compute_in_bf16():
     with Record():
         lora(x)
     assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen), seen
+
+
+@pytest.mark.parametrize("version", sorted(MODEL_FACTORIES))
+def test_selective_recompute_keeps_the_adapted_linears_outputs(version, monkeypatch):
+    """An adapted Linear's output is one product (the base product added onto the LoRA term), which
+    selective recompute keeps: its backward runs no addmm again (before, every adapted Linear's LoRA
+    addition did), and the gradients are those of a run without recompute."""
+    from rwkv_ft.models import modeling_utils
+
+    monkeypatch.setattr(modeling_utils, "SELECTIVE_MIN_INNER_DIM", 8)  # the tiny widths count as large, r = 4 not
+    ids = random_ids(2, 7, seed=7)
+    model = peft_model(version, torch.bfloat16).train()
+    enable_fast_lora(model)
+    expected_loss, expected = step(copy.deepcopy(model), ids)
+    model.set_activation_recompute("selective")
+    assert all(block.selective_recompute for block in rwkv_blocks(model))
+    addmm_in_backward = []
+
+    class CountAddmm(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func == torch.ops.aten.addmm.default:
+                addmm_in_backward.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    loss = model(ids, labels=ids).loss
+    with CountAddmm():
+        loss.backward()
+    assert addmm_in_backward == []
+    assert torch.equal(loss, expected_loss)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.grad, expected[name]), name
 
 
 def test_dropout_is_applied_to_the_adapter_input():

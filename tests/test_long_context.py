@@ -469,10 +469,10 @@ def test_the_backward_prefetches_the_last_saved_first_within_the_limit(model, mo
     fetch, unpack = offload.ChunkOffload._fetch, offload.ChunkOffload.unpack
     finish, hook = offload.ChunkOffload.finish_forward, offload.ChunkOffload._prefetch_hook
 
-    def record_fetch(self, packed, ahead=False):
-        assert packed.chunk >= min(backward_at) - 1, "fetched more than one chunk ahead of the backward"
-        fetched.append(packed)
-        fetch(self, packed, ahead)
+    def record_fetch(self, batch, ahead=False):
+        assert all(p.chunk >= min(backward_at) - 1 for p in batch), "fetched more than one chunk ahead of the backward"
+        fetched.extend(batch)
+        fetch(self, batch, ahead)
         most_ahead[0] = max(most_ahead[0], self.ahead_bytes)
 
     def record_hook(self, chunk, grad):

@@ -8,12 +8,20 @@ output and casts the sum back. On a 1.6B RWKV-4 LoRA step that is ~25 ms of fp32
 
 `enable_fast_lora(model)` switches every plain LoRA Linear of a peft model to this forward:
 
-    out = addmm(base(x), dropout(x) @ A^T, (scaling * B)^T)     A, B cast to x's dtype per call
+    lora = (dropout(x) @ A^T) @ (scaling * B)^T     A, B cast to x's dtype per call
+    out  = addmm(lora, x, W^T)                      the base product added onto the LoRA term
 
-Numerically (bf16 activations): the base output is unchanged; A and scaling*B are rounded to bf16
-(relative 2^-9) for the product, x @ A^T is rounded to bf16 before the second product, and the
-LoRA term is added inside the second matmul's fp32 accumulator before the one rounding of the output
-to bf16 (peft adds a rounded fp32 term to the rounded base output and rounds again). In the backward
+The base product comes last so that the adapted Linear's output is one op: selective recompute
+(`rwkv_ft.models.modeling_utils`) keeps the outputs of products over a large inner dimension, so
+it keeps `out` itself and recomputes nothing of the Linear in the backward. (With the LoRA term
+added last, it kept the base product and ran the addition again, with its copy, for every adapted
+Linear: measured on an H100 under CUDA graphs, the RWKV-4 1.6B step went from 84.0 to 78.4 ms and
+the RWKV-7 1.5B one from 139.1 to 133.2 ms, batch 4, ctx 1024.)
+
+Numerically (bf16 activations): A and scaling*B are rounded to bf16 (relative 2^-9) for the
+product, x @ A^T and the LoRA term are rounded to bf16, and the base product is accumulated onto
+the LoRA term in fp32 before the one rounding of the output to bf16 (peft rounds the base output
+and an fp32 LoRA term's sum, i.e. rounds the large base output twice). In the backward
 the adapters' gradients come out of bf16 matmuls (fp32 accumulation), rounded to bf16, then
 accumulated into the fp32 `.grad`: exactly what bf16 autocast does with peft's layers. The optimizer
 still updates fp32 weights, and a saved adapter is unchanged in format. With fp32 activations the
@@ -40,18 +48,22 @@ class FastLoraLinear(LoraLinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not self._fast_path_applies(x):
             return super().forward(x, *args, **kwargs)
-        result = self.base_layer(x)
-        out_shape = result.shape
-        result = result.reshape(-1, out_shape[-1])
+        base = self.base_layer
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        lora = None  # (N, out): the active adapters' terms, summed
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
-            # Under autocast x may be fp32 here: F.linear and addmm then cast everything to its dtype.
+            # Under autocast x may be fp32 here: F.linear, mm and addmm then cast everything to its dtype.
             a = self.lora_A[name].weight.to(x.dtype)  # (r, in)
             b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)  # (out, r)
-            xa = F.linear(self.lora_dropout[name](x), a)  # (..., r)
-            result = torch.addmm(result, xa.reshape(-1, xa.shape[-1]), b.t())
-        return result.view(out_shape)
+            xa = F.linear(self.lora_dropout[name](rows), a)  # (N, r)
+            lora = torch.mm(xa, b.t()) if lora is None else torch.addmm(lora, xa, b.t())
+        if lora is None:
+            return base(x)
+        if base.bias is not None:
+            lora = lora + base.bias.to(lora.dtype)
+        return torch.addmm(lora, rows, base.weight.t()).view(*x.shape[:-1], -1)  # (..., out)
 
     def _fast_path_applies(self, x: torch.Tensor) -> bool:
         if self.disable_adapters or self.merged or not isinstance(self.base_layer, nn.Linear):

@@ -14,9 +14,14 @@ recomputed ones, whose forwards give the copies time. The host memory (about one
 activations per offloaded chunk) is pinned once and kept for the process (`HostMemoryPool`); when
 the host runs short, the remaining chunks of the step are recomputed instead, with a warning.
 
-Measured on an H100 (2026-12-05, 65,536 tokens, share 0.5): the same gradient bit for bit; RWKV-7
-1.5B 3% faster and RWKV-4 1.6B 8% slower than recomputing, the chunked step being bound by the
-host's kernel launches there (benchmarks/NOTES.md).
+The host's work per saved tensor matters: recomputing, the chunked RWKV-7 step keeps the GPU busy,
+and an offloaded one left it idle at every block's end while the pack hooks ran. So a block's saved
+tensors are copied out together when it returns, and copied back in batches, with one stream wait
+and one event per batch.
+
+Measured on an H100 (2026-12-06, 65,536 tokens, share 0.5): the same gradient bit for bit (RWKV-7);
+RWKV-7 1.5B 9% faster than recomputing (0.83x the 4,096-token speed; 4% with a copy per tensor),
+RWKV-4 1.6B no faster (its copies outrun PCIe). benchmarks/NOTES.md.
 """
 
 from __future__ import annotations
@@ -215,7 +220,8 @@ class ChunkOffload:
     one can be, and `saving()` wraps its forward; `drain()` waits for the copies out before the last
     chunk (which keeps its activations: they must not meet a chunk's worth still in flight).
     `block_output_hook` is called with every block's output hidden state of every chunk
-    (`RwkvModelBase.block_output_hook`), so that each block's backward first tops up the prefetch;
+    (`RwkvModelBase.block_output_hook`): in the forward it issues the copies out of what the block
+    saved, together (`flush`), and it makes each block's backward first top up the prefetch;
     `finish_forward()` waits for the last copies out and opens the prefetch. The prefetch keeps at
     most `PREFETCH_BYTES` copied back ahead of their use, and brings back only the chunk right
     before the one in its backward: one further back would sit in memory
@@ -234,6 +240,12 @@ class ChunkOffload:
         self.queue: list[weakref.ref] = []  # packed tensors in the order they were saved
         self.in_flight: deque[tuple[torch.cuda.Event, int]] = deque()
         self.in_flight_bytes = 0
+        # Copies out not yet issued: (device span, host piece). A compiled block saves all its tensors
+        # at its end, so they are copied together, one stream wait and one event for the lot: per
+        # tensor, those cost more host time than the copy (the step is host-bound where it matters).
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pending_bytes = 0
+        self.last_waited: tuple | None = None  # (stream, event): the copies back that stream last waited for
         self.window: int | None = None  # bytes the prefetch may hold ahead; None: no prefetch
         self.ahead_bytes = 0
         self.host_full = False
@@ -264,6 +276,7 @@ class ChunkOffload:
         start = self.packed_bytes
         with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
             yield
+        self.flush()
         pool = self.arena.pool
         pool.chunk_bytes_hint = max(pool.chunk_bytes_hint, self.packed_bytes - start)
 
@@ -299,21 +312,33 @@ class ChunkOffload:
             self.host_full = True
             return t
         span = t.as_strided((t.numel(),), (1,))  # the dense span, from t's storage offset
-        if self.cuda:
-            self.stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.stream):
-                host.view(t.dtype).copy_(span, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self.stream)
-            t.record_stream(self.stream)  # its device memory is not reused before the copy ends
-            self._bound_in_flight(done, nbytes)
-        else:
-            host.view(t.dtype).copy_(span)
+        self.pending.append((span, host.view(t.dtype)))  # copied at the block's end (`flush`)
+        self.pending_bytes += nbytes
         packed = _Packed(self, self.chunk, host, t)
         self.by_key[key] = (weakref.ref(t), weakref.ref(packed))
         self.queue.append(weakref.ref(packed))
         self.packed_bytes += nbytes
         return packed
+
+    def flush(self) -> None:
+        """Issue the pending copies out: on a GPU, on the side stream once the compute stream has made
+        them (the forward goes on meanwhile); on a CPU, at once."""
+        if not self.pending:
+            return
+        pending, nbytes = self.pending, self.pending_bytes
+        self.pending, self.pending_bytes = [], 0
+        if not self.cuda:
+            for span, host in pending:
+                host.copy_(span)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            for span, host in pending:
+                host.copy_(span, non_blocking=True)
+                span.record_stream(self.stream)  # its device memory is not reused before the copy ends
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        self._bound_in_flight(done, nbytes)
 
     def _bound_in_flight(self, done: torch.cuda.Event, nbytes: int) -> None:
         self.in_flight.append((done, nbytes))
@@ -326,6 +351,7 @@ class ChunkOffload:
 
     def drain(self) -> None:
         """Wait until every copy out has ended (their device memory is free again)."""
+        self.flush()
         for event, _ in self.in_flight:
             event.synchronize()
         self.in_flight.clear()
@@ -334,39 +360,49 @@ class ChunkOffload:
     def finish_forward(self) -> None:
         """The forward is over: the copies out end, and the backward may prefetch (on a GPU)."""
         self.by_key.clear()
+        self.flush()
         if self.cuda:
             self.drain()
             self.window = PREFETCH_BYTES
 
     # -- the backward: copies back --------------------------------------------------------------
 
-    def _fetch(self, packed: _Packed, ahead: bool = False) -> None:
-        span = torch.empty(packed.nbytes // packed.dtype.itemsize, dtype=packed.dtype, device=self.device)
+    def _fetch(self, batch: list[_Packed], ahead: bool = False) -> None:
+        """Copy `batch` back to the device: one stream wait and one event for all of them."""
+        spans = [torch.empty(p.nbytes // p.dtype.itemsize, dtype=p.dtype, device=self.device) for p in batch]
         if self.cuda:
-            # allocated on the compute stream: the copy starts once that stream is done with the memory
+            # allocated on the compute stream: the copies start once that stream is done with the memory
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                span.copy_(packed.host.view(packed.dtype), non_blocking=True)
-                packed.ready = torch.cuda.Event()
-                packed.ready.record(self.stream)
-            span.record_stream(self.stream)
+                for packed, span in zip(batch, spans):
+                    span.copy_(packed.host.view(packed.dtype), non_blocking=True)
+                    span.record_stream(self.stream)
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
         else:
-            span.copy_(packed.host.view(packed.dtype))
-        packed.on_device = span.as_strided(packed.size, packed.stride)
-        packed.fetched, packed.ahead = True, ahead
-        self.ahead_bytes += packed.nbytes if ahead else 0
+            ready = None
+            for packed, span in zip(batch, spans):
+                span.copy_(packed.host.view(packed.dtype))
+        for packed, span in zip(batch, spans):
+            packed.on_device = span.as_strided(packed.size, packed.stride)
+            packed.ready, packed.fetched, packed.ahead = ready, True, ahead
+            self.ahead_bytes += packed.nbytes if ahead else 0
 
     def unpack(self, saved: torch.Tensor | _Packed) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):
             return saved
+        self.flush()  # (a no-op after the forward: the copies out of everything packed have been issued)
         if saved.on_device is None:
-            self._fetch(saved)
+            self._fetch([saved])
         tensor = saved.on_device
         if saved.ahead:
             saved.ahead = False
             self.ahead_bytes -= saved.nbytes
         if saved.ready is not None:
-            torch.cuda.current_stream(self.device).wait_event(saved.ready)
+            compute = torch.cuda.current_stream(self.device)
+            if self.last_waited != (compute, saved.ready):  # a batch's event is waited for once
+                compute.wait_event(saved.ready)
+                self.last_waited = (compute, saved.ready)
         saved.uses -= 1
         if saved.uses <= 0:  # its last user has it: the device copy goes when that node is done
             saved.on_device, saved.ready, saved.uses = None, None, 1
@@ -375,7 +411,9 @@ class ChunkOffload:
 
     def block_output_hook(self, hidden: torch.Tensor) -> None:
         """Called with each block's output in the forward: before that block's backward, top up the
-        prefetch (the blocks after it have freed their activations by then)."""
+        prefetch (the blocks after it have freed their activations by then). In the forward the block
+        has saved its tensors by then: their copies out are issued together."""
+        self.flush()
         if hidden.requires_grad:
             hidden.register_hook(functools.partial(self._prefetch_hook, self.chunk))
 
@@ -387,12 +425,16 @@ class ChunkOffload:
         backward runs and the one before it, up to `window` bytes not yet used."""
         if self.window is None:
             return
+        batch, nbytes = [], self.ahead_bytes
         while self.queue:
             packed = self.queue[-1]()
             if packed is None or packed.fetched:
                 self.queue.pop()
                 continue
-            if packed.chunk < in_backward_of - 1 or self.ahead_bytes + packed.nbytes > self.window:
-                return
+            if packed.chunk < in_backward_of - 1 or nbytes + packed.nbytes > self.window:
+                break
             self.queue.pop()
-            self._fetch(packed, ahead=True)
+            batch.append(packed)
+            nbytes += packed.nbytes
+        if batch:
+            self._fetch(batch, ahead=True)
