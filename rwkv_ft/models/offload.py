@@ -244,7 +244,6 @@ class ChunkOffload:
         # at its end, so they are copied together, one stream wait and one event for the lot: issued
         # per tensor, that host work left the GPU idle at every block's end (H100, 2026-12-06).
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.pending_bytes = 0
         self.last_waited: tuple | None = None  # (stream, event): the copies back that stream last waited for
         self.window: int | None = None  # bytes the prefetch may hold ahead; None: no prefetch
         self.ahead_bytes = 0
@@ -313,7 +312,6 @@ class ChunkOffload:
             return t
         span = t.as_strided((t.numel(),), (1,))  # the dense span, from t's storage offset
         self.pending.append((span, host.view(t.dtype)))  # copied at the block's end (`flush`)
-        self.pending_bytes += nbytes
         packed = _Packed(self, self.chunk, host, t)
         self.by_key[key] = (weakref.ref(t), weakref.ref(packed))
         self.queue.append(weakref.ref(packed))
@@ -325,8 +323,7 @@ class ChunkOffload:
         them (the forward goes on meanwhile); on a CPU, at once."""
         if not self.pending:
             return
-        pending, nbytes = self.pending, self.pending_bytes
-        self.pending, self.pending_bytes = [], 0
+        pending, self.pending = self.pending, []
         if not self.cuda:
             for span, host in pending:
                 host.copy_(span)
@@ -338,7 +335,7 @@ class ChunkOffload:
                 span.record_stream(self.stream)  # its device memory is not reused before the copy ends
             done = torch.cuda.Event()
             done.record(self.stream)
-        self._bound_in_flight(done, nbytes)
+        self._bound_in_flight(done, sum(host.nbytes for _, host in pending))
 
     def _bound_in_flight(self, done: torch.cuda.Event, nbytes: int) -> None:
         self.in_flight.append((done, nbytes))
@@ -360,15 +357,15 @@ class ChunkOffload:
     def finish_forward(self) -> None:
         """The forward is over: the copies out end, and the backward may prefetch (on a GPU)."""
         self.by_key.clear()
-        self.flush()
+        self.drain()
         if self.cuda:
-            self.drain()
             self.window = PREFETCH_BYTES
 
     # -- the backward: copies back --------------------------------------------------------------
 
     def _fetch(self, batch: list[_Packed], ahead: bool = False) -> None:
         """Copy `batch` back to the device: one stream wait and one event for all of them."""
+        self.flush()  # their copies out first (a no-op once the forward is over)
         spans = [torch.empty(p.nbytes // p.dtype.itemsize, dtype=p.dtype, device=self.device) for p in batch]
         if self.cuda:
             # allocated on the compute stream: the copies start once that stream is done with the memory
@@ -391,7 +388,6 @@ class ChunkOffload:
     def unpack(self, saved: torch.Tensor | _Packed) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):
             return saved
-        self.flush()  # (a no-op after the forward: the copies out of everything packed have been issued)
         if saved.on_device is None:
             self._fetch([saved])
         tensor = saved.on_device
