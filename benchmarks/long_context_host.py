@@ -20,14 +20,19 @@ steps), freeze_pause (both: what a recipe run does). Inductor's C++ wrapper: TOR
 --offload: the `training.chunk_offload` shares to run each length with (rwkv_ft.models.offload: that
 share of the chunks keeps its activations in pinned host memory instead of recomputing them); a run
 with a share other than 0 is keyed "T_offloadSHARE" and records the pinned host memory it used.
+"SHARE@GIB" runs that share with the prefetch window (`offload.PREFETCH_BYTES`, what the backward may
+hold copied back ahead of use) set to GIB GiB, keyed "T_offloadSHARE@GIB".
 --check T: before timing, one step at T per share against share 0: loss, gradients, peak memory.
---streams: one more profiled step per length, read per CUDA stream (`stream_breakdown`).
+--streams: one more profiled step per length, read per CUDA stream, with the compute stream's gaps
+put down to a late host or a waiting stream (`stream_breakdown`, `gap_causes`). Exporting and reading
+its trace takes 1-2 minutes per length and share at 65,536 tokens: budget for it.
 Writes DIR/long_context_host_TAG.json (DIR: $OUT or '.').
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import gc
 import json
@@ -44,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import bare_model, busy_ms, profile_step  # noqa: E402
 
+from rwkv_ft.models import offload as offload_module  # noqa: E402
 from rwkv_ft.models.offload import host_memory_pool  # noqa: E402
 from rwkv_ft.train import collector_paused, set_chunk_len  # noqa: E402
 
@@ -82,30 +88,64 @@ def host_syncs(step, device: str) -> list[str]:
     return [f"{w.filename}:{w.lineno}" for w in caught if "called a synchronizing" in str(w.message)]
 
 
+# The offload's host-side work, named in a profiled step (`annotated_offload`).
+OFFLOAD_METHODS = ("pack", "flush", "_bound_in_flight", "unpack", "_fetch", "prefetch", "block_output_hook", "drain")
+
+
+@contextlib.contextmanager
+def annotated_offload():
+    """Each of the offload's hooks runs inside a profiler range named after it ("offload.pack", ...),
+    so that a profile can say how much of the host's time went to them. Only for profiled steps:
+    the ranges cost host time of their own."""
+    from torch.profiler import record_function
+
+    from rwkv_ft.models.offload import ChunkOffload
+
+    originals = {name: getattr(ChunkOffload, name) for name in OFFLOAD_METHODS}
+
+    def wrap(name, fn):
+        def annotated(*args, **kwargs):
+            with record_function(f"offload.{name}"):
+                return fn(*args, **kwargs)
+
+        return annotated
+
+    for name, fn in originals.items():
+        setattr(ChunkOffload, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(ChunkOffload, name, fn)
+
+
 def stream_breakdown(step) -> dict:
-    """One more profiled step, read per CUDA stream from its trace: each stream's busy time by kind
-    (kernels, copies each way), and the gaps between kernels on the compute stream (the one with the
-    most kernel time). With the offload's copies on a side stream, the GPU-busy time of
-    `profile_step` counts the copies too; only the compute stream's gaps say whether it waited."""
+    """One more profiled step (the offload's hooks annotated), read per CUDA stream from its trace:
+    each stream's busy time by kind (kernels, copies each way), the gaps between kernels on the
+    compute stream (the one with the most kernel time), and what caused them (`gap_causes`). With the
+    offload's copies on a side stream, the GPU-busy time of `profile_step` counts the copies too;
+    only the compute stream's gaps say whether it waited."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with annotated_offload(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
-    spans = defaultdict(list)  # stream -> (start us, end us, category, name)
+    spans = defaultdict(list)  # stream -> (start us, end us, category, name, correlation)
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
-            spans[e.get("args", {}).get("stream")].append((e["ts"], e["ts"] + e["dur"], e["cat"], e["name"]))
-    kernel_us = {s: sum(b - a for a, b, cat, _ in v if cat == "kernel") for s, v in spans.items()}
+            args = e.get("args", {})
+            span = (e["ts"], e["ts"] + e["dur"], e["cat"], e["name"], args.get("correlation"))
+            spans[args.get("stream")].append(span)
+    kernel_us = {s: sum(b - a for a, b, cat, *_ in v if cat == "kernel") for s, v in spans.items()}
     compute = max(kernel_us, key=kernel_us.get)
     streams = {}
     for stream, v in spans.items():
         by_kind = defaultdict(float)
-        for a, b, cat, name in v:
+        for a, b, cat, name, _ in v:
             by_kind[name.split(" (")[0] if cat == "gpu_memcpy" else cat] += (b - a) / 1e3
         streams[str(stream)] = {
             "busy_ms": busy_ms([(a, b) for a, b, *_ in v]),
@@ -125,6 +165,55 @@ def stream_breakdown(step) -> dict:
         "compute_stream": str(compute),
         "streams": streams,
         "compute_gaps": {k: [n, round(ms, 1)] for k, (n, ms) in gaps.items()},
+        "gap_causes": gap_causes(events, ordered),
+    }
+
+
+def gap_causes(events: list[dict], ordered: list[tuple]) -> dict:
+    """Why the compute stream (`ordered`: its (start, end, category, name, correlation) spans, by
+    start) sat idle, gap by gap (over 20 us). The host launched the op that ends a gap either after
+    the gap began ("host_late": the host was busy elsewhere; what it ran meanwhile is summed by
+    profiler range, the offload's annotated hooks included) or before ("device_wait": the op was
+    queued but waited, on another stream's event: the copies back)."""
+    launch = {}  # correlation -> host launch (start, end) us
+    ranges = []  # (start, end, name) of host-side ops and annotations
+    for e in events:
+        if e.get("ph") != "X":
+            continue
+        cat = e.get("cat")
+        if cat in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}):
+            launch[e["args"]["correlation"]] = (e["ts"], e["ts"] + e["dur"])
+        if cat in ("cpu_op", "user_annotation", "python_function", "cuda_runtime"):
+            ranges.append((e["ts"], e["ts"] + e["dur"], e["name"][:80]))
+    ranges.sort()
+    late = {"n": 0, "ms": 0.0}
+    wait = {"n": 0, "ms": 0.0}
+    host_ms = defaultdict(float)  # name -> ms of host time overlapping host-late gaps
+    end = ordered[0][1]
+    starts = [r[0] for r in ranges]
+    for a, b, _, _, corr in ordered[1:]:
+        gap = a - end
+        launched = launch.get(corr)
+        if gap > 20 and launched is not None:
+            if launched[0] > end:
+                late["n"] += 1
+                late["ms"] += gap / 1e3
+                lo, hi = end, min(a, launched[0])
+                first = bisect.bisect_left(starts, lo - 2e6)  # ranges that began up to 2 s before
+                for s, e, name in ranges[first : bisect.bisect_right(starts, hi)]:
+                    overlap = min(e, hi) - max(s, lo)
+                    if overlap > 0:
+                        host_ms[name] += overlap / 1e3
+            else:
+                wait["n"] += 1
+                wait["ms"] += gap / 1e3
+        end = max(end, b)
+    top = sorted(host_ms.items(), key=lambda kv: -kv[1])[:25]
+    return {
+        "host_late": {"n": late["n"], "ms": round(late["ms"], 1)},
+        "device_wait": {"n": wait["n"], "ms": round(wait["ms"], 1)},
+        # nested ranges overlap: each figure is the time spent inside that range, not a share of a sum
+        "host_ms_inside_late_gaps": {name: round(ms, 2) for name, ms in top},
     }
 
 
@@ -217,14 +306,19 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "lengths": {},
     }
-    shares = [float(x) for x in args.offload.split(",")]
-    out["offload"] = shares
+    settings = args.offload.split(",")  # "share" or "share@prefetch GiB"
+    shares = sorted({float(x.split("@")[0]) for x in settings})
+    out["offload"] = settings
     if args.check:
         out["check"] = check_offload(model, args, shares)
-    for T, share in [(int(x), share) for x in args.lengths.split(",") for share in shares]:
+    default_window = offload_module.PREFETCH_BYTES
+    for T, setting in [(int(x), setting) for x in args.lengths.split(",") for setting in settings]:
+        share = float(setting.split("@")[0])
         if share and T <= args.chunk:
             continue  # one chunk: nothing to offload
         set_chunk_len(model, args.chunk, share)
+        window_gib = setting.split("@")[1] if "@" in setting else None
+        offload_module.PREFETCH_BYTES = int(float(window_gib) * 2**30) if window_gib else default_window
         ids = torch.randint(1, model.config.vocab_size, (1, T), device=args.device)
 
         def step(ids=ids):
@@ -258,10 +352,13 @@ def main() -> None:
         syncs = host_syncs(step, args.device)
         prof = profile_step(step, args.device)
         streams = stream_breakdown(step) if args.streams and args.device == "cuda" else None
+        if streams:
+            print(f"streams T={T} offload {setting}: {json.dumps(streams)}", flush=True)
         gc.unfreeze()
         median = sorted(walls)[len(walls) // 2]
-        out["lengths"][f"{T}_offload{share}" if share else T] = {
+        out["lengths"][f"{T}_offload{setting}" if share else T] = {
             "offload": share,
+            "prefetch_gib": offload_module.PREFETCH_BYTES / 2**30,
             "host_pinned_gib": host_memory_pool(pin=args.device == "cuda").total_bytes / 2**30,
             "tok_s": T / median,
             "wall_s": walls,
@@ -281,7 +378,7 @@ def main() -> None:
         }
         busy = f"{prof['gpu_busy_ms']:.0f} ms" if prof["gpu_busy_ms"] else "-"
         print(
-            f"{args.shape} T={T} offload {share}: {T / median:,.0f} tok/s; step s {[round(x, 3) for x in walls]} "
+            f"{args.shape} T={T} offload {setting}: {T / median:,.0f} tok/s; step s {[round(x, 3) for x in walls]} "
             f"(enqueued {[round(x, 3) for x in enqueued]}); gc {gc_s:.3f} s in {gc_n}; host syncs {len(syncs)}; "
             f"peak {peak or 0:.2f} GiB; GPU busy {busy}, {prof['launches']} launches; warm-up {warm:.1f} s",
             flush=True,

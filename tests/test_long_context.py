@@ -363,11 +363,15 @@ def test_offload_copies_a_tensor_saved_twice_once_and_never_a_parameter(monkeypa
     expected = x.grad.clone(), weight.grad.clone()
     x.grad = weight.grad = None
     hooks = offload.ChunkOffload(torch.device("cpu"), {weight.untyped_storage().data_ptr()})
+    packed = []
+    pack = hooks.pack
+    hooks.pack = lambda t: (r := pack(t), packed.append(r))[0]
     with hooks.saving():
         loss = f()
-    packed = [ref() for ref in hooks.queue]
     # x (saved twice: one copy), x * x, and the matmul's output for sin's backward; not the weight
-    assert [p.uses for p in packed] == [2, 1, 1]
+    assert sum(p is weight for p in packed) == 1
+    copies = {id(p): p for p in packed if isinstance(p, offload._Packed)}.values()
+    assert sorted(p.saves for p in copies) == [1, 1, 2] and len(packed) == 5
     assert hooks.packed_bytes == (4 * 16 + 4 * 16 + 4 * 8) * x.element_size()
     hooks.finish_forward()
     loss.backward()
@@ -389,6 +393,37 @@ def test_offload_gives_back_what_it_saved_with_its_layout(monkeypatch):
     # Strided with gaps or overlapping: there is no span to copy, so the tensor stays where it is.
     for kept in (base[:, ::2], base[:1].expand(3, 5, 4), base.permute(1, 0, 2)[2:]):
         assert hooks.pack(kept) is kept
+
+
+def test_a_blocks_saved_tensors_come_back_in_one_copy(model, offload_everything, monkeypatch):
+    """What a block saved is copied out at the block's end and copied back as one piece (a `_Group`
+    per block and host buffer), and each saved tensor is a view of that piece: per tensor, the
+    backward does no copy of its own. The gradient stays exact."""
+    from rwkv_ft.models import offload
+
+    ids = random_ids(1, 200, model.config.vocab_size, seed=15)
+    whole = loss_and_grads(model, ids)
+    copies = []
+    copy_all = offload._copy_all
+    monkeypatch.setattr(
+        offload, "_copy_all", lambda dst, src, **kw: (copies.append(len(dst)), copy_all(dst, src, **kw))
+    )
+    hooks = []
+    flush = offload.ChunkOffload.flush
+    monkeypatch.setattr(offload.ChunkOffload, "flush", lambda self: (hooks.append(self), flush(self))[1])
+    set_chunk(model, 64)
+    model.train_chunk_offload = 1.0  # chunks 0-2 offloaded, 3 kept
+    model.zero_grad()
+    loss = model(ids, labels=ids).loss
+    out = list(copies)
+    groups = [g for g in (ref() for ref in hooks[0].queue) if g is not None]
+    assert len(groups) >= 3 * model.config.num_hidden_layers  # a group (at least) per offloaded block
+    assert sum(g.members for g in groups) > 2 * len(groups)  # several tensors in each, on average
+    assert sum(out) == sum(g.members for g in groups)  # copied out tensor by tensor, in one call per group
+    copies.clear()
+    loss.backward()
+    assert copies == [1] * len(groups)  # back: one copy per group, of the whole group
+    assert_same((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}), whole)
 
 
 def test_two_forwards_before_their_backwards_keep_their_own_host_memory(model, offload_everything):
@@ -482,8 +517,8 @@ def test_the_backward_prefetches_the_last_saved_first_within_the_limit(model, mo
     def record_unpack(self, saved):
         if isinstance(saved, offload._Packed):
             backward_at.append(saved.chunk)
-            if not saved.fetched:
-                needed_before_fetch.append(saved)
+            if not saved.group.fetched:
+                needed_before_fetch.append(saved.group)
         return unpack(self, saved)
 
     def finish_with_limit(self):

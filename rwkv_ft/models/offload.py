@@ -15,12 +15,12 @@ activations per offloaded chunk) is pinned once and kept for the process (`HostM
 the host runs short, the remaining chunks of the step are recomputed instead, with a warning.
 
 The host's work per saved tensor matters: recomputing, the chunked RWKV-7 step keeps the GPU busy,
-and an offloaded one left it idle at every block's end while the pack hooks ran. So a block's saved
-tensors are copied out together when it returns, and copied back in batches, with one stream wait
-and one event per batch.
+and an offloaded one leaves it idle while the host runs the hooks. So a block's saved tensors are
+copied out together when it returns (one stream wait and one event), and come back as one piece
+(`_Group`): one copy back per block, each tensor a view of it.
 
-Measured on an H100 (2026-12-06, 65,536 tokens, share 0.5): the same gradient bit for bit (RWKV-7);
-RWKV-7 1.5B 9% faster than recomputing (0.83x the 4,096-token speed; 4% with a copy per tensor),
+Measured on an H100 (2026-12-06, 65,536 tokens): the same gradient bit for bit (RWKV-7); RWKV-7 1.5B
+0.83x the 4,096-token speed at share 0.5 and 0.86x at 0.7 (three processes; 0.76x recomputing),
 RWKV-4 1.6B no faster (its copies outrun PCIe). benchmarks/NOTES.md.
 """
 
@@ -172,8 +172,10 @@ class HostArena:
         """Bytes left in the buffer being cut."""
         return 0 if self.current is None else max(0, self.current.numel() - self.offset)
 
-    def take(self, nbytes: int) -> torch.Tensor | None:
-        """`nbytes` of host memory (uint8), or None when the pool has no more to lease."""
+    def take(self, nbytes: int) -> tuple[torch.Tensor, int] | None:
+        """`nbytes` of host memory: (uint8 buffer, byte offset in it), or None when the pool has no
+        more to lease. Pieces taken one after another from one buffer are adjacent (but for the
+        alignment), so what a block saved can come back in one copy (`_Group`)."""
         own_buffer = nbytes > BLOCK_BYTES
         if own_buffer or self.current is None or nbytes > self.room():
             buffer = self.pool.lease(nbytes)
@@ -181,35 +183,58 @@ class HostArena:
                 return None
             self.buffers.append(buffer)
             if own_buffer:
-                return buffer[:nbytes]
+                return buffer, 0
             self.current, self.offset = buffer, 0
-        piece = self.current[self.offset : self.offset + nbytes]
-        self.offset = _round_up(self.offset + nbytes, ALIGN)
-        return piece
+        offset = self.offset
+        self.offset = _round_up(offset + nbytes, ALIGN)
+        return self.current, offset
 
 
-class _Packed:
-    """A saved tensor that waits in host memory: its dense span, and the layout to rebuild it with."""
+class _Group:
+    """Saved tensors copied out together (what one block saved, in one run of one host buffer) and
+    copied back together: one host-to-device copy into one device buffer, of which each tensor is a
+    view. Copied back one by one, each tensor cost the backward's host an allocation, a copy, a
+    stream record and the prefetch's bookkeeping: a third of what the host ran while the compute
+    stream sat idle in a profiled step (H200, 2026-12-06)."""
 
     __slots__ = (
-        "offload", "chunk", "host", "size", "stride", "dtype", "uses", "on_device", "ready", "fetched", "ahead",
-        "__weakref__",
+        "offload", "chunk", "host", "members", "unserved", "on_device", "ready", "fetched", "ahead", "__weakref__",
     )  # fmt: skip
 
-    def __init__(self, offload: ChunkOffload, chunk: int, host: torch.Tensor, source: torch.Tensor) -> None:
+    def __init__(self, offload: ChunkOffload, chunk: int, host: torch.Tensor, members: int) -> None:
         self.offload = offload  # keeps the arena (and its host memory) as long as this lives
         self.chunk = chunk
-        self.host = host
-        self.size, self.stride, self.dtype = source.size(), source.stride(), source.dtype
-        self.uses = 1  # how many autograd nodes saved it (the same tensor is packed once)
-        self.on_device: torch.Tensor | None = None
+        self.host = host  # uint8, the run of the host buffer its tensors were copied to
+        self.members = members
+        self.unserved = members  # tensors whose last unpack has not come yet in this backward
+        self.on_device: torch.Tensor | None = None  # uint8, once copied back
         self.ready: torch.cuda.Event | None = None
         self.fetched = False  # copied back once already (the prefetch skips it)
-        self.ahead = False  # copied back by the prefetch, not yet used
+        self.ahead = False  # copied back by the prefetch, none of its tensors used yet
 
     @property
     def nbytes(self) -> int:
         return self.host.numel()
+
+
+class _Packed:
+    """A saved tensor that waits in host memory: its group, where in the group it lies, and the
+    layout to rebuild it with."""
+
+    __slots__ = ("group", "offset", "nbytes", "size", "stride", "dtype", "saves", "uses", "on_device", "__weakref__")
+
+    def __init__(self, offset: int, source: torch.Tensor) -> None:
+        self.group: _Group | None = None  # set when the copy out is issued (`ChunkOffload.flush`)
+        self.offset = offset  # bytes from the group's start (from the host buffer's, until then)
+        self.nbytes = source.nbytes
+        self.size, self.stride, self.dtype = source.size(), source.stride(), source.dtype
+        self.saves = 1  # how many autograd nodes saved it (the same tensor is packed once)
+        self.uses = 1  # how many of them have yet to unpack it in this backward
+        self.on_device: torch.Tensor | None = None
+
+    @property
+    def chunk(self) -> int:
+        return self.group.chunk
 
 
 class ChunkOffload:
@@ -221,10 +246,10 @@ class ChunkOffload:
     chunk (which keeps its activations: they must not meet a chunk's worth still in flight).
     `block_output_hook` is called with every block's output hidden state of every chunk
     (`RwkvModelBase.block_output_hook`): in the forward it issues the copies out of what the block
-    saved, together (`flush`), and it makes each block's backward first top up the prefetch;
-    `finish_forward()` waits for the last copies out and opens the prefetch. The prefetch keeps at
-    most `PREFETCH_BYTES` copied back ahead of their use, and brings back only the chunk right
-    before the one in its backward: one further back would sit in memory
+    saved, together (`flush`: one `_Group`), and it makes each block's backward first top up the
+    prefetch; `finish_forward()` waits for the last copies out and opens the prefetch. The prefetch
+    keeps at most `PREFETCH_BYTES` copied back ahead of their use, a group at a time, and brings back
+    only the chunk right before the one in its backward: one further back would sit in memory
     through the recompute of the chunks between, raising the peak. (It counts its own bytes: asking
     the allocator, `torch.cuda.memory_allocated`, builds every statistic at each call, and thousands of
     calls per step cost more host time than the offload saves.)
@@ -237,13 +262,14 @@ class ChunkOffload:
         self.arena = HostArena(host_memory_pool(pin=self.cuda))
         self.protected = protected  # storages never copied: the parameters and buffers
         self.by_key: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
-        self.queue: list[weakref.ref] = []  # packed tensors in the order they were saved
-        self.in_flight: deque[tuple[torch.cuda.Event, int]] = deque()
+        self.queue: list[weakref.ref] = []  # groups in the order they were saved
+        # Copies out not yet issued, (tensor, host buffer, packed): a compiled block saves all its
+        # tensors at its end, so they are copied together, one stream wait and one event for the lot.
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, _Packed]] = []
+        # Copies out issued and not known to have ended: (event, bytes, their device tensors, held
+        # until then: their memory must not be reused before the copies have read it).
+        self.in_flight: deque[tuple[torch.cuda.Event, int, list[torch.Tensor]]] = deque()
         self.in_flight_bytes = 0
-        # Copies out not yet issued: (device span, host piece). A compiled block saves all its tensors
-        # at its end, so they are copied together, one stream wait and one event for the lot: issued
-        # per tensor, that host work left the GPU idle at every block's end (H100, 2026-12-06).
-        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last_waited: tuple | None = None  # (stream, event): the copies back that stream last waited for
         self.window: int | None = None  # bytes the prefetch may hold ahead; None: no prefetch
         self.ahead_bytes = 0
@@ -281,75 +307,85 @@ class ChunkOffload:
 
     # -- the forward: copies out --------------------------------------------------------------
 
-    def _worth_offloading(self, t: torch.Tensor, storage: int) -> bool:
+    def _worth_offloading(self, t: torch.Tensor) -> bool:
         return (
             t.device == self.device
             and t.layout == torch.strided
-            and t.numel() * t.element_size() >= MIN_BYTES
-            and is_dense(t)
-            and storage not in self.protected
+            and t.nbytes >= MIN_BYTES
+            and (t.is_contiguous() or is_dense(t))
+            and t.untyped_storage().data_ptr() not in self.protected
         )
 
     def pack(self, t: torch.Tensor) -> torch.Tensor | _Packed:
-        if self.host_full:
-            return t
-        storage = t.untyped_storage().data_ptr()
-        if not self._worth_offloading(t, storage):
+        if self.host_full or not self._worth_offloading(t):
             return t
         # A tensor saved by several nodes (LoRA's input, for one) is copied once. The key holds the
         # version (in-place changes) and the tensor itself, weakly: memory freed and reused by another
         # tensor of the same shape must not match.
-        key = (storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t._version)
         seen = self.by_key.get(key)
-        if seen is not None and seen[0]() is t and seen[1]() is not None:
-            packed = seen[1]()
+        if seen is not None and seen[0]() is t and (packed := seen[1]()) is not None:
+            packed.saves += 1
             packed.uses += 1
             return packed
-        nbytes = t.numel() * t.element_size()
-        host = self.arena.take(nbytes)
-        if host is None:
+        place = self.arena.take(t.nbytes)
+        if place is None:
             self.host_full = True
             return t
-        span = t.as_strided((t.numel(),), (1,))  # the dense span, from t's storage offset
-        self.pending.append((span, host.view(t.dtype)))  # copied at the block's end (`flush`)
-        packed = _Packed(self, self.chunk, host, t)
+        buffer, offset = place
+        packed = _Packed(offset, t)
+        self.pending.append((t, buffer, packed))  # copied at the block's end (`flush`)
         self.by_key[key] = (weakref.ref(t), weakref.ref(packed))
-        self.queue.append(weakref.ref(packed))
-        self.packed_bytes += nbytes
+        self.packed_bytes += packed.nbytes
         return packed
 
     def flush(self) -> None:
         """Issue the pending copies out: on a GPU, on the side stream once the compute stream has made
-        them (the forward goes on meanwhile); on a CPU, at once."""
+        them (the forward goes on meanwhile); on a CPU, at once. Each run of them in one host buffer
+        becomes a `_Group`."""
         if not self.pending:
             return
         pending, self.pending = self.pending, []
+        sources = [t.as_strided((t.numel(),), (1,)).view(torch.uint8) for t, _, _ in pending]  # the dense spans
+        pieces = [buffer[p.offset : p.offset + p.nbytes] for _, buffer, p in pending]
+        self._group(pending)
         if not self.cuda:
-            for span, host in pending:
-                host.copy_(span)
+            _copy_all(pieces, sources, non_blocking=False)
             return
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
-            for span, host in pending:
-                host.copy_(span, non_blocking=True)
-                span.record_stream(self.stream)  # its device memory is not reused before the copy ends
+            _copy_all(pieces, sources, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
-        self._bound_in_flight(done, sum(host.nbytes for _, host in pending))
+        self._bound_in_flight(done, sum(piece.numel() for piece in pieces), sources)
 
-    def _bound_in_flight(self, done: torch.cuda.Event, nbytes: int) -> None:
-        self.in_flight.append((done, nbytes))
+    def _group(self, pending: list[tuple[torch.Tensor, torch.Tensor, _Packed]]) -> None:
+        """Make groups of the pending copies, one per run of them in one host buffer."""
+        start = 0
+        for i in range(1, len(pending) + 1):
+            if i < len(pending) and pending[i][1] is pending[start][1]:
+                continue
+            run = [p for _, _, p in pending[start:i]]
+            first, last = run[0].offset, run[-1].offset + run[-1].nbytes
+            group = _Group(self, self.chunk, pending[start][1][first:last], len(run))
+            for packed in run:
+                packed.group, packed.offset = group, packed.offset - first
+            self.queue.append(weakref.ref(group))
+            start = i
+
+    def _bound_in_flight(self, done: torch.cuda.Event, nbytes: int, sources: list[torch.Tensor]) -> None:
+        self.in_flight.append((done, nbytes, sources))
         self.in_flight_bytes += nbytes
         cap = max(MAX_IN_FLIGHT_BYTES, self.arena.pool.chunk_bytes_hint)
         while self.in_flight and (self.in_flight_bytes > cap or self.in_flight[0][0].query()):
-            event, size = self.in_flight.popleft()
+            event, size, _ = self.in_flight.popleft()
             event.synchronize()
             self.in_flight_bytes -= size
 
     def drain(self) -> None:
         """Wait until every copy out has ended (their device memory is free again)."""
         self.flush()
-        for event, _ in self.in_flight:
+        for event, _, _ in self.in_flight:
             event.synchronize()
         self.in_flight.clear()
         self.in_flight_bytes = 0
@@ -363,46 +399,57 @@ class ChunkOffload:
 
     # -- the backward: copies back --------------------------------------------------------------
 
-    def _fetch(self, batch: list[_Packed], ahead: bool = False) -> None:
-        """Copy `batch` back to the device: one stream wait and one event for all of them."""
+    def _fetch(self, groups: list[_Group], ahead: bool = False) -> None:
+        """Copy `groups` back to the device, each in one piece: one stream wait and one event for all."""
         self.flush()  # their copies out first (a no-op once the forward is over)
-        spans = [torch.empty(p.nbytes // p.dtype.itemsize, dtype=p.dtype, device=self.device) for p in batch]
+        buffers = [torch.empty(g.nbytes, dtype=torch.uint8, device=self.device) for g in groups]
+        hosts = [g.host for g in groups]
         if self.cuda:
             # allocated on the compute stream: the copies start once that stream is done with the memory
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                for packed, span in zip(batch, spans):
-                    span.copy_(packed.host.view(packed.dtype), non_blocking=True)
-                    span.record_stream(self.stream)
+                _copy_all(buffers, hosts, non_blocking=True)
+                for buffer in buffers:
+                    buffer.record_stream(self.stream)
                 ready = torch.cuda.Event()
                 ready.record(self.stream)
         else:
             ready = None
-            for packed, span in zip(batch, spans):
-                span.copy_(packed.host.view(packed.dtype))
-        for packed, span in zip(batch, spans):
-            packed.on_device = span.as_strided(packed.size, packed.stride)
-            packed.ready, packed.fetched, packed.ahead = ready, True, ahead
-            self.ahead_bytes += packed.nbytes if ahead else 0
+            _copy_all(buffers, hosts, non_blocking=False)
+        for group, buffer in zip(groups, buffers):
+            group.on_device, group.ready, group.fetched, group.ahead = buffer, ready, True, ahead
+            self.ahead_bytes += group.nbytes if ahead else 0
 
     def unpack(self, saved: torch.Tensor | _Packed) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):
             return saved
-        if saved.on_device is None:
-            self._fetch([saved])
+        if saved.group is None:  # unpacked before its block ended (not in a model's backward)
+            self.flush()
+        group = saved.group
         tensor = saved.on_device
-        if saved.ahead:
-            saved.ahead = False
-            self.ahead_bytes -= saved.nbytes
-        if saved.ready is not None:
+        if tensor is None:
+            top_up = group.on_device is None  # needed before the prefetch brought it: fetched now
+            if top_up:
+                self._fetch([group])
+            piece = group.on_device[saved.offset : saved.offset + saved.nbytes]
+            tensor = saved.on_device = piece.view(saved.dtype).as_strided(saved.size, saved.stride)
+            if group.ahead:  # its first use: no longer ahead, so the prefetch has room again
+                group.ahead = False
+                self.ahead_bytes -= group.nbytes
+                top_up = True
+            if top_up:
+                self.prefetch(group.chunk)
+        if group.ready is not None:
             compute = torch.cuda.current_stream(self.device)
-            if self.last_waited != (compute, saved.ready):  # a batch's event is waited for once
-                compute.wait_event(saved.ready)
-                self.last_waited = (compute, saved.ready)
+            if self.last_waited != (compute, group.ready):  # a batch's event is waited for once
+                compute.wait_event(group.ready)
+                self.last_waited = (compute, group.ready)
         saved.uses -= 1
         if saved.uses <= 0:  # its last user has it: the device copy goes when that node is done
-            saved.on_device, saved.ready, saved.uses = None, None, 1
-        self.prefetch(saved.chunk)
+            saved.on_device, saved.uses = None, saved.saves
+            group.unserved -= 1
+            if group.unserved <= 0:  # all handed out: the views hold the device buffer from now on
+                group.on_device, group.ready, group.unserved = None, None, group.members
         return tensor
 
     def block_output_hook(self, hidden: torch.Tensor) -> None:
@@ -417,20 +464,27 @@ class ChunkOffload:
         self.prefetch(chunk)
 
     def prefetch(self, in_backward_of: int) -> None:
-        """Start copying back the saved tensors needed next (the last saved first) of the chunk whose
+        """Start copying back the groups needed next (the last saved first) of the chunk whose
         backward runs and the one before it, up to `window` bytes not yet used."""
         if self.window is None:
             return
         batch, nbytes = [], self.ahead_bytes
         while self.queue:
-            packed = self.queue[-1]()
-            if packed is None or packed.fetched:
+            group = self.queue[-1]()
+            if group is None or group.fetched:
                 self.queue.pop()
                 continue
-            if packed.chunk < in_backward_of - 1 or nbytes + packed.nbytes > self.window:
+            if group.chunk < in_backward_of - 1 or nbytes + group.nbytes > self.window:
                 break
             self.queue.pop()
-            batch.append(packed)
-            nbytes += packed.nbytes
+            batch.append(group)
+            nbytes += group.nbytes
         if batch:
             self._fetch(batch, ahead=True)
+
+
+def _copy_all(destinations: list[torch.Tensor], sources: list[torch.Tensor], non_blocking: bool) -> None:
+    """destination[i].copy_(sources[i]) for each i, in one call: the loop runs in C++ (torch's
+    foreach copy; between devices it copies each pair in turn), sparing the host a Python call per
+    tensor."""
+    torch._foreach_copy_(destinations, sources, non_blocking=non_blocking)

@@ -1,0 +1,37 @@
+"""The readings of the benchmark scripts that benchmarks/NOTES.md quotes, on synthetic input."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def launch(ts: float, correlation: int) -> dict:
+    return {
+        "ph": "X",
+        "cat": "cuda_runtime",
+        "ts": ts,
+        "dur": 5,
+        "name": "cudaLaunchKernel",
+        "args": {"correlation": correlation},
+    }
+
+
+def test_gap_causes_tells_a_late_host_from_a_stream_waiting():
+    """A kernel launched after the compute stream went idle is the host's lateness, and what the
+    host ran meanwhile is named; one launched before, that starts late, waited on the device."""
+    from long_context_host import gap_causes
+
+    events = [
+        launch(0, 1),
+        launch(10, 2),
+        {"ph": "X", "cat": "user_annotation", "ts": 160, "dur": 200, "name": "offload.unpack"},
+        launch(400, 3),  # after kernel 2 ended at 150: the host was late
+        launch(420, 4),  # before kernel 3 ended: kernel 4 waited on the device
+    ]
+    compute = [(10, 100, "kernel", "k1", 1), (100, 150, "kernel", "k2", 2), (410, 500, "kernel", "k3", 3)]
+    compute.append((700, 800, "kernel", "k4", 4))
+    causes = gap_causes(events, compute)
+    assert causes["host_late"] == {"n": 1, "ms": 0.3}  # 150 to 410 us
+    assert causes["device_wait"] == {"n": 1, "ms": 0.2}
+    assert causes["host_ms_inside_late_gaps"]["offload.unpack"] == 0.2
