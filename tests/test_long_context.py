@@ -426,6 +426,25 @@ def test_a_blocks_saved_tensors_come_back_in_one_copy(model, offload_everything,
     assert_same((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}), whole)
 
 
+def test_host_buffers_are_reused_only_once_their_copies_have_ended():
+    """A step's host buffers go back to the pool when its offload is collected, but only after the
+    side stream that copied to and from them has finished (a copy back that nobody waited for may
+    still run then)."""
+    from rwkv_ft.models import offload
+
+    pool = offload.HostMemoryPool(pin=False)
+    free_when_synchronized = []
+
+    class Copies:  # stands in for the side stream
+        def synchronize(self):
+            free_when_synchronized.append(sum(map(len, pool.free.values())))
+
+    arena = offload.HostArena(pool, Copies())
+    buffer, _ = arena.take(1000)
+    del arena
+    assert free_when_synchronized == [0] and pool.free[buffer.numel()] == [buffer]
+
+
 def test_two_forwards_before_their_backwards_keep_their_own_host_memory(model, offload_everything):
     """A second forward must not reuse the host memory that the first one's backward still needs."""
     first, second = (random_ids(1, 300, model.config.vocab_size, seed=s) for s in (9, 10))

@@ -140,7 +140,12 @@ class HostMemoryPool:
         self.total_bytes += size
         return buffer
 
-    def give_back(self, buffers: list[torch.Tensor]) -> None:
+    def give_back(self, buffers: list[torch.Tensor], copies: torch.cuda.Stream | None = None) -> None:
+        """Take `buffers` back for reuse, once `copies` (the stream that copied to and from them) has
+        nothing left in flight: a copy still running, e.g. of a group copied back and never used,
+        must not meet the next step's copies into the same memory."""
+        if copies is not None:
+            copies.synchronize()
         for buffer in buffers:
             self.free.setdefault(buffer.numel(), []).append(buffer)
         buffers.clear()
@@ -161,12 +166,13 @@ class HostArena:
     back when the arena is collected, i.e. when autograd has dropped every tensor packed into it (a
     second forward before the first one's backward gets buffers of its own)."""
 
-    def __init__(self, pool: HostMemoryPool) -> None:
+    def __init__(self, pool: HostMemoryPool, copies: torch.cuda.Stream | None = None) -> None:
         self.buffers: list[torch.Tensor] = []
         self.current: torch.Tensor | None = None
         self.offset = 0
         self.pool = pool
-        weakref.finalize(self, pool.give_back, self.buffers)
+        # not at exit: the pool goes with the process, and CUDA may be gone before this runs
+        weakref.finalize(self, pool.give_back, self.buffers, copies).atexit = False
 
     def room(self) -> int:
         """Bytes left in the buffer being cut."""
@@ -259,7 +265,7 @@ class ChunkOffload:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
-        self.arena = HostArena(host_memory_pool(pin=self.cuda))
+        self.arena = HostArena(host_memory_pool(pin=self.cuda), self.stream)
         self.protected = protected  # storages never copied: the parameters and buffers
         self.by_key: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
         self.queue: list[weakref.ref] = []  # groups in the order they were saved
