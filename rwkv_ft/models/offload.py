@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import weakref
@@ -367,17 +368,14 @@ class ChunkOffload:
 
     def _group(self, pending: list[tuple[torch.Tensor, torch.Tensor, _Packed]]) -> None:
         """Make groups of the pending copies, one per run of them in one host buffer."""
-        start = 0
-        for i in range(1, len(pending) + 1):
-            if i < len(pending) and pending[i][1] is pending[start][1]:
-                continue
-            run = [p for _, _, p in pending[start:i]]
+        for _, entries in itertools.groupby(pending, key=lambda entry: id(entry[1])):
+            entries = list(entries)
+            run = [packed for _, _, packed in entries]
             first, last = run[0].offset, run[-1].offset + run[-1].nbytes
-            group = _Group(self, self.chunk, pending[start][1][first:last], len(run))
+            group = _Group(self, self.chunk, entries[0][1][first:last], len(run))
             for packed in run:
                 packed.group, packed.offset = group, packed.offset - first
             self.queue.append(weakref.ref(group))
-            start = i
 
     def _bound_in_flight(self, done: torch.cuda.Event, nbytes: int, sources: list[torch.Tensor]) -> None:
         self.in_flight.append((done, nbytes, sources))
