@@ -306,6 +306,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "lengths": {},
     }
+    path = Path(os.environ.get("OUT", ".")) / f"long_context_host_{args.tag}.json"
     settings = args.offload.split(",")  # "share" or "share@prefetch GiB"
     shares = sorted({float(x.split("@")[0]) for x in settings})
     out["offload"] = settings
@@ -383,8 +384,7 @@ def main() -> None:
             f"peak {peak or 0:.2f} GiB; GPU busy {busy}, {prof['launches']} launches; warm-up {warm:.1f} s",
             flush=True,
         )
-    path = Path(os.environ.get("OUT", ".")) / f"long_context_host_{args.tag}.json"
-    path.write_text(json.dumps(out, indent=1))
+        path.write_text(json.dumps(out, indent=1))  # after every setting: a call cut short keeps what ran
     print(f"wrote {path}")
 
 

@@ -1,8 +1,10 @@
-"""Shared helpers for tests: one tolerance table and one assert, tiny models, a free port."""
+"""Shared helpers for tests: one tolerance table and one assert, tiny models, WKV-7 cases, a free port."""
 
 from __future__ import annotations
 
+import math
 import socket
+from collections.abc import Callable
 
 import torch
 
@@ -179,3 +181,81 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# WKV-7 cases: the model's input distribution, one forward + backward, the fp64 oracle's
+
+WKV7_NAMES = ("r", "w", "k", "v", "a", "b", "state")
+WKV7_MODEL_W_MIN = -math.exp(-0.5)  # the model's w lies in [-0.6065, 0)
+
+
+def wkv7_inputs(B, T, H, N, dtype=torch.float32, *, state=True, seed=0, w=None, device="cpu") -> list:
+    """r, w, k, v, a, b (B, T, H, N) in `dtype` and the state (B, H, N, N) fp32 (fp64 for fp64
+    inputs) or None, drawn as the model draws them: k, v, r ~ randn; a = -kk, b = kk * sigmoid(.)
+    with kk unit-norm per head; w = -exp(-0.5) * sigmoid(.) (or `w`: a callable of the generator and
+    shape, or a constant)."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    shape = (B, T, H, N)
+    r, k, v = rn(*shape), rn(*shape), rn(*shape)
+    kk = torch.nn.functional.normalize(rn(*shape), dim=-1)
+    a, b = -kk, kk * torch.sigmoid(rn(*shape))
+    if w is None:
+        wt = WKV7_MODEL_W_MIN * torch.sigmoid(2 * rn(*shape))
+    elif callable(w):
+        wt = w(g, shape)
+    else:
+        wt = torch.full(shape, float(w), dtype=torch.float64)
+    s = 0.5 * rn(B, H, N, N) if state else None
+    cast = lambda x: x.to(dtype).to(device)  # noqa: E731
+    s_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return [cast(x) for x in (r, wt, k, v, a, b)] + [None if s is None else s.to(s_dtype).to(device)]
+
+
+def wkv7_step(fn: Callable, xs: list, *, reset=None, loss_y=True, loss_state=True, seed=1, gy_dtype=None) -> tuple:
+    """Forward + backward of sum(y * gy) + sum(new_state * gs) with fixed random gy, gs (gy rounded
+    to gy_dtype, default the inputs' dtype, so every implementation sees the same values). Returns
+    y, new_state and the gradients of r, w, k, v, a, b, state."""
+    xs = [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+    y, ns = fn(*xs[:6], xs[6], reset=reset)
+    g = torch.Generator().manual_seed(seed)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(gy_dtype or xs[0].dtype).to(y)
+    gs = torch.randn(ns.shape, generator=g, dtype=torch.float64).to(ns)
+    loss = (y * gy).sum() * loss_y + (ns * gs).sum() * loss_state
+    loss.backward()
+    return y, ns, [None if x is None else x.grad for x in xs]
+
+
+def wkv7_fp64_step(xs: list, *, reset=None, **kw) -> tuple:
+    """`wkv7_step` of the per-token reference in float64 on the CPU, for inputs of any dtype."""
+    from rwkv_ft.kernels import wkv7_reference
+
+    d = lambda x: None if x is None else x.detach().double().cpu()  # noqa: E731
+    reset = None if reset is None else reset.cpu()
+    return wkv7_step(wkv7_reference, [d(x) for x in xs], reset=reset, gy_dtype=xs[0].dtype, **kw)
+
+
+def assert_wkv7_close(out: tuple, ref: tuple, dtype: torch.dtype, rel: float | None = None) -> None:
+    """`wkv7_step` results against the reference's: y in `dtype`, the new state fp32 (fp64 for fp64
+    inputs), every gradient in its input's dtype, all within `dtype`'s tolerance."""
+    y, ns, grads = out
+    ry, rns, rgrads = ref
+    assert y.dtype == dtype and ns.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(y, ry, dtype, rel=rel, name="y")
+    assert_close(ns, rns, dtype, rel=rel, name="new_state")
+    for name, g, rg in zip(WKV7_NAMES, grads, rgrads, strict=True):
+        if rg is None:  # the loss does not reach this input: None, or zeros from the kernel
+            assert g is None or not g.any(), name
+            continue
+        assert g.dtype == (ns.dtype if name == "state" else dtype), name
+        assert_grad_close(g, rg, dtype, rel=rel, name=f"grad {name}")
+
+
+def assert_grad_close(g: torch.Tensor, rg: torch.Tensor, dtype: torch.dtype, rel=None, name="grad") -> None:
+    """Gradients are compared at unit scale (both divided by the reference's rms), so the table's
+    atol is relative to the gradient's typical size. This matters for WKV-7's dw: a reverse cumsum
+    of terms larger than the result, so an element near zero carries an absolute error of ~1e-6 of
+    the tensor's scale in fp32 (norm-wise the error is ~4e-7)."""
+    sc = rg.detach().double().pow(2).mean().sqrt().clamp_min(1e-300).item()
+    assert_close(g.detach().double() / sc, rg.detach().double() / sc, dtype, rel=rel, name=name)

@@ -23,7 +23,7 @@ import rwkv_ft  # noqa: F401  (registers the Auto classes and the peft defaults)
 from rwkv_ft.adapters.fast_lora import enable_fast_lora
 from rwkv_ft.kernels import empty_wkv_state, wkv4
 from rwkv_ft.models.modeling_utils import rwkv_blocks
-from rwkv_ft.testing import MODEL_FACTORIES, assert_close, random_ids, relative_error
+from rwkv_ft.testing import MODEL_FACTORIES, TOLERANCES, assert_close, random_ids, relative_error
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
@@ -158,22 +158,34 @@ def loss_and_grads(model, ids, seed=0):
     return loss.detach(), grads
 
 
-def assert_same_step(compiled, eager, dtype):
+def assert_same_step(compiled, eager, dtype, exact=None):
+    """Loss and gradients of a compiled step within `dtype`'s tolerance of eager's. With `exact`
+    (the same step in fp64), a gradient whose rounding the tiny random models amplify (RWKV-7's
+    first-block key and receptance LoRA: fp32 matmul rounding of 1e-7 grows to ~2e-5, measured by
+    running each op in fp64) passes when the compiled one is no further from fp64 than twice
+    eager's own error: both are then as right as fp32 allows, in different rounding orders."""
     (loss, grads), (ref_loss, ref_grads) = compiled, eager
     assert_close(loss, ref_loss, dtype, name="loss")
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         assert grads[name].dtype == torch.float32, name  # fp32 master weights whatever the base dtype
-        assert_close(grads[name], ref_grads[name], dtype, name=f"grad {name}")
+        if exact is not None:
+            rel = max(TOLERANCES[dtype][0], 2 * relative_error(ref_grads[name], exact[1][name]))
+            assert_close(grads[name], exact[1][name], dtype, rel=rel, name=f"grad {name} (against fp64)")
+        else:
+            assert_close(grads[name], ref_grads[name], dtype, name=f"grad {name}")
 
 
 def compare(version, dtype, compile_kwargs, ids, **model_kwargs):
     eager = loss_and_grads(lora_model(version, dtype, **model_kwargs), ids)
+    exact = None
+    if dtype == torch.float32:  # fp64 through the PyTorch WKV (the Triton kernels take no fp64)
+        exact = loss_and_grads(lora_model(version, torch.float64, **{**model_kwargs, "backend": "torch"}), ids)
     compiled = lora_model(version, dtype, **model_kwargs)
     compiled.compile_blocks(**compile_kwargs)  # peft forwards the call to our model
     assert all(block._compiled_call_impl is not None for block in rwkv_blocks(compiled))
     result = loss_and_grads(compiled, ids)
-    assert_same_step(result, eager, dtype)
+    assert_same_step(result, eager, dtype, exact)
     return result
 
 

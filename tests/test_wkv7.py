@@ -14,15 +14,24 @@ import rwkv_ft.kernels.rwkv7.triton_wkv7 as tw
 import torch
 
 from rwkv_ft.kernels import wkv7, wkv7_reference
-from rwkv_ft.testing import TOLERANCES, assert_close, relative_error
+from rwkv_ft.testing import (
+    TOLERANCES,
+    WKV7_MODEL_W_MIN,
+    WKV7_NAMES,
+    assert_close,
+    assert_grad_close,
+    assert_wkv7_close,
+    relative_error,
+    wkv7_fp64_step,
+    wkv7_inputs,
+    wkv7_step,
+)
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
     reason="needs CUDA or TRITON_INTERPRET=1",
 )
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ("r", "w", "k", "v", "a", "b", "state")
-W_MODEL_MIN = -math.exp(-0.5)  # the model's w lies in [-0.6065, 0)
 
 # 16-token chunks and split value blocks (N = 32 -> 2 scan programs per head, and 2 steps of the
 # gradient kernel's value loop, whose key-side shares add up): the non-trivial paths.
@@ -44,75 +53,16 @@ def use_config(**fields):
     tw._CFG_OVERRIDE = fields or None
 
 
-def make_inputs(B, T, H, N, dtype=torch.float32, *, state=True, seed=0, w=None):
-    """The model's distribution: k, v, r ~ randn; a = -kk, b = kk * sigmoid(.) with kk unit-norm
-    per head; w = -exp(-0.5) * sigmoid(.) (or `w`: a callable of the generator, or a constant)."""
-    g = torch.Generator().manual_seed(seed)
-    rn = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
-    shape = (B, T, H, N)
-    r, k, v = rn(*shape), rn(*shape), rn(*shape)
-    kk = torch.nn.functional.normalize(rn(*shape), dim=-1)
-    a, b = -kk, kk * torch.sigmoid(rn(*shape))
-    if w is None:
-        wt = W_MODEL_MIN * torch.sigmoid(2 * rn(*shape))
-    elif callable(w):
-        wt = w(g, shape)
-    else:
-        wt = torch.full(shape, float(w), dtype=torch.float64)
-    s = 0.5 * rn(B, H, N, N) if state else None
-    cast = lambda x: x.to(dtype).to(DEV)
-    return [cast(x) for x in (r, wt, k, v, a, b)] + [None if s is None else s.float().to(DEV)]
-
-
-def run(fn, xs, *, reset=None, loss_y=True, loss_state=True, seed=1, gy_dtype=None):
-    """Forward + backward of sum(y * gy) + sum(new_state * gs) with fixed random gy, gs (gy rounded
-    to gy_dtype, default the inputs' dtype, so every backend sees the same values). Returns y,
-    new_state and the gradients."""
-    xs = [None if x is None else x.detach().clone().requires_grad_() for x in xs]
-    y, ns = fn(*xs[:6], xs[6], reset=reset)
-    g = torch.Generator().manual_seed(seed)
-    gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(gy_dtype or xs[0].dtype).to(y)
-    gs = torch.randn(ns.shape, generator=g, dtype=torch.float64).to(ns)
-    loss = (y * gy).sum() * loss_y + (ns * gs).sum() * loss_state
-    loss.backward()
-    return y, ns, [None if x is None else x.grad for x in xs]
+def make_inputs(*args, **kwargs):
+    return wkv7_inputs(*args, device=DEV, **kwargs)
 
 
 def triton_fn(*args, **kw):
     return wkv7(*args, backend="triton", **kw)
 
 
-def ref64(xs, *, reset=None, **kw):
-    d = lambda x: None if x is None else x.detach().double().cpu()
-    reset = None if reset is None else reset.cpu()
-    return run(wkv7_reference, [d(x) for x in xs], reset=reset, gy_dtype=xs[0].dtype, **kw)
-
-
-def assert_all_close(out, ref, dtype, rel=None):
-    y, ns, grads = out
-    ry, rns, rgrads = ref
-    assert y.dtype == dtype and ns.dtype == torch.float32
-    assert_close(y, ry, dtype, rel=rel, name="y")
-    assert_close(ns, rns, dtype, rel=rel, name="new_state")
-    for name, g, rg in zip(NAMES, grads, rgrads, strict=True):
-        if rg is None:  # the loss does not reach this input: None, or zeros from the kernel
-            assert g is None or not g.any(), name
-            continue
-        assert g.dtype == (torch.float32 if name == "state" else dtype), name
-        assert_grad_close(g, rg, dtype, rel=rel, name=f"grad {name}")
-
-
-def assert_grad_close(g, rg, dtype, rel=None, name="grad"):
-    """Gradients are compared at unit scale (both divided by the reference's rms), so the table's
-    atol is relative to the gradient's typical size. This matters for dw: a reverse cumsum of
-    terms larger than the result, so an element near zero carries an absolute error of ~1e-6 of
-    the tensor's scale in fp32 (norm-wise the error is ~4e-7)."""
-    sc = rg.detach().double().pow(2).mean().sqrt().clamp_min(1e-300).item()
-    assert_close(g.detach().double() / sc, rg.detach().double() / sc, dtype, rel=rel, name=name)
-
-
 def check(xs, dtype=torch.float32, rel=None, **kw):
-    assert_all_close(run(triton_fn, xs, **kw), ref64(xs, **kw), dtype, rel)
+    assert_wkv7_close(wkv7_step(triton_fn, xs, **kw), wkv7_fp64_step(xs, **kw), dtype, rel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -126,11 +76,11 @@ def test_fp32_decay_with_bf16_inputs():
     use_config(**SPLIT)
     xs = make_inputs(2, 21, 3, 32, torch.bfloat16, seed=12)
     xs[1] = xs[1].float()
-    y, ns, grads = run(triton_fn, xs)
-    ry, rns, rgrads = ref64(xs)
+    y, ns, grads = wkv7_step(triton_fn, xs)
+    ry, rns, rgrads = wkv7_fp64_step(xs)
     assert y.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[0].dtype == torch.bfloat16
     assert_close(y, ry, torch.bfloat16, name="y")
-    for name, g, rg in zip(NAMES, grads, rgrads, strict=True):
+    for name, g, rg in zip(WKV7_NAMES, grads, rgrads, strict=True):
         assert_grad_close(g, rg, torch.bfloat16, name=f"grad {name}")
 
 
@@ -182,7 +132,7 @@ def test_longer_chunks(chunk):
     check(xs, reset=reset)
 
 
-@pytest.mark.parametrize("w", [W_MODEL_MIN, math.log1p(-1e-6)], ids=["decay0.545", "decay1-1e-6"])
+@pytest.mark.parametrize("w", [WKV7_MODEL_W_MIN, math.log1p(-1e-6)], ids=["decay0.545", "decay1-1e-6"])
 def test_decay_extremes(w):
     """The model's fastest per-step decay (0.545) and almost none (1 - 1e-6) everywhere."""
     use_config(**SPLIT)
@@ -200,14 +150,14 @@ def test_very_negative_w(w):
     xs = make_inputs(2, 40, 2, 32, seed=7, w=w)
     with warnings.catch_warnings():  # numpy (interpreter) overflows in products that are masked out
         warnings.simplefilter("ignore", RuntimeWarning)
-        out = run(triton_fn, xs)
+        out = wkv7_step(triton_fn, xs)
     for x in [out[0], out[1], *out[2]]:
         assert torch.isfinite(x).all()
-    ref = ref64(xs)
+    ref = wkv7_fp64_step(xs)
     if not callable(w):  # every w below the clamp: dw is 0 here, below 1e-9 in the reference
         assert not out[2][1].any() and ref[2][1].abs().max() < 1e-9
         ref[2][1] = None
-    assert_all_close(out, ref, torch.float32)
+    assert_wkv7_close(out, ref, torch.float32)
 
 
 def test_bf16_error_at_the_rounding_floor():
@@ -215,8 +165,8 @@ def test_bf16_error_at_the_rounding_floor():
     bf16 (the interpreter's dots are fp32, so this checks the bf16 hi/lo split and the algebra)."""
     use_config(**SPLIT)
     xs = make_inputs(2, 64, 2, 32, torch.bfloat16, seed=9)
-    out, ref = run(triton_fn, xs), ref64(xs)
-    pairs = [("y", out[0], ref[0])] + [(n, g, rg) for n, g, rg in zip(NAMES[:6], out[2], ref[2])]
+    out, ref = wkv7_step(triton_fn, xs), wkv7_fp64_step(xs)
+    pairs = [("y", out[0], ref[0])] + [(n, g, rg) for n, g, rg in zip(WKV7_NAMES[:6], out[2], ref[2])]
     for name, got, want in pairs:
         floor = relative_error(want.to(torch.bfloat16), want)
         assert relative_error(got, want) <= 1.2 * floor, name
@@ -230,7 +180,7 @@ def test_precision_modes(prec):
     xs = make_inputs(1, 33, 2, 32, seed=11)
     if prec == "bf16x3" or (prec == "tf32" and DEV == "cuda"):  # norm-wise only
         bound = 5e-5 if prec == "bf16x3" else 5e-3
-        out, ref = run(triton_fn, xs), ref64(xs)
+        out, ref = wkv7_step(triton_fn, xs), wkv7_fp64_step(xs)
         for got, want in zip([out[0], out[1], *out[2]], [ref[0], ref[1], *ref[2]]):
             assert relative_error(got, want) < bound
     else:
@@ -246,10 +196,10 @@ def test_non_contiguous_inputs():
     packed = torch.cat([x.reshape(B, T, H * N) for x in xs[:6]], dim=-1)  # (B, T, 6C)
     views = [packed[..., i * H * N : (i + 1) * H * N].view(B, T, H, N) for i in range(6)]
     assert not views[0].is_contiguous()
-    ref = ref64(xs)
-    assert_all_close(run(triton_fn, views + [xs[6]]), ref, torch.float32)
+    ref = wkv7_fp64_step(xs)
+    assert_wkv7_close(wkv7_step(triton_fn, views + [xs[6]]), ref, torch.float32)
     odd = xs[1].transpose(1, 2).contiguous().transpose(1, 2)  # same values, (B, H, T, N) memory
-    assert_all_close(run(triton_fn, [xs[0], odd, *xs[2:]]), ref, torch.float32)
+    assert_wkv7_close(wkv7_step(triton_fn, [xs[0], odd, *xs[2:]]), ref, torch.float32)
 
 
 def test_chunked_with_state_equals_whole():
@@ -257,17 +207,17 @@ def test_chunked_with_state_equals_whole():
     and every gradient, including through the carried state."""
     use_config(**SPLIT)
     xs = make_inputs(2, 40, 2, 32, seed=15)
-    whole = run(triton_fn, xs)
+    whole = wkv7_step(triton_fn, xs)
     p = [x.detach().clone().requires_grad_() for x in xs]
     cut = 21
     y1, s1 = triton_fn(*(x[:, :cut] for x in p[:6]), p[6])
     y2, s2 = triton_fn(*(x[:, cut:] for x in p[:6]), s1)
     y = torch.cat([y1, y2], 1)
-    g = torch.Generator().manual_seed(1)  # the same gy, gs as run()
+    g = torch.Generator().manual_seed(1)  # the same gy, gs as wkv7_step()
     gy = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y)
     gs = torch.randn(s2.shape, generator=g, dtype=torch.float64).to(s2)
     ((y * gy).sum() + (s2 * gs).sum()).backward()
-    assert_all_close((y, s2, [x.grad for x in p]), whole, torch.float32)
+    assert_wkv7_close((y, s2, [x.grad for x in p]), whole, torch.float32)
 
 
 def test_reset_equals_separate_sequences():
@@ -279,9 +229,9 @@ def test_reset_equals_separate_sequences():
     reset = torch.zeros(B, T, dtype=torch.bool, device=DEV)
     reset[0, [0, 7, 32]] = True  # t = 0, mid-chunk, a chunk boundary
     reset[1, [19, 22]] = True  # two in one chunk
-    ref = ref64(xs, reset=reset)
-    assert_all_close(run(triton_fn, xs, reset=reset), ref, torch.float32)
-    g = torch.Generator().manual_seed(1)  # run()'s gy, gs: the loss is a sum over segments
+    ref = wkv7_fp64_step(xs, reset=reset)
+    assert_wkv7_close(wkv7_step(triton_fn, xs, reset=reset), ref, torch.float32)
+    g = torch.Generator().manual_seed(1)  # wkv7_step()'s gy, gs: the loss is a sum over segments
     gy = torch.randn((B, T, H, N), generator=g, dtype=torch.float64).float().to(DEV)
     gs = torch.randn((B, H, N, N), generator=g, dtype=torch.float64).float().to(DEV)
     for row in range(B):
@@ -296,7 +246,7 @@ def test_reset_equals_separate_sequences():
                 loss = loss + (ns * gs[row : row + 1]).sum()
             loss.backward()
             assert_close(y, ref[0][row : row + 1, t0:t1], torch.float32, name="y")
-            for name, x, rg in zip(NAMES, p, ref[2]):
+            for name, x, rg in zip(WKV7_NAMES, p, ref[2]):
                 assert_grad_close(x.grad, rg[row : row + 1, t0:t1], torch.float32, name=f"grad {name}")
             if st is not None:
                 assert_grad_close(st.grad, ref[2][6][row : row + 1], torch.float32, name="grad state")
@@ -321,7 +271,7 @@ def test_kept_key_side_equals_computed(dtype):
     outs = {}
     for keep_prep in (False, True):
         use_config(**SPLIT, keep_prep=keep_prep)
-        outs[keep_prep] = run(triton_fn, xs, reset=reset)
+        outs[keep_prep] = wkv7_step(triton_fn, xs, reset=reset)
     kept, computed = outs[False], outs[True]
     for got, expected in zip([kept[0], kept[1], *kept[2]], [computed[0], computed[1], *computed[2]]):
         if DEV == "cpu":  # the interpreter: the same arithmetic in either kernel
@@ -356,10 +306,10 @@ def test_deterministic_backward_is_bitwise_repeatable():
     xs = make_inputs(2, 20, 1, 32, seed=23)
     torch.use_deterministic_algorithms(True)
     try:
-        outs = [run(triton_fn, xs) for _ in range(2)]
+        outs = [wkv7_step(triton_fn, xs) for _ in range(2)]
     finally:
         torch.use_deterministic_algorithms(False)
-    assert_all_close(outs[0], ref64(xs), torch.float32)
+    assert_wkv7_close(outs[0], wkv7_fp64_step(xs), torch.float32)
     for a, b in zip(outs[0][2], outs[1][2], strict=True):
         assert torch.equal(a, b)
 
@@ -489,8 +439,8 @@ def test_compiles_as_one_opaque_node():
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     torch._dynamo.reset()
-    eager = run(triton_fn, xs)
-    compiled = run(torch.compile(triton_fn, fullgraph=True, backend=backend), xs)
+    eager = wkv7_step(triton_fn, xs)
+    compiled = wkv7_step(torch.compile(triton_fn, fullgraph=True, backend=backend), xs)
     torch._dynamo.reset()
     for a, b in zip([compiled[0], compiled[1], *compiled[2]], [eager[0], eager[1], *eager[2]], strict=True):
         assert torch.equal(a, b)
@@ -591,7 +541,7 @@ def test_recompute_states_gives_the_same_results_and_keeps_less(with_state):
 
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = run(call, xs, reset=reset)
+            out = wkv7_step(call, xs, reset=reset)
         kept[recompute] = sum(t.numel() * t.element_size() for t in saved)
         return out
 

@@ -1,8 +1,9 @@
 """Plain-PyTorch RWKV-7 WKV: the per-token recurrence, exactly as written in the contract.
 
-This is the reference the Triton kernel is tested against and the path used on CPU. It walks the
-sequence one token at a time (obviously right, slow for long sequences). Arithmetic is fp32, or
-fp64 when the inputs are fp64.
+This is the oracle the Triton kernel and the chunked PyTorch path (`chunked.py`) are tested
+against, and the "torch" backend for sequences shorter than a chunk. It walks the sequence one token
+at a time (obviously right, slow for long sequences). Arithmetic is fp32, or fp64 when the inputs
+are fp64.
 
 Per head, with S the (N, N) state in BlinkDL's [value, key] layout (rows: value index, columns:
 key index):

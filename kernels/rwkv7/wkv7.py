@@ -1,8 +1,9 @@
 """Public entry point of the RWKV-7 WKV operator: validation and backend dispatch.
 
 The Triton backend lives in `triton_wkv7.py`, called through the custom ops of `ops.py` (opaque to
-torch.compile); triton is imported on the first launch, so CPU-only use of the reference never
-imports it.
+torch.compile); triton is imported on the first launch, so CPU-only use never imports it. The
+"torch" backend runs `chunked.py` (16 tokens per step), or the per-token reference for sequences
+shorter than a chunk (a generation step), where padding to a chunk would cost more.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from rwkv_ft.kernels.custom_ops import runs_kernel
 
+from .chunked import CHUNK, wkv7_chunked
 from .ops import wkv7_op
 from .reference import wkv7_reference
 
@@ -74,7 +76,8 @@ def wkv7(
         reset: None or (B, T) bool; where true the state is zeroed before that token (packed
             examples in one row).
         backend: "auto" (Triton on CUDA, and the kernel op's shape-only implementation on meta
-            tensors; the PyTorch reference elsewhere), "triton" or "torch".
+            tensors; plain PyTorch elsewhere), "triton" or "torch" (plain PyTorch, 16 tokens a
+            step with batched matmuls in between: any device, dtype and head size).
         recompute_states: Triton backend, in training: keep nothing for the backward but the
             inputs (and ``state``), and run the forward again in the backward, instead of keeping
             the fp32 state entering every 16-token chunk from forward to backward (1 KB per token
@@ -96,7 +99,8 @@ def wkv7(
         use_triton = (r.is_cuda or r.is_meta) and r.dtype in _KERNEL_DTYPES and r.shape[-1] in _KERNEL_HEAD_SIZES
         backend = "triton" if use_triton else "torch"
     if backend == "torch":
-        return wkv7_reference(*tensors, state, reset)
+        torch_impl = wkv7_chunked if r.shape[1] >= CHUNK else wkv7_reference
+        return torch_impl(*tensors, state, reset)
     if r.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"wkv7: the triton backend takes fp32, bf16 or fp16 inputs, got {r.dtype}")
     if r.shape[-1] not in _KERNEL_HEAD_SIZES:
