@@ -16,7 +16,8 @@ With G_t = w_0 + ... + w_t, Gx_t = G_{t-1}, and u_t = S_{t-1} a_t stacked in U (
     U  = (I - A_ab)^-1 (As S_0^T + A_ak V),   As = a exp(Gx),  Rs = r exp(G)
     Q  = Rs + A_rb Wa,   Yc = A_rb Ua + A_rk V   (Wa = (I - A_ab)^-1 As, Ua = (I - A_ab)^-1 A_ak V)
     M  = diag(exp(G_end)) + Wa^T Bs,   D = Ua^T Bs + V^T Ks,   Bs = b exp(G_end - G), Ks likewise.
-Every chunk's Q, Yc, M, D come at once (batched over chunks); only `S <- S M + D` walks the chunks.
+Every chunk's Q, Yc, M, D come at once (batched over chunks, matmuls only: (I - A_ab)^-1 is a product
+of four factors, as in the kernel); only `S <- S M + D` walks the chunks.
 
 The pair matrices need exp(G_t - G_s) as a product of a row and a column factor. One reference per
 chunk would overflow for fast decays, so they are built in two levels, as in the kernel: the 8-token
@@ -154,6 +155,17 @@ def _pair_mask(seg: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     return m
 
 
+def _inv_unit_lower(A: torch.Tensor) -> torch.Tensor:
+    """(I - A)^-1 for strictly lower (..., L, L) A: (I + A)(I + A^2)(I + A^4)(I + A^8), since
+    A^16 = 0. Matmuls only (a triangular solve is not on every device), batched over all chunks."""
+    M = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device) + A
+    P = A
+    for _ in range(CHUNK.bit_length() - 2):  # L = 16: three more factors
+        P = P @ P
+        M = M + M @ P
+    return M
+
+
 def _chunk_maps(r, w, k, v, a, b, seg):
     """Q, Yc (..., L, N) and M, D (..., N, N) of every chunk (module docstring)."""
     L = CHUNK
@@ -173,9 +185,8 @@ def _chunk_maps(r, w, k, v, a, b, seg):
     P = torch.where(_pair_mask(seg, r.device), _pair_matrices(r, k, a, b, G, Gx), 0.0)
     Arb, Ark = P[..., :L, :L], P[..., :L, L:]
     Aab, Aak = P[..., L:, :L], P[..., L:, L:]
-    eye = torch.eye(L, dtype=r.dtype, device=r.device)
-    WU = torch.linalg.solve_triangular(eye - Aab, torch.cat([As, Aak @ v], -1), upper=False, unitriangular=True)
-    Wa, Ua = WU.split(r.shape[-1], dim=-1)  # (..., L, N) each: U = Wa S_0^T + Ua
+    Minv = _inv_unit_lower(Aab)  # (I - A_ab)^-1
+    Wa, Ua = Minv @ As, Minv @ (Aak @ v)  # (..., L, N) each: U = Wa S_0^T + Ua
     Q = Rs + Arb @ Wa
     Yc = Arb @ Ua + Ark @ v
     M = torch.diag_embed(gamma.squeeze(-2)) + Wa.transpose(-1, -2) @ Bs
