@@ -236,6 +236,19 @@ def wkv7_fp64_step(xs: list, *, reset=None, **kw) -> tuple:
     return wkv7_step(wkv7_reference, [d(x) for x in xs], reset=reset, gy_dtype=xs[0].dtype, **kw)
 
 
+def check_wkv7_fp32_decay_with_bf16_inputs(fn: Callable, xs: list) -> None:
+    """The model passes w in fp32 (the decay loses nothing) and the rest in bf16: y and the gradients
+    come back in their inputs' dtypes (dw fp32), within bf16 tolerance of the fp64 reference. xs:
+    `wkv7_inputs` in bf16; w is widened here."""
+    xs = [*xs[:1], xs[1].float(), *xs[2:]]
+    y, _, grads = wkv7_step(fn, xs)
+    ry, _, rgrads = wkv7_fp64_step(xs)
+    assert y.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[0].dtype == torch.bfloat16
+    assert_close(y, ry, torch.bfloat16, name="y")
+    for name, g, rg in zip(WKV7_NAMES, grads, rgrads, strict=True):
+        assert_grad_close(g, rg, torch.bfloat16, name=f"grad {name}")
+
+
 def assert_wkv7_close(out: tuple, ref: tuple, dtype: torch.dtype, rel: float | None = None) -> None:
     """`wkv7_step` results against the reference's: y in `dtype`, the new state fp32 (fp64 for fp64
     inputs), every gradient in its input's dtype, all within `dtype`'s tolerance."""

@@ -21,6 +21,7 @@ from rwkv_ft.testing import (
     assert_close,
     assert_grad_close,
     assert_wkv7_close,
+    check_wkv7_fp32_decay_with_bf16_inputs,
     relative_error,
     wkv7_fp64_step,
     wkv7_inputs,
@@ -72,16 +73,8 @@ def test_matches_fp64_reference(dtype):
 
 
 def test_fp32_decay_with_bf16_inputs():
-    """The model passes w in fp32 (the decay loses nothing) and the rest in bf16; dw comes back fp32."""
     use_config(**SPLIT)
-    xs = make_inputs(2, 21, 3, 32, torch.bfloat16, seed=12)
-    xs[1] = xs[1].float()
-    y, ns, grads = wkv7_step(triton_fn, xs)
-    ry, rns, rgrads = wkv7_fp64_step(xs)
-    assert y.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[0].dtype == torch.bfloat16
-    assert_close(y, ry, torch.bfloat16, name="y")
-    for name, g, rg in zip(WKV7_NAMES, grads, rgrads, strict=True):
-        assert_grad_close(g, rg, torch.bfloat16, name=f"grad {name}")
+    check_wkv7_fp32_decay_with_bf16_inputs(triton_fn, make_inputs(2, 21, 3, 32, torch.bfloat16, seed=12))
 
 
 @pytest.mark.parametrize("T", [1, 15, 16, 17])

@@ -14,6 +14,7 @@ from rwkv_ft.testing import (
     assert_close,
     assert_grad_close,
     assert_wkv7_close,
+    check_wkv7_fp32_decay_with_bf16_inputs,
     wkv7_fp64_step,
     wkv7_inputs,
     wkv7_step,
@@ -37,15 +38,7 @@ def test_matches_fp64_reference(dtype):
 
 
 def test_fp32_decay_with_bf16_inputs():
-    """The model passes w in fp32 and the rest in bf16: y comes back bf16, dw fp32."""
-    xs = wkv7_inputs(2, 21, 3, 16, torch.bfloat16, seed=12)
-    xs[1] = xs[1].float()
-    y, _, grads = wkv7_step(wkv7_chunked, xs)
-    ry, _, rgrads = wkv7_fp64_step(xs)
-    assert y.dtype == torch.bfloat16 and grads[1].dtype == torch.float32 and grads[0].dtype == torch.bfloat16
-    assert_close(y, ry, torch.bfloat16, name="y")
-    for g, rg in zip(grads, rgrads, strict=True):
-        assert_grad_close(g, rg, torch.bfloat16)
+    check_wkv7_fp32_decay_with_bf16_inputs(wkv7_chunked, wkv7_inputs(2, 21, 3, 16, torch.bfloat16, seed=12))
 
 
 @pytest.mark.parametrize("w", [WKV7_MODEL_W_MIN, math.log1p(-1e-6)], ids=["decay0.545", "decay1-1e-6"])
