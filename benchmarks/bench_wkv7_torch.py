@@ -24,7 +24,7 @@ import torch
 
 import rwkv_ft
 from rwkv_ft.kernels import wkv7_chunked, wkv7_reference
-from rwkv_ft.testing import wkv7_inputs
+from rwkv_ft.testing import autograd_saved_bytes, wkv7_inputs
 
 OP_SHAPES = [(1, 1024, 12, 64), (4, 512, 4, 64), (1, 4096, 4, 32)]
 MODEL_LENGTHS = [256, 1024]
@@ -52,18 +52,6 @@ def median_seconds(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def saved_bytes(fn, xs) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*xs[:6], xs[6])
-    return sum(storages.values())
-
-
 def op_case(shape, device, steps) -> dict:
     xs = [x.requires_grad_() for x in wkv7_inputs(*shape, device=device)]
 
@@ -74,7 +62,7 @@ def op_case(shape, device, steps) -> dict:
     row = {"shape": shape}
     for name, fn in (("reference", wkv7_reference), ("chunked", wkv7_chunked)):
         row[f"{name}_s"] = median_seconds(lambda fn=fn: step(fn), steps)
-        row[f"{name}_saved_mib"] = saved_bytes(fn, xs) / 2**20
+        row[f"{name}_saved_mib"] = autograd_saved_bytes(fn, *xs) / 2**20
     row["speedup"] = row["reference_s"] / row["chunked_s"]
     return row
 

@@ -249,6 +249,19 @@ def check_wkv7_fp32_decay_with_bf16_inputs(fn: Callable, xs: list) -> None:
         assert_grad_close(g, rg, torch.bfloat16, name=f"grad {name}")
 
 
+def autograd_saved_bytes(fn: Callable, *args) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of `fn(*args)`."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(storages.values())
+
+
 def assert_wkv7_close(out: tuple, ref: tuple, dtype: torch.dtype, rel: float | None = None) -> None:
     """`wkv7_step` results against the reference's: y in `dtype`, the new state fp32 (fp64 for fp64
     inputs), every gradient in its input's dtype, all within `dtype`'s tolerance."""

@@ -14,6 +14,7 @@ from rwkv_ft.testing import (
     assert_close,
     assert_grad_close,
     assert_wkv7_close,
+    autograd_saved_bytes,
     check_wkv7_fp32_decay_with_bf16_inputs,
     wkv7_fp64_step,
     wkv7_inputs,
@@ -103,20 +104,8 @@ def test_torch_backend_takes_chunks_from_one_chunk_on():
 def test_keeps_less_for_the_backward_than_the_token_walk():
     """Autograd keeps per-chunk tensors, not the (N, N) state of every token: at the model's head
     size, under 0.7x what the per-token walk keeps."""
-
-    def saved_bytes(fn, xs):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(*(x.requires_grad_() for x in xs[:6]), xs[6])
-        return sum(storages.values())
-
-    xs = wkv7_inputs(1, 256, 2, 64, seed=3)
-    assert saved_bytes(wkv7_chunked, xs) < 0.7 * saved_bytes(wkv7_reference, xs)
+    xs = [x.requires_grad_() for x in wkv7_inputs(1, 256, 2, 64, seed=3)]
+    assert autograd_saved_bytes(wkv7_chunked, *xs) < 0.7 * autograd_saved_bytes(wkv7_reference, *xs)
 
 
 def test_compiles_without_graph_breaks():

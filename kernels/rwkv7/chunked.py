@@ -113,7 +113,8 @@ def _pair_matrices(r, k, a, b, G, Gx):
     # Level 0: each 8-token block against G at its token 3.
     Gb, Gxb = blocks(G), blocks(Gx)
     ref = Gb[..., 3:4, :]
-    fr, fa, fc = (Gb - ref).to(dt).exp(), (Gxb - ref).to(dt).exp(), (ref - Gb).to(dt).exp()
+    x = (Gb - ref).to(dt)  # one rounded exponent for the row and the column factor
+    fr, fa, fc = x.exp(), (Gxb - ref).to(dt).exp(), (-x).exp()
     rows0 = torch.cat([blocks(r) * fr, blocks(a) * fa], dim=-2)  # (..., 2, L, N): [r; a] of each block
     cols0 = torch.cat([blocks(b) * fc, blocks(k) * fc], dim=-2)  # [b; k]
     P0 = rows0 @ cols0.transpose(-1, -2)  # (..., 2, L, L): per block [[rb, rk], [ab, ak]] (8 x 8 each)
