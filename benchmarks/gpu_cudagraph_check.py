@@ -7,9 +7,11 @@ kernels and compares every step's loss and LoRA gradients with the eager model's
 so that only the compiled code's rounding differs). One case reproduces what transformers
 releases before 5.23 do, an eager checkpoint around each compiled block, which CUDA graph trees
 reject at the recompute ("accessing tensor output of CUDAGraphs that has been overwritten").
-Exits 1 if a case other than that one fails.
+Exits 1 if a case other than that one fails. The long-context cases (chunks of 64 of 256 tokens)
+run the chunks the way CUDA graphs need them (`rwkv_ft.models.chunk_replay`).
 
-    source .whl/prelude.sh && python -u benchmarks/gpu_cudagraph_check.py
+    source .whl/prelude.sh && python -u benchmarks/gpu_cudagraph_check.py [--skip-chunks | --only-chunks]
+        [--version=rwkv4|rwkv7]
 """
 
 from __future__ import annotations
@@ -93,13 +95,15 @@ def compare(got, ref) -> float:
     return worst
 
 
-def cases(chunks: bool):
-    for version in CONFIGS:
+def cases(chunks: bool, only_chunks: bool = False, versions=tuple(CONFIGS)):
+    for version in versions:
         for recompute in ("none", "selective", "full"):
-            yield version, recompute, None, False
+            if not only_chunks:
+                yield version, recompute, None, False
             if chunks:
                 yield version, recompute, CHUNK, False
-        yield version, "full", None, True  # the control: expected to fail
+        if not only_chunks:
+            yield version, "full", None, True  # the control: expected to fail
 
 
 def main() -> int:
@@ -108,7 +112,9 @@ def main() -> int:
     batches = [torch.randint(1, 1000, (BATCH, LENGTH), device="cuda", generator=g) for _ in range(STEPS)]
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     failures, references = [], {}
-    for version, recompute, chunk, control in cases(chunks="--skip-chunks" not in sys.argv):
+    only_chunks = "--only-chunks" in sys.argv
+    versions = [a.split("=", 1)[1] for a in sys.argv if a.startswith("--version=")] or list(CONFIGS)
+    for version, recompute, chunk, control in cases("--skip-chunks" not in sys.argv, only_chunks, versions):
         name = f"{version} recompute={recompute} chunk_len={chunk}" + (
             " eager-checkpoint-around-graphs" if control else ""
         )

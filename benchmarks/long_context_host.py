@@ -275,6 +275,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--offload", default="0", help="comma-separated training.chunk_offload shares")
     ap.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode of the blocks: reduce-overhead replays CUDA graphs (the chunks then replay "
+        "instead of checkpointing: rwkv_ft.models.chunk_replay); each step marks a graph generation",
+    )
+    ap.add_argument(
         "--streams",
         action="store_true",
         help="one more profiled step per length, read per CUDA stream (compute-stream gaps, copies)",
@@ -292,7 +298,8 @@ def main() -> None:
             torch.cuda.synchronize()
 
     clock = CollectorClock()
-    model = bare_model(args.shape, args.variant, args.device, {})
+    graphs = args.compile_mode in ("reduce-overhead", "max-autotune")
+    model = bare_model(args.shape, args.variant, args.device, {"mode": args.compile_mode} if args.compile_mode else {})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=args.device == "cuda")
     pause = args.gc in ("pause", "freeze_pause")
     out = {
@@ -300,6 +307,7 @@ def main() -> None:
         "variant": args.variant,
         "gc": args.gc,
         "chunk": args.chunk,
+        "compile_mode": args.compile_mode,
         "cpp_wrapper": os.environ.get("TORCHINDUCTOR_CPP_WRAPPER") == "1",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
         "torch": torch.__version__,
@@ -323,6 +331,8 @@ def main() -> None:
         ids = torch.randint(1, model.config.vocab_size, (1, T), device=args.device)
 
         def step(ids=ids):
+            if graphs:  # a new step, as rwkv_ft.train marks it: the graphs may reuse the last step's memory
+                torch.compiler.cudagraph_mark_step_begin()
             with collector_paused() if pause else contextlib.nullcontext():
                 loss = model(ids, labels=ids).loss
                 loss.backward()
@@ -350,6 +360,7 @@ def main() -> None:
             walls.append(time.perf_counter() - start)
         gc_s, gc_n, gc_each = clock.seconds, clock.count, list(clock.each)  # the timed steps only
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+        reserved = torch.cuda.max_memory_reserved() / 2**30 if args.device == "cuda" else None
         syncs = host_syncs(step, args.device)
         prof = profile_step(step, args.device)
         streams = stream_breakdown(step) if args.streams and args.device == "cuda" else None
@@ -369,6 +380,7 @@ def main() -> None:
             "gc_collections": gc_n,
             "gc_each": gc_each,  # (generation, objects collected, seconds) per collection
             "peak_gib": peak,
+            "peak_reserved_gib": reserved,
             "host_syncs": len(syncs),
             "host_sync_sites": sorted(set(syncs)),
             "gpu_busy_ms": prof["gpu_busy_ms"],
@@ -381,7 +393,8 @@ def main() -> None:
         print(
             f"{args.shape} T={T} offload {setting}: {T / median:,.0f} tok/s; step s {[round(x, 3) for x in walls]} "
             f"(enqueued {[round(x, 3) for x in enqueued]}); gc {gc_s:.3f} s in {gc_n}; host syncs {len(syncs)}; "
-            f"peak {peak or 0:.2f} GiB; GPU busy {busy}, {prof['launches']} launches; warm-up {warm:.1f} s",
+            f"peak {peak or 0:.2f} GiB (reserved {reserved or 0:.2f}); GPU busy {busy}, {prof['launches']} launches; "
+            f"warm-up {warm:.1f} s",
             flush=True,
         )
         path.write_text(json.dumps(out, indent=1))  # after every setting: a call cut short keeps what ran

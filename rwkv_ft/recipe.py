@@ -285,10 +285,10 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
             f"{where}: training.chunk_offload with gradient_checkpointing: selective needs training.compile: true "
             "(uncompiled, selective recompute keeps what it saves on the GPU, out of the offload's reach)"
         )
-    if recipe.training.chunk_len is not None and recipe.training.compile == "reduce-overhead":
+    if offload and recipe.training.compile == "reduce-overhead":
         raise RecipeError(
-            f"{where}: training.chunk_len cannot be combined with training.compile: reduce-overhead (CUDA graphs "
-            "cannot be replayed under the long-context chunks' recompute); use training.compile: true"
+            f"{where}: training.chunk_offload cannot be combined with training.compile: reduce-overhead (a CUDA "
+            "graph's next replay would overwrite the activations being copied out); set one of them off"
         )
     if recipe.model.path is None and recipe.model.config is not None and recipe.model.model_type is None:
         raise RecipeError(f"{where}: model.model_type must name the architecture of the model built from model.config")

@@ -995,6 +995,17 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     zero3 = zero_stage(trainer.accelerator) == 3
     for lm in causal_lms(model):
         lm.recompute_last_chunk = zero3
+    if (
+        recipe.training.chunk_len
+        and recipe.training.compile == "reduce-overhead"
+        and trainer.accelerator.num_processes > 1
+    ):
+        # Under CUDA graphs each chunk's backward is a nested autograd pass (rwkv_ft.models.chunk_replay),
+        # which accumulates every parameter's gradient once per chunk: DDP, FSDP and ZeRO expect once a step.
+        raise RecipeError(
+            "training.chunk_len with training.compile: reduce-overhead runs on one process only; "
+            "use training.compile: true on several"
+        )
     if recipe.training.chunk_offload and how != "none":
         # The offload tells parameters from activations by their storage; FSDP2 and ZeRO-3 gather
         # parameters into fresh memory at every step, which it would copy to the host as well (ZeRO-2

@@ -356,6 +356,18 @@ def test_an_error_on_one_rank_ends_the_run_with_its_message(tmp_path):
     assert proc.stderr.count("Traceback (most recent call last)") == 1, "the launcher's own; none from a worker"
 
 
+def test_long_context_chunks_under_cuda_graphs_are_refused_on_several_processes(tmp_path):
+    """Under CUDA graphs each chunk's backward is a nested autograd pass that accumulates every
+    gradient once per chunk, which DDP's hooks do not expect: the run stops at once, naming why."""
+    proc = launch(
+        CONFIGS / "cpu_ddp.yaml", tmp_path, "training.max_steps=1", "training.chunk_len=16",
+        "training.compile=reduce-overhead",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "training.compile: reduce-overhead runs on one process only" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("Traceback (most recent call last)") == 1, "the launcher's own; none from a worker"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
 def test_compiled_blocks_and_triton_kernels_train_under_zero2(tmp_path):

@@ -28,10 +28,21 @@ def assert_same(chunked, whole):
         assert_close(chunked[1][name], grad, rel=1e-5, name=f"grad {name}")
 
 
-def set_chunk(model, chunk):
-    from rwkv_ft.train import set_chunk_len
+# How the chunks before the last are recomputed: under torch.utils.checkpoint, or replayed by
+# rwkv_ft.models.chunk_replay, as blocks compiled with CUDA graphs need ("graphs": that path's marks
+# and copies, on blocks flagged as graphed but run eagerly: CUDA graph trees need a GPU).
+RECOMPUTE_MODES = ["checkpoint", "replay", "graphs"]
+
+
+def set_chunk(model, chunk, mode="checkpoint"):
+    from rwkv_ft.models.modeling_utils import rwkv_blocks
+    from rwkv_ft.train import causal_lms, set_chunk_len
 
     set_chunk_len(model, chunk)
+    for lm in causal_lms(model):
+        lm.chunk_recompute = "checkpoint" if mode == "checkpoint" else "replay"
+    for block in rwkv_blocks(model):
+        block.cudagraphs = mode == "graphs"
 
 
 @pytest.fixture(params=sorted(MODEL_FACTORIES))
@@ -39,34 +50,74 @@ def model(request):
     return MODEL_FACTORIES[request.param]().train()
 
 
+@pytest.mark.parametrize("mode", RECOMPUTE_MODES)
 @pytest.mark.parametrize("chunk", [64, 7])
-def test_chunked_loss_and_gradients_equal_the_whole_sequence(model, chunk):
+def test_chunked_loss_and_gradients_equal_the_whole_sequence(model, chunk, mode):
     ids = random_ids(1, T, model.config.vocab_size, seed=1)
     labels = ids.clone()
     labels[:, :100] = -100  # a prompt, as in instruction data
     whole = loss_and_grads(model, ids, labels)
-    set_chunk(model, chunk)
+    set_chunk(model, chunk, mode)
     assert_same(loss_and_grads(model, ids, labels), whole)
 
 
-def test_chunks_refuse_blocks_compiled_with_cuda_graphs(model):
-    """CUDA graph trees cannot replay blocks under the chunks' recompute (measured on an H200:
-    "graph recording observed an input tensor deallocate", then invalid device pointers): a clear
-    error before any block runs, instead."""
-    model.compile_blocks(mode="reduce-overhead")  # lazy: nothing compiles until a block is called
-    set_chunk(model, 64)
+def test_under_cuda_graphs_every_chunk_is_a_generation_and_nothing_outlives_it_in_graph_memory(model, monkeypatch):
+    """With graphed blocks, a chunk's forward and its replay each begin a CUDA-graph generation
+    (a replay reuses the previous generation's output memory), and the gradients get ordinary
+    buffers before the first backward, so that autograd adds into them rather than adopting a
+    graph's output."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    set_chunk(model, 64, "graphs")
     ids = random_ids(1, 200, model.config.vocab_size, seed=2)
-    with pytest.raises(ValueError, match="cannot run blocks compiled with CUDA graphs"):
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids).loss
+    assert len(marks) == 4  # ceil(200 / 64) chunk forwards
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    buffers = {n: p.grad for n, p in model.named_parameters()}
+    loss.backward()
+    assert len(marks) == 4 + 3  # and the replay of each chunk but the last
+    assert all(p.grad is buffers[n] for n, p in model.named_parameters())  # added in place
+    assert any(p.grad.any() for p in model.parameters())
+
+
+def test_replayed_chunks_draw_the_same_dropout_masks(model):
+    """A replayed chunk runs under the RNG state of its first run, as torch.utils.checkpoint's
+    recompute does: with LoRA dropout, the chunked gradient is still the whole-sequence one."""
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_dropout=0.3, init_lora_weights=False))
+    ids = random_ids(1, 300, model.config.vocab_size, seed=6)
+    torch.manual_seed(0)
+    set_chunk(peft_model, 64, "checkpoint")
+    checkpointed = loss_and_grads(peft_model, ids)
+    torch.manual_seed(0)
+    set_chunk(peft_model, 64, "replay")
+    assert_same(loss_and_grads(peft_model, ids), checkpointed)
+
+
+def test_chunks_with_cuda_graphs_refuse_the_offload(model):
+    set_chunk(model, 64, "graphs")
+    model.train_chunk_offload = 0.5
+    ids = random_ids(1, 200, model.config.vocab_size, seed=2)
+    with pytest.raises(ValueError, match="chunk_offload cannot be combined with blocks compiled with CUDA graphs"):
         model(ids, labels=ids)
 
 
-@pytest.mark.parametrize("recompute_last", [False, True])
-def test_each_chunk_but_the_last_is_recomputed_once(model, recompute_last):
+@pytest.mark.parametrize("mode", RECOMPUTE_MODES)
+def test_chunked_evaluation_gives_the_whole_sequence_loss(model, mode):
+    ids = random_ids(1, 200, model.config.vocab_size, seed=7)
+    with torch.no_grad():
+        whole = model(ids, labels=ids).loss
+        set_chunk(model, 64, mode)
+        assert_close(model(ids, labels=ids).loss, whole, rel=1e-5, name="loss")
+
+
+@pytest.mark.parametrize(("recompute_last", "mode"), [(False, "checkpoint"), (True, "checkpoint"), (False, "replay")])
+def test_each_chunk_but_the_last_is_recomputed_once(model, recompute_last, mode):
     """Memory stays that of one chunk, and the last chunk (whose backward runs first) is not re-run,
     except where rwkv_ft.train asks for it (DeepSpeed ZeRO-3)."""
     calls = []
     model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
-    set_chunk(model, 64)
+    set_chunk(model, 64, mode)
     model.recompute_last_chunk = recompute_last
     ids = random_ids(1, T, model.config.vocab_size, seed=5)
     loss = model(ids, labels=ids).loss
@@ -92,7 +143,8 @@ def test_token_ids_are_checked_once_per_chunked_forward(model, monkeypatch):
         model(ids, labels=ids)
 
 
-def test_with_lora_and_state_tuning(model):
+@pytest.mark.parametrize("mode", RECOMPUTE_MODES)
+def test_with_lora_and_state_tuning(model, mode):
     from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
 
     peft_model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False))
@@ -102,31 +154,33 @@ def test_with_lora_and_state_tuning(model):
             p.normal_(0, 0.5)
     ids = random_ids(1, T, model.config.vocab_size, seed=2)
     whole = loss_and_grads(peft_model, ids)
-    set_chunk(peft_model, 64)
+    set_chunk(peft_model, 64, mode)
     chunked = loss_and_grads(peft_model, ids)
     assert any("initial_state" in n for n in whole[1]) and any("lora_A" in n for n in whole[1])
     assert_same(chunked, whole)
 
 
-def test_right_padding_and_grad_accumulation_weighting(model):
+@pytest.mark.parametrize("mode", RECOMPUTE_MODES)
+def test_right_padding_and_grad_accumulation_weighting(model, mode):
     ids = random_ids(2, 200, model.config.vocab_size, seed=3)
     mask = torch.ones_like(ids)
     mask[1, 130:] = 0
     labels = ids.masked_fill(mask == 0, -100)
     whole = loss_and_grads(model, ids, labels, attention_mask=mask, num_items_in_batch=torch.tensor(500))
-    set_chunk(model, 32)
+    set_chunk(model, 32, mode)
     chunked = loss_and_grads(model, ids, labels, attention_mask=mask, num_items_in_batch=torch.tensor(500))
     assert_same(chunked, whole)
 
 
-def test_packed_rows_with_a_start_on_a_chunk_boundary(model):
+@pytest.mark.parametrize("mode", RECOMPUTE_MODES)
+def test_packed_rows_with_a_start_on_a_chunk_boundary(model, mode):
     lengths = [40, 24, 50, 14]  # starts at 0, 40, 64 (a chunk boundary), 114
     ids = random_ids(1, sum(lengths), 97, seed=4)
     positions = torch.cat([torch.arange(n) for n in lengths])[None]
     labels = ids.clone()
     labels[0, torch.tensor([0, 40, 64, 114])] = -100
     whole = loss_and_grads(model, ids, labels, position_ids=positions)
-    set_chunk(model, 32)
+    set_chunk(model, 32, mode)
     assert_same(loss_and_grads(model, ids, labels, position_ids=positions), whole)
 
 
@@ -206,6 +260,9 @@ def test_document_data_trains_in_chunks_through_the_recipe(tmp_path):
             "tokenizer=world",
             f"data.path={root / 'data' / 'document_sample.jsonl'}",
             "training.chunk_len=64",
+            # the recipe's compiled, CUDA-graphed blocks are a GPU matter (compiling takes minutes here)
+            "training.compile=false",
+            "training.gradient_checkpointing=false",
             "training.chunk_offload=0.5",  # on a CPU too: half the chunks keep their activations
             "training.max_steps=2",
             "training.precision=fp32",
@@ -493,8 +550,12 @@ def test_offload_refuses_uncompiled_selective_recompute(model):
         (["training.chunk_offload=.nan"], "training.chunk_offload must be between 0 and 1"),
         (["training.chunk_len=null", "training.chunk_offload=0.5"], "training.chunk_offload needs training.chunk_len"),
         (
-            ["training.chunk_offload=0.5", "training.gradient_checkpointing=selective"],
+            ["training.chunk_offload=0.5", "training.gradient_checkpointing=selective", "training.compile=false"],
             "with gradient_checkpointing: selective needs training.compile: true",
+        ),
+        (
+            ["training.chunk_offload=0.5", "training.compile=reduce-overhead"],
+            "chunk_offload cannot be combined with training.compile: reduce-overhead",
         ),
     ],
 )

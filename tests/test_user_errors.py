@@ -241,12 +241,12 @@ def test_recipe_values_out_of_range_are_named(tmp_path, capsys):
     assert rc == 2 and "training.batch_size must be >= 1" in err
 
 
-def test_long_context_chunks_with_cuda_graphs_are_refused(tmp_path, capsys):
+def test_offloaded_long_context_chunks_with_cuda_graphs_are_refused(tmp_path, capsys):
     rc, _, err = run_cli(
-        capsys, "train", QUICKSTART, "training.chunk_len=64", "training.compile=reduce-overhead",
-        f"training.output_dir={tmp_path}",
+        capsys, "train", QUICKSTART, "training.chunk_len=64", "training.chunk_offload=0.5",
+        "training.compile=reduce-overhead", f"training.output_dir={tmp_path}",
     )  # fmt: skip
-    assert rc == 2 and "training.chunk_len cannot be combined with training.compile: reduce-overhead" in err
+    assert rc == 2 and "training.chunk_offload cannot be combined with training.compile: reduce-overhead" in err
     assert not any(tmp_path.iterdir())  # refused before any work
 
 

@@ -711,6 +711,11 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
     # Share (0..1) of the chunks before the last whose activations wait in host memory instead of
     # being recomputed in the backward (`rwkv_ft.models.offload`; set from training.chunk_offload).
     train_chunk_offload: float = 0.0
+    # How a chunk before the last is recomputed in the backward: "checkpoint" (torch.utils.checkpoint,
+    # non-reentrant) or "replay" (`rwkv_ft.models.chunk_replay`: run without autograd, then again with
+    # it in the backward). Blocks compiled with CUDA graphs always replay: graph trees cannot run
+    # under the checkpoint's recompute.
+    chunk_recompute: str = "checkpoint"
     _chunk_report: tuple[torch.Tensor, list[tuple[int, int]], int] | None = None
     # In training, the head's logits and their cross-entropy are computed this many rows at a time
     # (`rwkv_ft.models.loss`): the B x T x V fp32 logits are never held; the forward returns
@@ -837,21 +842,22 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         activations (unless `recompute_last_chunk`): its backward comes first, so it needs no
         recompute. With `train_chunk_offload`, a share of the chunks skip the checkpoint and keep
         their activations in host memory instead (`rwkv_ft.models.offload`): the same gradient
-        without their recompute. Peak activation memory is that of one chunk. The loss is
-        token-weighted over all chunks (or divided by `num_items_in_batch`, as the Trainer passes
-        under gradient accumulation); a non-finite chunk loss raises naming the chunk, or is
-        reported by `nonfinite_chunk()` (`raise_on_nonfinite_chunk`). Right padding
+        without their recompute. Blocks compiled with CUDA graphs (or `chunk_recompute="replay"`)
+        replace the checkpoint by a chunk run without autograd and replayed with it in the backward
+        (`rwkv_ft.models.chunk_replay`), each run a CUDA-graph generation of its own. Peak activation
+        memory is that of one chunk. The loss is token-weighted over all chunks (or divided by
+        `num_items_in_batch`, as the Trainer passes under gradient accumulation); a non-finite chunk
+        loss raises naming the chunk, or is reported by `nonfinite_chunk()`
+        (`raise_on_nonfinite_chunk`). Right padding
         (the collator's) is dropped: it only follows a row's real tokens, so it can change nothing
         they see; packed rows keep their resets, column 0 of a chunk included.
         """
         from torch.utils.checkpoint import checkpoint
 
-        if any(block.cudagraphs for block in self.rwkv.blocks):
-            raise ValueError(
-                "long-context chunks (train_chunk_len) cannot run blocks compiled with CUDA graphs "
-                "(compile_blocks(mode='reduce-overhead')): CUDA graph trees cannot replay them under the "
-                "chunks' recompute (pytorch/pytorch#154306); compile the blocks without mode"
-            )
+        from rwkv_ft.models.chunk_replay import allocate_grads, replayed_chunk
+
+        graphs = any(block.cudagraphs for block in self.rwkv.blocks)
+        replay = graphs or self.chunk_recompute == "replay"
         source = input_ids if input_ids is not None else inputs_embeds
         B, T = source.shape[:2]
         if attention_mask is not None:
@@ -880,6 +886,14 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         total = source.new_zeros((), dtype=torch.float32)
         finite, bounds = [], []
         offload, offloaded = self._chunk_offload_plan(source.device, -(-T // chunk_len))
+        if offload is not None and replay:
+            raise ValueError(
+                "training.chunk_offload cannot be combined with blocks compiled with CUDA graphs "
+                "(training.compile: reduce-overhead): a graph's next replay would overwrite the activations "
+                "while they are copied out; set training.chunk_offload=0 or training.compile: true"
+            )
+        if replay and torch.is_grad_enabled():
+            allocate_grads(self.parameters())
         try:
             for index, begin in enumerate(range(0, T, chunk_len)):
                 end = min(begin + chunk_len, T)
@@ -893,9 +907,13 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
                 if offloaded[index] and offload.start_chunk():
                     with offload.saving():
                         loss_sum, state = run_chunk(*piece, state)
+                elif (end < T or self.recompute_last_chunk) and replay:
+                    loss_sum, state = replayed_chunk(run_chunk, graphs, *piece, state)
                 elif end < T or self.recompute_last_chunk:
                     loss_sum, state = checkpoint(run_chunk, *piece, state, use_reentrant=False)
                 else:
+                    if graphs:  # a CUDA-graph generation of its own, as every replayed chunk
+                        torch.compiler.cudagraph_mark_step_begin()
                     loss_sum, state = run_chunk(*piece, state)
                 # Every chunk runs even after a non-finite one: under FSDP or ZeRO-3 each block call is a
                 # collective, so every rank must make the same calls. The flags stay on the device (no sync).
