@@ -94,6 +94,20 @@ def test_replayed_chunks_draw_the_same_dropout_masks(model):
     assert_same(loss_and_grads(peft_model, ids), checkpointed)
 
 
+def test_replayed_chunks_run_under_the_autocast_of_their_first_run(model):
+    """The backward runs outside the forward's autocast context; the replay restores it, as
+    torch.utils.checkpoint does, so the recomputed chunk is the one whose output was used."""
+    seen = []
+    record = lambda *args: seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))  # noqa: E731
+    model.rwkv.ln_out.register_forward_hook(record)
+    set_chunk(model, 64, "replay")
+    ids = random_ids(1, 200, model.config.vocab_size, seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert seen == [(True, torch.bfloat16)] * (4 + 3)  # 4 chunks, then the replays of the 3 before the last
+
+
 def test_chunks_with_cuda_graphs_refuse_the_offload(model):
     set_chunk(model, 64, "graphs")
     model.train_chunk_offload = 0.5

@@ -140,6 +140,9 @@ class Rwkv7TimeMix(nn.Module):
         if mask is not None:  # a pad leaves the state exactly as it was: decay 1, no update
             pad = ~mask.unsqueeze(-1)
             decay, k, b = decay.masked_fill(pad, 0.0), k.masked_fill(pad, 0.0), b.masked_fill(pad, 0.0)
+        # Under autocast the projections come out in its dtype, and their products with fp32
+        # parameters are promoted back to fp32: the kernel takes one dtype (the decay may stay fp32).
+        k, v, kk, b = (t.to(r.dtype) for t in (k, v, kk, b))
         heads = lambda t: t.view(B, T, H, N)  # noqa: E731
         y, new_wkv_state = wkv7(
             heads(r), heads(decay), heads(k), heads(v), heads(-kk), heads(b), wkv_state,
