@@ -336,6 +336,37 @@ def test_speed_switches_reach_the_model(tmp_path):
         assert needs_autocast(recipe) and training_arguments(recipe, tmp_path, False).bf16
 
 
+@pytest.mark.parametrize("adapter", ["none", "lora", "state"])
+@pytest.mark.parametrize("version", ["rwkv4", "rwkv7"])
+def test_fp32_weights_train_and_generate_under_bf16_autocast(version, adapter):
+    """`training.precision: bf16` over fp32 weights runs under autocast (needs_autocast): the
+    projections come out in bf16 while their products with fp32 parameters are promoted to fp32.
+    RWKV-7 raised "k dtype torch.float32 != r dtype torch.bfloat16" there, in training and in
+    generation; now each model's loss is within bf16 rounding of its fp32 loss."""
+    from peft import LoraConfig, get_peft_model
+
+    from rwkv_ft.adapters import StateTuningConfig, add_state_tuning
+    from rwkv_ft.adapters.fast_lora import enable_fast_lora
+    from rwkv_ft.testing import MODEL_FACTORIES, random_ids
+
+    model = MODEL_FACTORIES[version]().train()
+    if adapter == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, init_lora_weights=False))
+        enable_fast_lora(model)  # the recipes' LoRA path
+    elif adapter == "state":
+        add_state_tuning(model, StateTuningConfig(train_token_shift=True))
+    ids = random_ids(2, 40, 97, seed=12)
+    reference = model(ids, labels=ids).loss.detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        generated = model.eval().generate(ids[:, :8], max_new_tokens=3, do_sample=False)
+    assert_close(loss.float(), reference, dtype=torch.bfloat16, rel=2e-2, name="bf16-autocast loss")
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trained)
+    assert generated.shape == (2, 11)
+
+
 @pytest.mark.slow
 def test_compiled_run_with_selective_recompute_matches_eager(tmp_path):
     """training.compile=true with selective recompute and the Triton WKV op (interpreter here) trains
