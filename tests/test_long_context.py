@@ -81,6 +81,27 @@ def test_under_cuda_graphs_every_chunk_is_a_generation_and_nothing_outlives_it_i
     assert any(p.grad.any() for p in model.parameters())
 
 
+def test_under_cuda_graphs_the_last_chunk_takes_one_of_few_lengths(model):
+    """A new length under CUDA graphs is a graph of its own, recorded only once it recurs: a long
+    sample's last chunk is right-padded (ignored targets) to a multiple of 512 tokens, at most a
+    full chunk, so the gradient is the same and few lengths ever run."""
+    from rwkv_ft.models.modeling_utils import graphed_length
+
+    assert [graphed_length(t, 4096) for t in (4097, 4608, 4609, 8191, 8192, 65_536, 70_000)] == [
+        4608, 4608, 5120, 8192, 8192, 65_536, 70_144,
+    ]  # fmt: skip
+    assert graphed_length(130, 64) == 192 and graphed_length(128, 64) == 128  # short chunks: whole ones
+    ids = random_ids(1, 150, model.config.vocab_size, seed=9)
+    whole = loss_and_grads(model, ids)
+    lengths = []
+    model.get_decoder().register_forward_hook(
+        lambda module, args, kwargs, out: lengths.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    set_chunk(model, 64, "graphs")
+    assert_same(loss_and_grads(model, ids), whole)
+    assert set(lengths) == {64}  # 64, 64, and 22 padded to 64; then the replays
+
+
 def test_replayed_chunks_draw_the_same_dropout_masks(model):
     """A replayed chunk runs under the RNG state of its first run, as torch.utils.checkpoint's
     recompute does: with LoRA dropout, the chunked gradient is still the whole-sequence one."""
@@ -229,13 +250,18 @@ def test_nf4_base(version, tmp_path):
     assert_same(loss_and_grads(model, ids), whole)
 
 
-def test_a_non_finite_chunk_is_named(model):
-    """The model on its own raises naming the chunk (its default)."""
-    model.train_chunk_len = 50
+@pytest.mark.parametrize("mode", ["checkpoint", "graphs"])
+def test_a_non_finite_chunk_is_named(model, mode):
+    """The model on its own raises naming the chunk (its default), in the sample's own tokens (under
+    CUDA graphs its last chunk is padded)."""
+    set_chunk(model, 50, mode)
+    model.raise_on_nonfinite_chunk = True
+    labels = random_ids(1, 120, model.config.vocab_size)
+    labels[:, :110] = -100  # only the last chunk scores anything
     with torch.no_grad():
         model.get_decoder().blocks[0].ln1.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"chunk 0 \(tokens 0\.\.49 of 120\)"):
-        model(random_ids(1, 120, model.config.vocab_size), labels=random_ids(1, 120, model.config.vocab_size))
+    with pytest.raises(FloatingPointError, match=r"chunk 2 \(tokens 100\.\.119 of 120\)"):
+        model(random_ids(1, 120, model.config.vocab_size), labels=labels)
 
 
 def test_training_reports_a_non_finite_chunk_instead_of_raising(model):

@@ -872,6 +872,12 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
             # Checked once here: the base model's own check would wait on the device (a host sync)
             # at every chunk, and again at every chunk's recompute in the backward.
             check_token_ids(input_ids, self.rwkv.emb.num_embeddings)
+        real_T = T
+        if graphs:  # few last-chunk lengths, each recorded once (a pad is right padding: it changes nothing)
+            T = graphed_length(T, chunk_len)
+            source, targets, starts = (
+                pad_time(x, T, fill) for x, fill in ((source, 0), (targets, -100), (starts, False))
+            )
 
         def run_chunk(piece, piece_targets, piece_reset, incoming):
             out = self.rwkv(
@@ -918,7 +924,7 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
                 # Every chunk runs even after a non-finite one: under FSDP or ZeRO-3 each block call is a
                 # collective, so every rank must make the same calls. The flags stay on the device (no sync).
                 finite.append(torch.isfinite(loss_sum.detach()))
-                bounds.append((begin, end))
+                bounds.append((begin, min(end, real_T)))
                 total = total + loss_sum
         finally:
             self.rwkv.block_output_hook = None
@@ -928,7 +934,7 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
                 from rwkv_ft.models.offload import warn_host_memory_short
 
                 warn_host_memory_short()
-        self._chunk_report = (torch.stack(finite), bounds, T)
+        self._chunk_report = (torch.stack(finite), bounds, real_T)
         if self.raise_on_nonfinite_chunk:
             bad = self.nonfinite_chunk()
             if bad is not None:
@@ -971,6 +977,26 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         index = int(bad[0])
         begin, end = bounds[index]
         return index, begin, end - 1, T
+
+
+# Under CUDA graphs a new sequence length is a new graph, recorded only once that length recurs
+# (until then the chunk runs without graphs), and torch warns past 8 of them. So a long sample's last
+# chunk is padded to a multiple of this many tokens: at most chunk_len / 512 lengths.
+GRAPHED_CHUNK_STEP = 512
+
+
+def graphed_length(T: int, chunk_len: int, step: int = GRAPHED_CHUNK_STEP) -> int:
+    """T with its last chunk of `chunk_len` tokens rounded up to a multiple of `step` (at most a full chunk)."""
+    last = T - (T - 1) // chunk_len * chunk_len
+    return T - last + min(chunk_len, -(-last // step) * step)
+
+
+def pad_time(x: torch.Tensor | None, T: int, fill) -> torch.Tensor | None:
+    """x (B, t, ...) right-padded with `fill` to T steps (dimension 1)."""
+    if x is None or x.shape[1] == T:
+        return x
+    pad = x.new_full((x.shape[0], T - x.shape[1], *x.shape[2:]), fill)
+    return torch.cat([x, pad], dim=1)
 
 
 def describe_chunk(chunk: tuple[int, int, int, int]) -> str:
