@@ -18,8 +18,10 @@ get device buffers before the first backward (`allocate_grads`) so that autograd
 instead of adopting a graph's output as the gradient.
 
 The dropout masks of the replay are those of the first run (the RNG state is restored, as
-torch.utils.checkpoint does), and so is autocast. Not for DDP, FSDP or ZeRO: their gradient hooks
-expect one accumulation per parameter and step, and the nested backward makes one per chunk.
+torch.utils.checkpoint does), and so is autocast. As with the reentrant checkpoint, the parameters'
+gradients land in `.grad` (`loss.backward()`), not in what `torch.autograd.grad` returns. Not for
+DDP, FSDP or ZeRO: their gradient hooks expect one accumulation per parameter and step, and the
+nested backward makes one per chunk.
 """
 
 from __future__ import annotations
