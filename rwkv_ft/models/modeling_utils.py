@@ -848,9 +848,10 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         memory is that of one chunk. The loss is token-weighted over all chunks (or divided by
         `num_items_in_batch`, as the Trainer passes under gradient accumulation); a non-finite chunk
         loss raises naming the chunk, or is reported by `nonfinite_chunk()`
-        (`raise_on_nonfinite_chunk`). Right padding
-        (the collator's) is dropped: it only follows a row's real tokens, so it can change nothing
-        they see; packed rows keep their resets, column 0 of a chunk included.
+        (`raise_on_nonfinite_chunk`). Right padding (the collator's, and under CUDA graphs the last
+        chunk's, `graphed_length`) runs as ordinary tokens with ignored targets: it only follows a
+        row's real tokens, so it can change nothing they see; packed rows keep their resets, column 0
+        of a chunk included.
         """
         from torch.utils.checkpoint import checkpoint
 
