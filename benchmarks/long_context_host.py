@@ -2,7 +2,7 @@
 
     source .whl/prelude.sh && python -u benchmarks/long_context_host.py rwkv4-1.6b TAG \
         [--lengths 4096,16384,65536,131072] [--gc on|freeze|pause|freeze_pause] [--steps 3] \
-        [--offload 0,0.25,0.5] [--check 16384] [--streams]
+        [--offload 0,0.25,0.5] [--check 16384] [--streams] [--compile-mode reduce-overhead]
     python benchmarks/long_context_host.py tiny4 cpu --device cpu --variant eager --lengths 24,64 --chunk 16
 
 One model per process (a process that built other models first walks their objects in every full
@@ -22,6 +22,9 @@ share of the chunks keeps its activations in pinned host memory instead of recom
 with a share other than 0 is keyed "T_offloadSHARE" and records the pinned host memory it used.
 "SHARE@GIB" runs that share with the prefetch window (`offload.PREFETCH_BYTES`, what the backward may
 hold copied back ahead of use) set to GIB GiB, keyed "T_offloadSHARE@GIB".
+--compile-mode reduce-overhead: the blocks replay CUDA graphs, and the chunks are replayed instead of
+checkpointed (rwkv_ft.models.chunk_replay); the peak to read is then the reserved one (the graphs'
+memory is not in the allocated figure).
 --check T: before timing, one step at T per share against share 0: loss, gradients, peak memory.
 --streams: one more profiled step per length, read per CUDA stream, with the compute stream's gaps
 put down to a late host or a waiting stream (`stream_breakdown`, `gap_causes`). Exporting and reading
