@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import bare_model, busy_ms, profile_step  # noqa: E402
 
 from rwkv_ft.models import offload as offload_module  # noqa: E402
+from rwkv_ft.models.modeling_utils import CUDAGRAPH_COMPILE_MODES  # noqa: E402
 from rwkv_ft.models.offload import host_memory_pool  # noqa: E402
 from rwkv_ft.train import collector_paused, set_chunk_len  # noqa: E402
 
@@ -301,7 +302,7 @@ def main() -> None:
             torch.cuda.synchronize()
 
     clock = CollectorClock()
-    graphs = args.compile_mode in ("reduce-overhead", "max-autotune")
+    graphs = args.compile_mode in CUDAGRAPH_COMPILE_MODES
     model = bare_model(args.shape, args.variant, args.device, {"mode": args.compile_mode} if args.compile_mode else {})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=args.device == "cuda")
     pause = args.gc in ("pause", "freeze_pause")

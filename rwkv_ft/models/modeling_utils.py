@@ -892,13 +892,7 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
 
         total = source.new_zeros((), dtype=torch.float32)
         finite, bounds = [], []
-        offload, offloaded = self._chunk_offload_plan(source.device, -(-T // chunk_len))
-        if offload is not None and replay:
-            raise ValueError(
-                "training.chunk_offload cannot be combined with blocks compiled with CUDA graphs "
-                "(training.compile: reduce-overhead): a graph's next replay would overwrite the activations "
-                "while they are copied out; set training.chunk_offload=0 or training.compile: true"
-            )
+        offload, offloaded = self._chunk_offload_plan(source.device, -(-T // chunk_len), replay)
         if replay and torch.is_grad_enabled():
             allocate_grads(self.parameters())
         try:
@@ -944,7 +938,9 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
             num_items_in_batch = (targets != -100).sum().clamp_min(1)
         return total / num_items_in_batch
 
-    def _chunk_offload_plan(self, device: torch.device, n_chunks: int) -> tuple[ChunkOffload | None, list[bool]]:
+    def _chunk_offload_plan(
+        self, device: torch.device, n_chunks: int, replay: bool
+    ) -> tuple[ChunkOffload | None, list[bool]]:
         """The offload of this chunked forward (None: every chunk but the last is recomputed) and
         which chunks it takes (`train_chunk_offload`)."""
         from rwkv_ft.models.offload import ChunkOffload, offloaded_chunks
@@ -952,6 +948,12 @@ class RwkvForCausalLMBase(RwkvGenerationMixin):
         offloaded = offloaded_chunks(n_chunks, self.train_chunk_offload)
         if not (any(offloaded) and torch.is_grad_enabled()):
             return None, [False] * n_chunks
+        if replay:  # checked before the block hook is set: an error here leaves the model as it was
+            raise ValueError(
+                "training.chunk_offload cannot be combined with blocks compiled with CUDA graphs "
+                "(training.compile: reduce-overhead): a graph's next replay would overwrite the activations "
+                "while they are copied out; set training.chunk_offload=0 or training.compile: true"
+            )
         eager_selective = [
             block for block in self.rwkv.blocks if block.selective_recompute and not is_compiled_module(block)
         ]
