@@ -502,6 +502,20 @@ def compile_options(setting: bool | str) -> dict[str, Any]:
     return {"mode": setting} if isinstance(setting, str) else {}
 
 
+# Under CUDA graphs (`training.compile: reduce-overhead`) each batch width is a graph recorded, and
+# memory held, of its own; torch records one only once its width recurs, and warns past 8. Batches are
+# right-padded (ignored labels) to a multiple of this: at most max_length / 128 widths.
+GRAPHED_WIDTH_STEP = 128
+
+
+def data_collator(recipe: Recipe, tokenizer):
+    """The collator of a run: right padding, and under CUDA graphs widths in steps of `GRAPHED_WIDTH_STEP`."""
+    from rwkv_ft.data import SFTDataCollator
+
+    step = GRAPHED_WIDTH_STEP if recipe.training.compile == "reduce-overhead" else None
+    return SFTDataCollator.from_tokenizer(tokenizer, pad_to_multiple_of=step)
+
+
 def _make_trainer_class():
     """RwkvTrainer, built on first use so that importing this module does not import transformers."""
     import warnings
@@ -931,7 +945,7 @@ def run(recipe: Recipe, *, resume: bool = False, callbacks: list | None = None) 
 def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) -> dict[str, Any]:
     import torch
 
-    from rwkv_ft.data import SFTDataCollator, check_data_source, prepare_sft_data
+    from rwkv_ft.data import check_data_source, prepare_sft_data
     from rwkv_ft.io import read_json_object
 
     previous = read_json_object(output_dir / SUMMARY_FILE) or {}
@@ -985,7 +999,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         args=training_arguments(recipe, output_dir, has_eval),
         train_dataset=data.train,
         eval_dataset=data.eval if has_eval else None,
-        data_collator=SFTDataCollator.from_tokenizer(tokenizer),
+        data_collator=data_collator(recipe, tokenizer),
         processing_class=tokenizer,
         callbacks=[*_callbacks(output_dir), *(callbacks or [])],
     )

@@ -8,11 +8,12 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates the kernels (see conftest.py)
 
 import pytest
+import rwkv_ft.kernels.cross_entropy.triton_cross_entropy as tce
 import rwkv_ft.kernels.rwkv4.triton_wkv4 as tw4
 import rwkv_ft.kernels.rwkv7.triton_wkv7 as tw7
 import torch
 
-from rwkv_ft.kernels import wkv4, wkv7
+from rwkv_ft.kernels import cross_entropy_rows, wkv4, wkv7
 from rwkv_ft.kernels.launch_options import FIXED_LAUNCH_OPTIONS, register_cap
 
 pytestmark = pytest.mark.skipif(
@@ -82,3 +83,12 @@ def test_wkv4_launches_pin_options(monkeypatch):
     assert [name for name, _ in seen] == ["_fwd_fused", "_bwd_fused"]
     for name, options in seen:
         assert options.items() >= FIXED_LAUNCH_OPTIONS.items(), name
+
+
+def test_cross_entropy_launch_pins_options(monkeypatch):
+    seen = spy_on(monkeypatch, tce, ["_rows_kernel"])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 40, generator=g).to(DEV)
+    cross_entropy_rows(logits, torch.arange(5).to(DEV), with_grad=True, backend="triton")
+    assert [name for name, _ in seen] == ["_rows_kernel"]
+    assert seen[0][1].items() >= FIXED_LAUNCH_OPTIONS.items()

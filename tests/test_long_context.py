@@ -609,7 +609,7 @@ def test_recipe_checks_chunk_offload(overrides, message):
         load_recipe(recipe, overrides)
 
 
-@pytest.mark.parametrize("limit", [0, 40_000, 1 << 40])
+@pytest.mark.parametrize("limit", [0, 50_000, 1 << 40])  # 50,000: above each chunk's last (smallest) group
 def test_the_backward_prefetches_the_last_saved_first_within_the_limit(model, monkeypatch, limit):
     """The prefetch as on a GPU (a CPU run never prefetches), with a window of `limit` bytes copied
     back ahead of their use: the blocks' hooks start it before any offloaded tensor is needed, the

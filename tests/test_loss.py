@@ -1,13 +1,17 @@
 """The chunked head + cross-entropy equals the plain one: loss and the gradients of the hidden
-states and of the head, with ignored labels, under gradient-accumulation weighting, in the model."""
+states and of the head, with ignored labels, under gradient-accumulation weighting, in the model;
+the logits are computed once (the gradient with the loss), never again in the backward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import rwkv_ft.models.loss as loss_module
 from rwkv_ft.models.loss import chunked_causal_lm_loss
 from rwkv_ft.testing import MODEL_FACTORIES, assert_close, random_ids
+
+BACKENDS = ["triton", "torch"]  # the kernel runs under TRITON_INTERPRET=1 (conftest.py)
 
 
 def plain(hidden, weight, labels, num_items=None):
@@ -18,22 +22,70 @@ def plain(hidden, weight, labels, num_items=None):
     return loss / (num_items if num_items is not None else (labels[:, 1:] != -100).sum())
 
 
+def inputs(seed=0, vocab=29):
+    """A vocabulary not a multiple of 64 (the head is padded inside the loss) unless `vocab` is."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, vocab, (3, 11), generator=g)
+    labels[0, :5] = -100
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows", [1, 7, 4096])
 @pytest.mark.parametrize("num_items", [None, 50])
-def test_equals_the_plain_loss_and_gradients(rows, num_items):
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 11, 16, generator=g, requires_grad=True)
-    weight = torch.randn(29, 16, generator=g, requires_grad=True)
-    labels = torch.randint(0, 29, (3, 11), generator=g)
-    labels[0, :5] = -100
+@pytest.mark.parametrize("vocab", [29, 128])
+def test_equals_the_plain_loss_and_gradients(rows, num_items, backend, vocab):
+    hidden, weight, labels = inputs(vocab=vocab)
     exact = [x.detach().double().requires_grad_() for x in (hidden, weight)]
     expected = plain(*exact, labels, num_items)  # float64: the reference
-    gh, gw = torch.autograd.grad(expected, exact)
-    got = chunked_causal_lm_loss(hidden, weight, labels, rows=rows, num_items_in_batch=num_items)
-    ch, cw = torch.autograd.grad(got, (hidden, weight))
+    gh, gw = torch.autograd.grad(expected * 2.5, exact)  # an incoming gradient other than 1
+    got = chunked_causal_lm_loss(hidden, weight, labels, rows=rows, num_items_in_batch=num_items, backend=backend)
+    ch, cw = torch.autograd.grad(got * 2.5, (hidden, weight))
     assert_close(got, expected, torch.float32, name="loss")
     assert_close(ch, gh, torch.float32, name="grad hidden")
     assert_close(cw, gw, torch.float32, name="grad weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_hidden_within_rounding_of_float64(backend):
+    """bf16 activations and head (the training dtype): loss fp32-tight, gradients within bf16's."""
+    hidden, weight, labels = inputs(1)
+    exact = [x.detach().double().requires_grad_() for x in (hidden, weight)]
+    expected = plain(*exact, labels)
+    gh, gw = torch.autograd.grad(expected, exact)
+    h16, w16 = (x.detach().bfloat16().requires_grad_() for x in (hidden, weight))
+    got = chunked_causal_lm_loss(h16, w16, labels, rows=7, backend=backend)
+    ch, cw = torch.autograd.grad(got, (h16, w16))
+    assert got.dtype == torch.float32 and ch.dtype == cw.dtype == torch.bfloat16
+    # the logits come out of a bf16 matmul: the loss is fp32-tight against the plain loss of those
+    assert_close(got, plain(h16.detach(), w16.detach(), labels), torch.float32, name="loss of the bf16 logits")
+    assert_close(ch, gh, torch.bfloat16, name="grad hidden")
+    assert_close(cw, gw, torch.bfloat16, name="grad weight")
+
+
+def test_logits_computed_once_and_gradient_only_when_needed(monkeypatch):
+    """With autograd on, each block of rows goes through the kernel once, with its gradient, in the
+    forward; the backward runs no kernel. Under no_grad, or for inputs that need no gradient, the
+    kernel computes the loss alone."""
+    calls = []
+    kernel = loss_module.cross_entropy_rows
+
+    def spy(logits, targets, *, with_grad, **kwargs):
+        calls.append(with_grad)
+        return kernel(logits, targets, with_grad=with_grad, **kwargs)
+
+    monkeypatch.setattr(loss_module, "cross_entropy_rows", spy)
+    hidden, weight, labels = inputs()
+    loss = chunked_causal_lm_loss(hidden, weight, labels, rows=7)
+    assert calls == [True] * 5  # 33 rows in blocks of 7
+    loss.backward()
+    assert len(calls) == 5
+    with torch.no_grad():
+        chunked_causal_lm_loss(hidden, weight, labels, rows=7)
+    chunked_causal_lm_loss(hidden.detach(), weight.detach(), labels, rows=7)
+    assert calls[5:] == [False] * 10
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_FACTORIES))

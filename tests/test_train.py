@@ -336,6 +336,29 @@ def test_speed_switches_reach_the_model(tmp_path):
         assert needs_autocast(recipe) and training_arguments(recipe, tmp_path, False).bf16
 
 
+def test_under_cuda_graphs_batch_widths_come_in_few_sizes(tmp_path):
+    """training.compile: reduce-overhead records a CUDA graph per batch width: the run's collator
+    rounds widths up to multiples of 128 (padding with ignored labels, which leaves the loss as it
+    was); other settings keep each batch's own width."""
+    from types import SimpleNamespace
+
+    from rwkv_ft.testing import random_ids, tiny_rwkv4
+    from rwkv_ft.train import GRAPHED_WIDTH_STEP, data_collator
+
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=0)
+    ids = random_ids(2, 131, seed=4)
+    features = [{"input_ids": ids[0].tolist(), "labels": ids[0].tolist()}, {"input_ids": ids[1, :7].tolist()}]
+    graphed = data_collator(tiny_recipe(tmp_path, "training.compile=reduce-overhead"), tokenizer)(features)
+    plain = data_collator(tiny_recipe(tmp_path, "training.compile=true"), tokenizer)(features)
+    assert plain["input_ids"].shape == (2, 131) and graphed["input_ids"].shape == (2, 2 * GRAPHED_WIDTH_STEP)
+    assert (graphed["labels"][:, 131:] == -100).all() and (graphed["attention_mask"][:, 131:] == 0).all()
+    model = tiny_rwkv4().train()
+    losses = [
+        model(**{k: batch[k] for k in ("input_ids", "labels", "attention_mask")}).loss for batch in (plain, graphed)
+    ]
+    assert_close(losses[1], losses[0], name="loss with the padded width")
+
+
 @pytest.mark.parametrize("adapter", ["none", "lora", "state"])
 @pytest.mark.parametrize("version", ["rwkv4", "rwkv7"])
 def test_fp32_weights_train_and_generate_under_bf16_autocast(version, adapter):
