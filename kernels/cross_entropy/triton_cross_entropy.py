@@ -63,7 +63,7 @@ def _rows_kernel(
             mask = row_ok[:, None] & (c < W)[None, :]
             x = tl.load(line[:, None] + c[None, :], mask=mask & (c < V)[None, :], other=float("-inf")).to(acc_t)
             p = tl.exp(x - lse[:, None])
-            p = tl.where(c[None, :] == t[:, None], p - 1.0, p)
+            p = tl.where((c[None, :] == t[:, None]) & in_range[:, None], p - 1.0, p)
             p = tl.where(scored[:, None], p, 0.0)
             tl.store(out[:, None] + c[None, :], p.to(grad_ptr.dtype.element_ty), mask=mask)
 
