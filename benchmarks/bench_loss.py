@@ -1,7 +1,7 @@
 """The language-model head + cross-entropy on a GPU: ours (the fused row kernel) against the plain
 form transformers uses and against our own row-blocked form on eager PyTorch, in one run.
 
-    source .whl/prelude.sh && python -u benchmarks/bench_loss.py [--configs] [--reps 20]
+    source .whl/prelude.sh && python -u benchmarks/bench_loss.py [--configs] [--rep-ms 200]
     TRITON_INTERPRET=1 python benchmarks/bench_loss.py --tiny --configs   # CPU, small shapes, in seconds
 
 Implementations, each over `hidden` (N, C) and a head `weight` (V, C) in bf16, labels with every
@@ -12,7 +12,7 @@ Implementations, each over `hidden` (N, C) and a head `weight` (V, C) in bf16, l
   ours           rwkv_ft.models.loss, backend="auto": 1,024 rows at a time, the Triton row kernel
 Sections: (1) accuracy against float64 (relative error of the loss and of each gradient, next to
 the error of rounding the float64 gradient to bf16), at V = 65,536 and at 50,277 (the head padded);
-(2) CUDA-event medians of forward + backward
+(2) medians (triton's do_bench) of forward + backward
 and the peak memory above the inputs, per shape, with the head frozen (LoRA) and trained;
 (3) with --configs, the row kernel alone under each (rows, columns, warps) config.
 Writes DIR/bench_loss.json (DIR: --out, default $OUT or '.').
@@ -24,7 +24,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -86,26 +85,20 @@ def accuracy(device, N, C, V) -> dict:
     return out
 
 
-def timed(fn, device, reps) -> float:
-    for _ in range(3):
-        fn()
-    if device != "cuda":
-        t = time.perf_counter()
-        fn()
-        return 1000 * (time.perf_counter() - t)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def timed(fn, device, rep_ms) -> float:
+    """Median ms of `fn`: triton's do_bench (CUDA events, as bench_wkv4/7.py) on a GPU; on the CPU
+    (--tiny) one call after a warm-up, to exercise the path."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")
+    fn()
+    t = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - t)
 
 
-def timings(device, shapes, reps) -> list[dict]:
+def timings(device, shapes, rep_ms) -> list[dict]:
     rows = []
     for N, C, V in shapes:
         hidden, weight, targets = make(N, C, V, device)
@@ -116,7 +109,7 @@ def timings(device, shapes, reps) -> list[dict]:
                     torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated() if device == "cuda" else 0
                 args = (fn, hidden, weight, targets, head_trained)
-                ms = timed(lambda args=args: step(*args), device, reps)
+                ms = timed(lambda args=args: step(*args), device, rep_ms)
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else None
                 row = {"N": N, "C": C, "V": V, "head_trained": head_trained, "impl": name, "ms": ms, "peak_gib": peak}
                 rows.append(row)
@@ -124,7 +117,7 @@ def timings(device, shapes, reps) -> list[dict]:
     return rows
 
 
-def kernel_configs(device, reps, N=1024, V=65536) -> dict:
+def kernel_configs(device, rep_ms, N=1024, V=65536) -> dict:
     import rwkv_ft.kernels.cross_entropy.triton_cross_entropy as tce
 
     g = torch.Generator(device=device).manual_seed(1)
@@ -135,7 +128,7 @@ def kernel_configs(device, reps, N=1024, V=65536) -> dict:
         for cfg in CONFIGS:
             tce._config = lambda *_, cfg=cfg: cfg
             for with_grad in (True, False):
-                ms = timed(lambda wg=with_grad: tce.cross_entropy_rows_fwd(logits, targets, wg), device, reps)
+                ms = timed(lambda wg=with_grad: tce.cross_entropy_rows_fwd(logits, targets, wg, V), device, rep_ms)
                 out[f"{cfg} grad={with_grad}"] = ms
     finally:
         tce._config = rule
@@ -145,14 +138,14 @@ def kernel_configs(device, reps, N=1024, V=65536) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", action="store_true", help="also time the row kernel under each config")
-    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rep-ms", type=int, default=200, help="do_bench's time per measurement")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     shapes, acc_shapes = SHAPES, [(2048, 2048, 65536), (2048, 2048, 50277)]
     if args.tiny:
-        shapes, acc_shapes, args.reps = [(64, 32, 300)], [(64, 32, 300)], 1
+        shapes, acc_shapes = [(64, 32, 300)], [(64, 32, 300)]
     results = {
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -173,10 +166,10 @@ def main() -> None:
     results["accuracy"] = {f"N{N} C{C} V{V}": accuracy(device, N, C, V) for N, C, V in acc_shapes}
     print(json.dumps(results["accuracy"], indent=1), flush=True)
     dump()
-    results["timings"] = timings(device, shapes, args.reps)
+    results["timings"] = timings(device, shapes, args.rep_ms)
     dump()
     if args.configs:
-        results["kernel_configs_ms"] = kernel_configs(device, args.reps, *((64, 300) if args.tiny else ()))
+        results["kernel_configs_ms"] = kernel_configs(device, args.rep_ms, *((64, 300) if args.tiny else ()))
         print(json.dumps(results["kernel_configs_ms"], indent=1), flush=True)
         dump()
     print(f"wrote {path}")

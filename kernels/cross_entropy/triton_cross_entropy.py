@@ -68,7 +68,7 @@ def _rows_kernel(
             tl.store(out[:, None] + c[None, :], p.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _config(N: int, V: int, device: torch.device) -> tuple[int, int, int]:
+def _config(V: int, device: torch.device) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_V, num_warps). On a GPU two rows per program, 4,096 columns per step (H100,
     1,024 x 65,536 bf16 with the gradient: 0.176 ms, 2.3 TB/s; one row: 0.204 ms; 8,192 columns and
     16 warps: 0.173; benchmarks/NOTES.md). Under the interpreter (CPU), 16 rows per program: it
@@ -97,7 +97,7 @@ def cross_entropy_rows_fwd(
     grad = _new((N, W), logits.dtype, logits.device) if with_grad else None
     if N == 0:
         return loss, grad
-    block_r, block_v, nw = _config(N, V, logits.device)
+    block_r, block_v, nw = _config(V, logits.device)
     _rows_kernel[(triton.cdiv(N, block_r),)](
         logits, logits.stride(0), targets, loss, loss if grad is None else grad,
         0 if grad is None else grad.stride(0), N, V, W,
