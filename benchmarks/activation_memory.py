@@ -36,6 +36,8 @@ def category(func, args) -> str:
     name = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
     if "wkv" in name.lower():
         return "WKV kernel (outputs, saved for its backward)"
+    if func == torch.ops.rwkv_ft.linear_plus_low_rank.default:  # an adapted Linear: x @ W.T + LoRA term
+        return "matmul (large)"
     if func in (aten.mm.default, aten.addmm.default, aten.bmm.default):
         mat1 = args[0] if func != aten.addmm.default else args[1]
         return "matmul (large)" if mat1.shape[-1] >= MIN_INNER else "matmul (low-rank: LoRA outputs, RWKV-7 maps)"

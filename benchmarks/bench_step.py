@@ -516,6 +516,12 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled variants (e.g. "
                     "reduce-overhead: CUDA graphs of each block's forward and backward)")  # fmt: skip
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument(
+        "--composed-lora",
+        action="store_true",
+        help="an adapted Linear as torch.addmm(LoRA term, x, W.T) instead of the linear_plus_low_rank op "
+        "(the form before 2026-12-06: the A side of that change's A/B)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
@@ -532,6 +538,10 @@ def main() -> None:
 
         compile_blocks = RwkvPreTrainedModelMixin.compile_blocks
         RwkvPreTrainedModelMixin.compile_blocks = lambda self, **kw: compile_blocks(self, **{**compile_kwargs, **kw})
+    if args.composed_lora:
+        from rwkv_ft.adapters import fast_lora
+
+        fast_lora.linear_plus_low_rank = lambda x, weight, xa, b: torch.addmm(torch.mm(xa, b.t()), x, weight.t())
     if args.shapes or args.variants:
         shapes = (args.shapes or "rwkv4-1.6b").split(",")
         variants = (args.variants or "baseline,eager,compile,compile_selective").split(",")
@@ -546,6 +556,7 @@ def main() -> None:
         "torch": torch.__version__,
         "compile_backend": args.compile_backend or "inductor",
         "compile_mode": args.compile_mode,
+        "composed_lora": args.composed_lora,
         "cases": [],
     }
     work = Path(tempfile.mkdtemp(prefix="bench_step_"))

@@ -138,6 +138,11 @@ def stream_breakdown(step) -> dict:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text())["traceEvents"]
+    return stream_report(events)
+
+
+def stream_report(events: list[dict]) -> dict:
+    """`stream_breakdown`'s reading of a chrome trace's events (also `step_trace.py`'s)."""
     spans = defaultdict(list)  # stream -> (start us, end us, category, name, correlation)
     for e in events:
         if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):

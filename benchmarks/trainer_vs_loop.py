@@ -46,7 +46,7 @@ KINDS = {
     "dtype casts": ("_to_copy",),
     "dropout": ("native_dropout", "bernoulli_", "bernoulli"),
     "grad clipping": ("_foreach_norm", "linalg_vector_norm", "_foreach_mul_", "clamp"),
-    "matmuls": ("mm", "addmm", "bmm"),
+    "matmuls": ("mm", "addmm", "bmm", "linear_plus_low_rank"),
     "fp32 outputs of half inputs": (),
 }
 CONFIG = "{vocab_size: 65536, hidden_size: 128, num_hidden_layers: 2}"

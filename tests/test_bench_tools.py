@@ -35,3 +35,26 @@ def test_gap_causes_tells_a_late_host_from_a_stream_waiting():
     assert causes["host_late"] == {"n": 1, "ms": 0.3}  # 150 to 410 us
     assert causes["device_wait"] == {"n": 1, "ms": 0.2}
     assert causes["host_ms_inside_late_gaps"]["offload.unpack"] == 0.2
+
+
+def test_step_trace_names_the_kernels_around_each_copy(tmp_path, capsys):
+    """A copy inside a CUDA graph has no host op of its own: step_trace.py names the kernels before
+    and after it (the matmul that made the copied tensor, the one that reads it)."""
+    import gzip
+    import json
+
+    from step_trace import analyze
+
+    def kernel(ts, name, correlation):
+        return {"ph": "X", "cat": "kernel", "ts": ts, "dur": 10, "name": name, "args": {"correlation": correlation}}
+
+    events = [launch(0, 1), launch(1, 2), launch(2, 3), launch(3, 4), launch(4, 5)]
+    events += [kernel(10, "gemm_term", 1), kernel(20, "memcpy128", 2), kernel(30, "gemm_badd", 3)]
+    events += [kernel(40, "gemm_term", 4), kernel(50, "memcpy128", 5)]
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    analyze(path)
+    out = capsys.readouterr().out
+    assert "memcpy128: 2 calls, 0.02 ms" in out
+    assert "1 x after gemm_term | before gemm_badd" in out and "1 x after gemm_term | before -" in out

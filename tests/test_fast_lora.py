@@ -11,9 +11,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import Linear as LoraLinear
 
 import rwkv_ft  # noqa: F401  (registers the Auto classes and the peft defaults)
-from rwkv_ft.adapters.fast_lora import FastLoraLinear, disable_fast_lora, enable_fast_lora
+from rwkv_ft.adapters.fast_lora import FastLoraLinear, disable_fast_lora, enable_fast_lora, linear_plus_low_rank
 from rwkv_ft.models.modeling_utils import rwkv_blocks
 from rwkv_ft.testing import MODEL_FACTORIES, assert_close, random_ids, relative_error
+
+LINEAR_PLUS_LOW_RANK = torch.ops.rwkv_ft.linear_plus_low_rank.default
 
 
 def peft_model(version="rwkv4", dtype=torch.float32, seed=0, **config):
@@ -73,7 +75,7 @@ def test_bf16_adapters_compute_in_bf16():
 
     class Record(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, LINEAR_PLUS_LOW_RANK):
                 seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
             return func(*args, **(kwargs or {}))
 
@@ -102,7 +104,7 @@ def test_selective_recompute_keeps_the_adapted_linears_outputs(version, monkeypa
 
     class CountAddmm(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func == torch.ops.aten.addmm.default:
+            if func in (torch.ops.aten.addmm.default, LINEAR_PLUS_LOW_RANK):
                 addmm_in_backward.append(tuple(args[0].shape))
             return func(*args, **(kwargs or {}))
 
@@ -167,3 +169,73 @@ def test_saving_merging_and_switching_back(tmp_path):
     merged = model.merge_and_unload()
     assert not any(isinstance(m, LoraLinear) for m in merged.modules())
     assert_close(merged(ids).logits, out, name="merged")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_plus_low_rank_op_registration(dtype):
+    """The op's schema, fake implementation and autograd formula pass torch's own checks."""
+    g = torch.Generator().manual_seed(8)
+    args = [torch.randn(*shape, generator=g).to(dtype) for shape in ((6, 16), (12, 16), (6, 4), (12, 4))]
+    for t in (args[0], args[2], args[3]):
+        t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.rwkv_ft.linear_plus_low_rank, args)
+    args[1].requires_grad_(True)  # a trained base weight (full fine-tuning through the same op)
+    torch.library.opcheck(torch.ops.rwkv_ft.linear_plus_low_rank, args)
+
+
+@pytest.mark.parametrize("trained_weight", [False, True])
+def test_linear_plus_low_rank_against_float64(trained_weight):
+    """x @ W.T + xa @ b.T and the gradients of every input that needs one, against float64
+    autograd on plain ops; no gradient for a frozen base weight."""
+    g = torch.Generator().manual_seed(9)
+    x, weight, xa, b = (torch.randn(*shape, generator=g) for shape in ((37, 24), (40, 24), (37, 3), (40, 3)))
+    grad = torch.randn(37, 40, generator=g)
+    weight.requires_grad_(trained_weight)
+    inputs = [t.requires_grad_(True) if t is not weight else t for t in (x, weight, xa, b)]
+    out = linear_plus_low_rank(*inputs)
+    out.backward(grad)
+    ref_inputs = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    ref_x, ref_weight, ref_xa, ref_b = ref_inputs
+    ref = ref_x @ ref_weight.t() + ref_xa @ ref_b.t()
+    ref.backward(grad.double())
+    assert_close(out, ref, name="output")
+    for name, t, r in zip(("x", "weight", "xa", "b"), inputs, ref_inputs, strict=True):
+        if r.requires_grad:
+            assert_close(t.grad, r.grad, name=f"grad of {name}")
+        else:
+            assert t.grad is None, name
+
+
+def test_one_adapter_runs_as_one_op_without_a_copy_of_the_lora_term():
+    """With one adapter and bf16 activations, an adapted Linear is one `linear_plus_low_rank` call
+    (the base product accumulated onto the LoRA term in place, no addmm into a new tensor), with
+    the output of the composed form (addmm of the base product onto the LoRA term) bit for bit."""
+    model = peft_model(dtype=torch.bfloat16).train()
+    enable_fast_lora(model)
+    lora = next(m for m in model.modules() if isinstance(m, FastLoraLinear))
+    x = torch.randn(2, 5, lora.in_features, dtype=torch.bfloat16)
+    calls = []
+
+    class Record(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        out = lora(x)
+    assert calls.count(LINEAR_PLUS_LOW_RANK) == 1 and torch.ops.aten.addmm.default not in calls, calls
+    rows = x.reshape(-1, x.shape[-1])
+    a = lora.lora_A["default"].weight.to(x.dtype)
+    b = (lora.lora_B["default"].weight * lora.scaling["default"]).to(x.dtype)
+    composed = torch.addmm((rows @ a.t()) @ b.t(), rows, lora.base_layer.weight.t())
+    assert torch.equal(out.reshape(composed.shape), composed)
+
+
+def test_meta_tensors_take_the_one_op_path():
+    """Shape-only runs (benchmarks/activation_memory.py runs the model on meta tensors) go through
+    the op's fake implementation: meta has no autocast to ask about."""
+    model = peft_model(dtype=torch.bfloat16).train()
+    enable_fast_lora(model)
+    lora = next(m for m in model.modules() if isinstance(m, FastLoraLinear)).to_empty(device="meta")
+    out = lora(torch.empty(2, 5, lora.in_features, dtype=torch.bfloat16, device="meta"))
+    assert out.shape == (2, 5, lora.out_features) and out.device.type == "meta"
