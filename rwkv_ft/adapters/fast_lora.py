@@ -105,37 +105,27 @@ class FastLoraLinear(LoraLinear):
             return super().forward(x, *args, **kwargs)
         base = self.base_layer
         active = [name for name in self.active_adapters if name in self.lora_A]
-        if (
-            len(active) == 1
-            and base.bias is None
-            and x.dtype == base.weight.dtype
-            and not _autocast_on(x)  # a custom op would not follow autocast
-        ):
-            return self._one_adapter_forward(x, active[0])
-        rows = x.reshape(-1, x.shape[-1])  # (N, in)
-        lora = None  # (N, out): the active adapters' terms, summed
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            # Under autocast x may be fp32 here: F.linear, mm and addmm then cast everything to its dtype.
-            a = self.lora_A[name].weight.to(x.dtype)  # (r, in)
-            b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)  # (out, r)
-            xa = F.linear(self.lora_dropout[name](rows), a)  # (N, r)
-            lora = torch.mm(xa, b.t()) if lora is None else torch.addmm(lora, xa, b.t())
-        if lora is None:
+        if not active:
             return base(x)
+        rows = x.reshape(-1, x.shape[-1])  # (N, in)
+        out_shape = (*x.shape[:-1], -1)
+        if len(active) == 1 and base.bias is None and x.dtype == base.weight.dtype and not _autocast_on(x):
+            # the common case as one op (a custom op would not follow autocast, hence the condition)
+            return linear_plus_low_rank(rows, base.weight, *self._low_rank_factors(active[0], rows)).view(out_shape)
+        lora = None  # (N, out): the active adapters' terms, summed
+        for name in active:
+            xa, b = self._low_rank_factors(name, rows)
+            lora = torch.mm(xa, b.t()) if lora is None else torch.addmm(lora, xa, b.t())
         if base.bias is not None:
             lora = lora + base.bias.to(lora.dtype)
-        return torch.addmm(lora, rows, base.weight.t()).view(*x.shape[:-1], -1)  # (..., out)
+        return torch.addmm(lora, rows, base.weight.t()).view(out_shape)  # (..., out)
 
-    def _one_adapter_forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """The common case (one adapter, no bias, activations in the weight's dtype) as one
-        `linear_plus_low_rank` op: the base product accumulates onto the LoRA term in place."""
-        rows = x.reshape(-1, x.shape[-1])  # (N, in)
-        a = self.lora_A[name].weight.to(x.dtype)  # (r, in)
-        b = (self.lora_B[name].weight * self.scaling[name]).to(x.dtype)  # (out, r)
-        xa = F.linear(self.lora_dropout[name](rows), a)  # (N, r)
-        return linear_plus_low_rank(rows, self.base_layer.weight, xa, b).view(*x.shape[:-1], -1)  # (..., out)
+    def _low_rank_factors(self, name: str, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dropout(rows) @ A^T, scaling * B) of adapter `name` in rows' dtype: (N, r), (out, r). Under
+        autocast rows may be fp32 here: F.linear, mm and addmm then cast everything to its dtype."""
+        a = self.lora_A[name].weight.to(rows.dtype)  # (r, in)
+        b = (self.lora_B[name].weight * self.scaling[name]).to(rows.dtype)  # (out, r)
+        return F.linear(self.lora_dropout[name](rows), a), b
 
     def _fast_path_applies(self, x: torch.Tensor) -> bool:
         if self.disable_adapters or self.merged or not isinstance(self.base_layer, nn.Linear):
