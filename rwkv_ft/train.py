@@ -972,7 +972,8 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     from transformers import set_seed  # imports peft and bitsandbytes: only after the cheap checks
 
     set_seed(recipe.training.seed)
-    base, base_record = prepare_base_model(recipe, output_dir, tokenizer)
+    # The data before the base: a bad row is named before a checkpoint is converted or a model built
+    # (minutes for a large .pth), and output_dir gets nothing from a run that stops there.
     data = prepare_sft_data(
         recipe.data.path,
         tokenizer,
@@ -990,6 +991,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     if data.skipped:
         logger.warning("skipped rows: %s", ", ".join(f"{n} {reason}" for reason, n in sorted(data.skipped.items())))
 
+    base, base_record = prepare_base_model(recipe, output_dir, tokenizer)
     model = attach_adapter(load_model(recipe, base, base_record), recipe)
     set_chunk_len(model, recipe.training.chunk_len, recipe.training.chunk_offload)
     _log_trainable(model)

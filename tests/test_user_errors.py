@@ -257,6 +257,7 @@ def test_deeply_nested_row_stops_a_strict_run_naming_the_line(tmp_path, capsys):
     rc, _, err = run_cli(capsys, *argv)
     assert rc == 2 and "deep.jsonl, line 2" in err and "nested too deeply" in err
     assert not list((tmp_path / "out").glob("checkpoint-*")) and not (tmp_path / "out" / "adapter").exists()
+    assert not (tmp_path / "out" / "base").exists()  # the data is read before the base model is built
 
 
 # ------------------------------------------------------------------------------------------------
