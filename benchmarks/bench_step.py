@@ -212,15 +212,11 @@ def bare_model(shape: str, variant: str, device: str, compile_kwargs: dict):
     return model.train()
 
 
-def run_case(shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=None, chunk=None, profile=False):
-    batch = batch or SHAPES[shape][4]
-    model = bare_model(shape, variant, device, compile_kwargs)
-    set_chunk_len(model, chunk)
+def bare_step(model, device: str, batch: int, ctx: int):
+    """The bare loop's training step on one fixed random batch: forward, backward, AdamW (fused on CUDA)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     ids = torch.randint(1, model.config.vocab_size, (batch, ctx), device=device)
-    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
-    before = lora_b.detach().clone()
 
     def step():
         with collector_paused():  # as rwkv_ft.train's steps
@@ -229,6 +225,17 @@ def run_case(shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=N
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
+
+    return step
+
+
+def run_case(shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=None, chunk=None, profile=False):
+    batch = batch or SHAPES[shape][4]
+    model = bare_model(shape, variant, device, compile_kwargs)
+    set_chunk_len(model, chunk)
+    lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
+    before = lora_b.detach().clone()
+    step = bare_step(model, device, batch, ctx)
 
     warm_times = []
     for _ in range(warmup):
@@ -539,9 +546,11 @@ def main() -> None:
         compile_blocks = RwkvPreTrainedModelMixin.compile_blocks
         RwkvPreTrainedModelMixin.compile_blocks = lambda self, **kw: compile_blocks(self, **{**compile_kwargs, **kw})
     if args.composed_lora:
+        from gpu_lora_op_check import composed
+
         from rwkv_ft.adapters import fast_lora
 
-        fast_lora.linear_plus_low_rank = lambda x, weight, xa, b: torch.addmm(torch.mm(xa, b.t()), x, weight.t())
+        fast_lora.linear_plus_low_rank = composed
     if args.shapes or args.variants:
         shapes = (args.shapes or "rwkv4-1.6b").split(",")
         variants = (args.variants or "baseline,eager,compile,compile_selective").split(",")

@@ -48,20 +48,11 @@ def analyze(path: str | Path, copies: tuple[str, ...] = ("memcpy", "Memcpy", "Me
 def trace_step(shape: str, variant: str, compile_mode: str | None, out: Path) -> Path:
     """Warm up, time five steps, then write the trace of one more."""
     import torch
-    from bench_step import SHAPES, bare_model
+    from bench_step import SHAPES, bare_model, bare_step
     from torch.profiler import ProfilerActivity, profile
 
-    from rwkv_ft.train import collector_paused
-
     model = bare_model(shape, variant, "cuda", {"mode": compile_mode} if compile_mode else {})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    ids = torch.randint(1, model.config.vocab_size, (SHAPES[shape][4], 1024), device="cuda")
-
-    def step():
-        with collector_paused():
-            model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = bare_step(model, "cuda", SHAPES[shape][4], 1024)
 
     times = []
     for i in range(10):
