@@ -529,8 +529,20 @@ def main() -> None:
         help="an adapted Linear as torch.addmm(LoRA term, x, W.T) instead of the linear_plus_low_rank op "
         "(the form before 2026-12-06: the A side of that change's A/B)",
     )
+    ap.add_argument(
+        "--wkv4-config",
+        default=None,
+        metavar="BLOCK_C,L,WARPS,BWD_L",
+        help="force the WKV-4 kernels' config in both directions (512,32,4,64: the rule before 2026-12-06 at "
+        "the steps' shapes, the A side of that change's A/B)",
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.wkv4_config:
+        import rwkv_ft.kernels.rwkv4.triton_wkv4 as tw
+
+        block_c, L, warps, bwd_L = map(int, args.wkv4_config.split(","))
+        tw._CFG_OVERRIDE, tw._BWD_L = (block_c, L, warps), bwd_L
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     chunk = 4096
     if args.tiny:

@@ -77,14 +77,25 @@ def grads(fn, td, tf, k, v, s, gy, gs, reset=None):
     return [y, ns] + [x.grad for x in xs] + ([st.grad] if st is not None else [])
 
 
-def check(case, B, T, C, dtype, reset_every=None, **kw):
+_REFERENCE_CACHE: dict = {}
+
+
+def check(case, B, T, C, dtype, reset_every=None, cache_reference=False, **kw):
+    """Relative errors of the Triton kernel against float64 on fresh inputs. cache_reference: reuse
+    the float64 results of an earlier call with the same arguments (config sweeps)."""
     td, tf, k, v, s = inputs(B, T, C, dtype, **kw)
     reset = None if reset_every is None else packed_resets(B, T, reset_every, seed=B * T)
     g = torch.Generator(device="cuda").manual_seed(7)
     gy = torch.randn(B, T, C, device="cuda", generator=g)
     gs = torch.randn(B, 3, C, device="cuda", generator=g)
     d = lambda x: None if x is None else x.double()
-    ref = grads(wkv4_reference, d(td), d(tf), d(k), d(v), d(s), gy.to(dtype).double(), gs.double(), reset)
+    key = (B, T, C, dtype, reset_every, tuple(sorted(kw.items())))
+    if cache_reference and key in _REFERENCE_CACHE:
+        ref = _REFERENCE_CACHE[key]
+    else:
+        ref = grads(wkv4_reference, d(td), d(tf), d(k), d(v), d(s), gy.to(dtype).double(), gs.double(), reset)
+        if cache_reference:
+            _REFERENCE_CACHE[key] = ref
     tw.POISON_OUTPUTS = True
     try:
         out = grads(lambda *a, **r: wkv4(*a, backend="triton", **r), td, tf, k, v, s, gy.to(dtype), gs, reset)
@@ -349,6 +360,49 @@ def resets(res, every):
             print(f"resets {str(shape):18s} {name:7s} fwd {msf:.3f} fwd+bwd {ms:.3f} ms (graph)", flush=True)
 
 
+# The layers' WKV shapes in the training steps (bench_step.py, long_context_host.py): B, T, C
+SMALL_GRID_SHAPES = [(1, 1024, 4096), (4, 1024, 2048), (1, 4096, 2048), (8, 1024, 2048)]
+SMALL_GRID_BLOCKS = [(512, 4), (256, 2), (256, 4), (128, 4), (128, 2), (128, 1), (64, 2)]
+
+
+def small_grids(res):
+    """Each (BLOCK_C, num_warps) with chunks of 16, 32 and 64 tokens in both directions: the
+    forward timed alone, the backward as fwd+bwd minus it (CUDA graphs, bf16). Each config is
+    checked against float64 first at the shape it is timed on (a wrong config is reported, not
+    timed)."""
+    for shape in SMALL_GRID_SHAPES:
+        print(f"small grid {shape}: default config {tw._config(*shape)}", flush=True)
+        for block_c, nw in SMALL_GRID_BLOCKS:
+            for L in (16, 32, 64):
+                tw._CFG_OVERRIDE = (block_c, L, nw)
+                try:
+                    c = check(f"cfg {block_c},{L},{nw}", *shape, torch.bfloat16, cache_reference=True)
+                    ok = all(x < 5e-3 for x in c["rel_err"].values())
+                    row = {"shape": shape, "block_c": block_c, "L": L, "num_warps": nw, "check": c, "ok": ok}
+                    if ok:
+                        row["fwd_ms"] = time_ours(*shape, torch.bfloat16, graph=True, fwd_only=True)
+                        row["fwdbwd_ms"] = time_ours(*shape, torch.bfloat16, graph=True)
+                        row["bwd_ms"] = row["fwdbwd_ms"] - row["fwd_ms"]
+                finally:
+                    tw._CFG_OVERRIDE = None
+                res["small_grids"].append(row)
+                if ok:
+                    print(
+                        f"  BLOCK_C {block_c:3d} warps {nw} L {L:2d}: fwd {row['fwd_ms']:.4f} bwd {row['bwd_ms']:.4f}"
+                        f" fwd+bwd {row['fwdbwd_ms']:.4f} ms",
+                        flush=True,
+                    )
+        rows = [r for r in res["small_grids"] if r["shape"] == shape and r["ok"]]
+        if rows:
+            bf = min(rows, key=lambda r: r["fwd_ms"])
+            bb = min(rows, key=lambda r: r["bwd_ms"])
+            print(
+                f"  best fwd {bf['block_c']},{bf['L']},{bf['num_warps']} {bf['fwd_ms']:.4f}; best bwd"
+                f" {bb['block_c']},{bb['L']},{bb['num_warps']} {bb['bwd_ms']:.4f}",
+                flush=True,
+            )
+
+
 def copy_bw():
     x = torch.empty(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
     y = torch.empty_like(x)
@@ -365,6 +419,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="bf16 only, no host profile")
     ap.add_argument("--resets", type=int, metavar="N", help="check and time with resets every ~N tokens")
     ap.add_argument("--resets-only", action="store_true", help="with --resets: only the reset checks and timings")
+    ap.add_argument("--small-grids", action="store_true", help="only the training steps' shapes, every config")
     args = ap.parse_args()
     res = {
         "date": datetime.date.today().isoformat(),
@@ -376,7 +431,20 @@ def main():
         "sweep": [],
         "variants": [],
         "resets": [],
+        "small_grids": [],
     }
+    if args.small_grids:
+        default = {
+            str(s): [
+                time_ours(*s, torch.bfloat16, graph=True, fwd_only=True),
+                time_ours(*s, torch.bfloat16, graph=True),
+            ]
+            for s in SMALL_GRID_SHAPES
+        }
+        res["small_grid_default_fwd_fwdbwd_ms"] = default
+        print("default config, fwd / fwd+bwd ms:", default, flush=True)
+        small_grids(res)
+        return finish(res, [], args.out, det_ok=True)
     if args.resets_only:
         if not args.resets:
             ap.error("--resets-only needs --resets N")

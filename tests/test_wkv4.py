@@ -187,6 +187,17 @@ def test_default_config_long_sequence(dtype):
     assert_all_close(run(triton_fn, *args), ref64(*args), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_grid_configs(dtype):
+    """The rule's configs for grids that leave the GPU mostly idle (the training steps' layers):
+    the forward and the backward each with a block and chunk length of its own."""
+    B, T, C = 1, 70, 512
+    fwd, bwd = tw._config(B, T, C)
+    assert fwd == (256, 16, 4) and bwd == (128, 32, 4)
+    args = make_inputs(B, T, C, dtype, seed=11)
+    assert_all_close(run(triton_fn, *args), ref64(*args), dtype)
+
+
 @pytest.mark.parametrize("B,T,C", [(3, 1, 5), (1, 4, 3), (2, 9, 16)])
 def test_small_shapes_without_state(B, T, C, small_chunks):
     args = make_inputs(B, T, C, state=False, seed=B * 100 + T)

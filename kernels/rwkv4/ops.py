@@ -90,13 +90,13 @@ def wkv4_backward(
     from .triton_wkv4 import _config, wkv4_bwd
 
     B, T, C = k.shape
-    block_c, _, L_bwd, nw = _config(B, T, C)  # what the forward chose for the backward (shape-only)
+    _, bwd_config = _config(B, T, C)  # what the forward chose for the backward (shape-only)
     c = lambda t: None if t is None else t.contiguous()  # noqa: E731
     s0 = None if state is None else state.float().contiguous()
     gsT = None if g_new_state is None else g_new_state.float().contiguous()
     gtdf, gk, gv, gs0 = wkv4_bwd(
         c(time_decay), c(time_first), c(k), c(v), c(y_saved), c(z), s0, _reset_bytes(reset), c(new_state),
-        c(idx), gy.to(k.dtype).contiguous(), gsT, (block_c, L_bwd, nw),
+        c(idx), gy.to(k.dtype).contiguous(), gsT, bwd_config,
     )  # fmt: skip
     # gtdf may be a view into the kernel's zeroed flag buffer: an op returns its own (2, C) tensor
     return gtdf.clone(), gk, gv, (absent(gtdf) if gs0 is None else gs0)

@@ -43,7 +43,7 @@ and so does the order of the atomic adds. In this mode a chunk takes only its ne
 inclusive value (waiting for it: a serial chain of one merge per chunk), and each program stores
 its time_decay / time_first partial sums in its own row, summed by torch in a fixed order.
 
-The forward and backward may use different chunk lengths (`_config`): both read and re-read their
+The forward and backward may use different chunk lengths and blocks (`_config`): both read and re-read their
 chunk from HBM (the chunks in flight exceed L2), so time is set by bytes and by how well the grid
 fills the GPU; the forward's loads and stores carry L2 eviction hints. See benchmarks/NOTES.md.
 """
@@ -722,9 +722,9 @@ def wkv4_fwd(td, tf, k, v, s0, reset=None):
     """td, tf: (C,); k, v: (B, T, C) contiguous; s0: (B, 3, C) fp32 contiguous or None; reset: (B, T)
     uint8 contiguous (nonzero: the state is emptied before that token) or None.
     Returns y, then what the backward needs: z (B, T, C) fp32, the final state (B, 3, C), the index
-    of the token that set the final max (B, C) int32, and the config."""
+    of the token that set the final max (B, C) int32, and the backward's config."""
     B, T, C = k.shape
-    block_c, L, L_bwd, nw = _config(B, T, C)
+    (block_c, L, nw), bwd_config = _config(B, T, C)
     NC = triton.cdiv(T, L)
     nb = triton.cdiv(C, block_c)
     dev = k.device
@@ -744,7 +744,7 @@ def wkv4_fwd(td, tf, k, v, s0, reset=None):
         STORE_Y32=store_y32, PUBLISH_INCLUSIVE=det or not LOOKBACK_SUMMARIES_ONLY, FAST=_FAST,
         PF1=_PF["fwd"][0], PF2=_PF["fwd"][1], **_evict("fwd"), DETERMINISTIC=det, num_warps=nw, **FIXED_LAUNCH_OPTIONS,
     )  # fmt: skip
-    return y, y32, z, sT, idxT, (block_c, L_bwd, nw)
+    return y, y32, z, sT, idxT, bwd_config
 
 
 def wkv4_bwd(td, tf, k, v, y, z, s0, reset, sT, idxT, gy, gsT, cfg):
@@ -793,20 +793,42 @@ def _evict(direction: str) -> dict[str, str]:
     return {"EV1": "evict_last", "EV2": "evict_first", "EVS": "evict_first"}
 
 
-def _config(B: int, T: int, C: int) -> tuple[int, int, int, int]:
-    """(BLOCK_C, forward chunk length, backward chunk length, num_warps)."""
+def _config(B: int, T: int, C: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(BLOCK_C, chunk length, num_warps) of the forward, and of the backward."""
     if _CFG_OVERRIDE is not None:
         block_c, L, nw = _CFG_OVERRIDE
-        return block_c, L, L if _BWD_L is None else _BWD_L, nw
+        return (block_c, L, nw), (block_c, L if _BWD_L is None else _BWD_L, nw)
     block_c, L, nw = _default_config(C)
-    L_fwd = L_bwd = L
+    fwd = bwd = (block_c, L, nw)
     if _L_OVERRIDE is not None:
-        L_fwd = L_bwd = _L_OVERRIDE
+        fwd = bwd = (block_c, _L_OVERRIDE, nw)
+    elif block_c == 512 and _fills(B, T, C, 512, 64, 4) < 1:
+        fwd, bwd = _small_grid_configs(B, T, C)
     elif _short_forward_chunks(B, T, C, block_c, nw):
-        L_fwd = 32
+        fwd = (block_c, 32, nw)
     if _BWD_L is not None:
-        L_bwd = _BWD_L
-    return block_c, L_fwd, L_bwd, nw
+        bwd = (bwd[0], _BWD_L, bwd[2])
+    return fwd, bwd
+
+
+def _fills(B: int, T: int, C: int, block_c: int, L: int, nw: int) -> float:
+    """How many times a grid of (BLOCK_C, L) programs of nw warps fills the GPU's resident slots
+    (~20 resident warps per SM: registers, ~88 per thread in the forward)."""
+    return B * triton.cdiv(C, block_c) * triton.cdiv(T, L) / (_sm_count() * (20 // nw))
+
+
+def _small_grid_configs(B: int, T: int, C: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """Where the default grid (512 channels x 64 tokens per program) fills the GPU less than once, as
+    in the training steps' layers (RWKV-4 7.6B at batch 1: 1 x 1024 x 4096; 1.6B at batch 4), more,
+    smaller programs: the forward takes 256 channels x 16 tokens; the backward, where the default
+    grid fills less than 0.6 times, 32 tokens and 256 channels, or 128 where 256 leave fewer than
+    6 programs per SM. Measured on H100 (NOTES.md, "WKV4 at small grids", 2026-12-06): forward
+    -22% / -13% / -13%, backward -40% / -18% at 1x1024x4096 / 4x1024x2048 / 8x1024x2048."""
+    fwd = (256, 16, 4)
+    if _fills(B, T, C, 512, 64, 4) >= 0.6:
+        return fwd, (512, 64, 4)
+    enough = B * triton.cdiv(C, 256) * triton.cdiv(T, 32) >= 6 * _sm_count()
+    return fwd, (256 if enough else 128, 32, 4)
 
 
 def _short_forward_chunks(B: int, T: int, C: int, block_c: int, nw: int) -> bool:
@@ -814,10 +836,8 @@ def _short_forward_chunks(B: int, T: int, C: int, block_c: int, nw: int) -> bool
     0.7 times, or less than twice while the 32-token grid fills it at least twice (measured on H100:
     -8% / -14% forward time at 4,4096,2048 / 16,1024,768; +4% at 8,1024,2048 (0.78 -> 1.55 fills),
     no change at 8,4096,4096). The backward keeps 64: shorter chunks cost it more than they give."""
-    slots = _sm_count() * (20 // nw)  # ~20 resident forward warps per SM (registers: ~88 per thread)
-    fills64 = B * triton.cdiv(C, block_c) * triton.cdiv(T, 64) / slots
-    fills32 = B * triton.cdiv(C, block_c) * triton.cdiv(T, 32) / slots
-    return fills64 < 0.7 or (fills64 < 2 and fills32 >= 2)
+    fills64 = _fills(B, T, C, block_c, 64, nw)
+    return fills64 < 0.7 or (fills64 < 2 and _fills(B, T, C, block_c, 32, nw) >= 2)
 
 
 @functools.cache
