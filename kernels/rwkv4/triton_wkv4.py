@@ -822,7 +822,7 @@ def _small_grid_configs(B: int, T: int, C: int) -> tuple[tuple[int, int, int], t
     in the training steps' layers (RWKV-4 7.6B at batch 1: 1 x 1024 x 4096; 1.6B at batch 4), more,
     smaller programs: the forward takes 256 channels x 16 tokens; the backward, where the default
     grid fills less than 0.6 times, 32 tokens and 256 channels, or 128 where 256 leave fewer than
-    6 programs per SM. Measured on H100 (NOTES.md, "WKV4 at small grids", 2026-12-06): forward
+    6 programs per SM. Measured on H100 (NOTES.md, "Nineteenth session", 2026-12-06): forward
     -22% / -13% / -13%, backward -40% / -18% at 1x1024x4096 / 4x1024x2048 / 8x1024x2048."""
     fwd = (256, 16, 4)
     if _fills(B, T, C, 512, 64, 4) >= 0.6:
@@ -832,10 +832,12 @@ def _small_grid_configs(B: int, T: int, C: int) -> tuple[tuple[int, int, int], t
 
 
 def _short_forward_chunks(B: int, T: int, C: int, block_c: int, nw: int) -> bool:
-    """Forward only: 32-token chunks when the 64-token grid is small, i.e. fills the GPU less than
-    0.7 times, or less than twice while the 32-token grid fills it at least twice (measured on H100:
-    -8% / -14% forward time at 4,4096,2048 / 16,1024,768; +4% at 8,1024,2048 (0.78 -> 1.55 fills),
-    no change at 8,4096,4096). The backward keeps 64: shorter chunks cost it more than they give."""
+    """Forward only, for the grids `_small_grid_configs` does not take (C not a multiple of 512, or
+    the default grid filling the GPU at least once): 32-token chunks when the 64-token grid is
+    small, i.e. fills the GPU less than 0.7 times, or less than twice while the 32-token grid fills
+    it at least twice (measured on H100: -8% / -14% forward time at 4,4096,2048 / 16,1024,768; +4%
+    at 8,1024,2048 (0.78 -> 1.55 fills), no change at 8,4096,4096). The backward keeps 64 there:
+    shorter chunks cost it more than they give."""
     fills64 = _fills(B, T, C, block_c, 64, nw)
     return fills64 < 0.7 or (fills64 < 2 and _fills(B, T, C, block_c, 32, nw) >= 2)
 
