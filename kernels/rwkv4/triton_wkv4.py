@@ -800,10 +800,11 @@ def _config(B: int, T: int, C: int) -> tuple[tuple[int, int, int], tuple[int, in
         return (block_c, L, nw), (block_c, L if _BWD_L is None else _BWD_L, nw)
     block_c, L, nw = _default_config(C)
     fwd = bwd = (block_c, L, nw)
+    default_fills = _fills(B, T, C, block_c, L, nw)
     if _L_OVERRIDE is not None:
         fwd = bwd = (block_c, _L_OVERRIDE, nw)
-    elif block_c == 512 and _fills(B, T, C, 512, 64, 4) < 1:
-        fwd, bwd = _small_grid_configs(B, T, C)
+    elif block_c == 512 and default_fills < 1:
+        fwd, bwd = _small_grid_configs(B, T, C, default_fills)
     elif _short_forward_chunks(B, T, C, block_c, nw):
         fwd = (block_c, 32, nw)
     if _BWD_L is not None:
@@ -817,15 +818,18 @@ def _fills(B: int, T: int, C: int, block_c: int, L: int, nw: int) -> float:
     return B * triton.cdiv(C, block_c) * triton.cdiv(T, L) / (_sm_count() * (20 // nw))
 
 
-def _small_grid_configs(B: int, T: int, C: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def _small_grid_configs(
+    B: int, T: int, C: int, default_fills: float
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """Where the default grid (512 channels x 64 tokens per program) fills the GPU less than once, as
     in the training steps' layers (RWKV-4 7.6B at batch 1: 1 x 1024 x 4096; 1.6B at batch 4), more,
     smaller programs: the forward takes 256 channels x 16 tokens; the backward, where the default
     grid fills less than 0.6 times, 32 tokens and 256 channels, or 128 where 256 leave fewer than
     6 programs per SM. Measured on H100 (NOTES.md, "Nineteenth session", 2026-12-06): forward
-    -22% / -13% / -13%, backward -40% / -18% at 1x1024x4096 / 4x1024x2048 / 8x1024x2048."""
+    -22% / -13% / -13%, backward -40% / -18% at 1x1024x4096 / 4x1024x2048 / 8x1024x2048.
+    default_fills: `_fills` of the default grid."""
     fwd = (256, 16, 4)
-    if _fills(B, T, C, 512, 64, 4) >= 0.6:
+    if default_fills >= 0.6:
         return fwd, (512, 64, 4)
     enough = B * triton.cdiv(C, 256) * triton.cdiv(T, 32) >= 6 * _sm_count()
     return fwd, (256 if enough else 128, 32, 4)
