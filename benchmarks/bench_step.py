@@ -48,6 +48,7 @@ from peft import LoraConfig, get_peft_model
 
 import rwkv_ft
 from rwkv_ft.adapters.fast_lora import enable_fast_lora
+from rwkv_ft.testing import relative_error
 from rwkv_ft.train import collector_paused, set_chunk_len
 
 # name: (version, layers, width, vocab, batch, extra config)
@@ -212,30 +213,83 @@ def bare_model(shape: str, variant: str, device: str, compile_kwargs: dict):
     return model.train()
 
 
-def bare_step(model, device: str, batch: int, ctx: int):
-    """The bare loop's training step on one fixed random batch: forward, backward, AdamW (fused on CUDA)."""
+def bare_step(model, device: str, batch: int, ctx: int, step_graph: bool = False):
+    """The bare loop's training step on one fixed random batch: forward, backward, AdamW (fused on CUDA).
+    With `step_graph` the forward and backward replay from one CUDA graph (`rwkv_ft.step_graph`); the
+    step then has `.graphs` (the StepGraphs) and `.ids`."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device == "cuda")
     ids = torch.randint(1, model.config.vocab_size, (batch, ctx), device=device)
+    graphs = None
+    if step_graph:
+        from rwkv_ft.step_graph import StepGraphs
+
+        graphs = StepGraphs(lambda inputs: model(**inputs).loss, params, vocab_size=model.config.vocab_size)
 
     def step():
         with collector_paused():  # as rwkv_ft.train's steps
-            loss = model(ids, labels=ids).loss
-            loss.backward()
+            if graphs is not None:
+                loss = graphs({"input_ids": ids, "labels": ids})
+            else:
+                loss = model(ids, labels=ids).loss
+                loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
+    step.graphs, step.ids = graphs, ids
     return step
 
 
-def run_case(shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=None, chunk=None, profile=False):
+def step_graph_check(model, step) -> dict:
+    """The replayed micro-step against eager ones on the same new batch (same compiled blocks): the
+    losses, and per gradient tensor the relative difference replayed vs eager next to eager vs eager
+    (the run-to-run noise of the same code: the WKV kernels' look-back and cuBLAS's split-K are not
+    bitwise repeatable). Reports the worst tensor of each and the difference over all tensors."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ids = torch.randint_like(step.ids, 1, model.config.vocab_size)
+
+    def grads_of(run) -> tuple[float, list[torch.Tensor]]:
+        for _, p in named:
+            p.grad = None
+        loss = run()
+        grads = [p.grad.float().clone() for _, p in named]
+        for _, p in named:
+            p.grad = None
+        return float(loss), grads
+
+    def eager():
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach()
+
+    replayed_loss, replayed = grads_of(lambda: step.graphs({"input_ids": ids, "labels": ids}))
+    eager_loss, first = grads_of(eager)
+    _, second = grads_of(eager)
+
+    def compare(a, b) -> dict:
+        each = [relative_error(x, y) for x, y in zip(a, b)]
+        worst = max(range(len(each)), key=each.__getitem__)
+        overall = relative_error(torch.cat([x.flatten() for x in a]), torch.cat([y.flatten() for y in b]))
+        return {"overall": overall, "worst": each[worst], "worst_tensor": named[worst][0]}
+
+    return {
+        "loss_replayed": replayed_loss,
+        "loss_eager": eager_loss,
+        "replayed_vs_eager": compare(replayed, first),
+        "eager_vs_eager": compare(second, first),
+    }
+
+
+def run_case(
+    shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=None, chunk=None, profile=False, step_graph=False
+):
     batch = batch or SHAPES[shape][4]
     model = bare_model(shape, variant, device, compile_kwargs)
     set_chunk_len(model, chunk)
     lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
     before = lora_b.detach().clone()
-    step = bare_step(model, device, batch, ctx)
+    step = bare_step(model, device, batch, ctx, step_graph=step_graph)
 
     warm_times = []
     for _ in range(warmup):
@@ -243,6 +297,7 @@ def run_case(shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=N
         loss = step()
         sync(device)
         warm_times.append(time.perf_counter() - t)
+    check = step_graph_check(model, step) if step_graph else None
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -267,6 +322,7 @@ def run_case(shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=N
         "loss": float(loss.detach()),
         "finite": bool(math.isfinite(float(loss.detach()))),
         "lora_moved": bool((lora_b.detach() != before).any()),
+        "step_graph": check,
     }
     if profile:
         result["profile"] = profile_step(step, device)
@@ -522,6 +578,9 @@ def main() -> None:
                     "AOTAutograd and inductor)")  # fmt: skip
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled variants (e.g. "
                     "reduce-overhead: CUDA graphs of each block's forward and backward)")  # fmt: skip
+    ap.add_argument("--step-graph", action="store_true", help="the bare loop's forward and backward replayed "
+                    "from one CUDA graph per step (rwkv_ft.step_graph; training.compile: step-graph), checked "
+                    "against an eager micro-step first; blocks compiled without graphs of their own")  # fmt: skip
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument(
         "--composed-lora",
@@ -557,6 +616,8 @@ def main() -> None:
 
         compile_blocks = RwkvPreTrainedModelMixin.compile_blocks
         RwkvPreTrainedModelMixin.compile_blocks = lambda self, **kw: compile_blocks(self, **{**compile_kwargs, **kw})
+    if args.step_graph and args.compile_mode in ("reduce-overhead", "max-autotune"):
+        ap.error("--step-graph records the whole step: the blocks compile without CUDA graphs (no --compile-mode)")
     if args.composed_lora:
         from gpu_lora_op_check import composed
 
@@ -578,6 +639,7 @@ def main() -> None:
         "compile_backend": args.compile_backend or "inductor",
         "compile_mode": args.compile_mode,
         "composed_lora": args.composed_lora,
+        "step_graph": args.step_graph,
         "cases": [],
     }
     work = Path(tempfile.mkdtemp(prefix="bench_step_"))
@@ -610,6 +672,7 @@ def main() -> None:
                     args.warmup if not T else args.long_warmup,
                     batch=1 if T else None, chunk=chunk_len,
                     profile=(variant in profiled and not T) or bool(T and args.profile_long),
+                    step_graph=args.step_graph and not T,
                 )  # fmt: skip
                 try:
                     r = case(compile_kwargs)

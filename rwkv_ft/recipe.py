@@ -80,7 +80,9 @@ class TrainingSection:
     # false | true (whole blocks: least memory) | selective (keep the large matmuls' outputs, recompute the rest)
     gradient_checkpointing: bool | str = False
     # false | true (torch.compile every block: fused elementwise work, far fewer kernel launches) |
-    # reduce-overhead (also CUDA graphs of each block's forward and backward: no per-op launch cost)
+    # reduce-overhead (also CUDA graphs of each block's forward and backward: no per-op launch cost) |
+    # step-graph (one CUDA graph per micro-step, forward and backward: no per-block host cost either;
+    # one process, no chunk_len, no quantized base; see rwkv_ft.step_graph)
     compile: bool | str = False
     chunk_len: int | None = None  # long-context training: run samples in chunks of this many tokens (exact gradient)
     # long-context training on a GPU: share (0..1) of the chunks whose activations wait in pinned host
@@ -134,7 +136,7 @@ CHOICES = {
     "training.schedule": ("cosine", "linear", "constant_with_warmup", "constant"),
     "training.precision": ("fp32", "bf16", "fp16"),
     "training.gradient_checkpointing": (False, True, "selective"),
-    "training.compile": (False, True, "reduce-overhead"),
+    "training.compile": (False, True, "reduce-overhead", "step-graph"),
     "merge.dtype": ("fp32", "bf16", "fp16"),
     "merge.format": ("hf", "pth", "transformers"),
 }
@@ -289,6 +291,16 @@ def _check_ranges(recipe: Recipe, where: str) -> None:
         raise RecipeError(
             f"{where}: training.chunk_offload cannot be combined with training.compile: reduce-overhead (a CUDA "
             "graph's next replay would overwrite the activations being copied out); set one of them off"
+        )
+    if recipe.training.compile == "step-graph" and recipe.training.chunk_len is not None:
+        raise RecipeError(
+            f"{where}: training.compile: step-graph cannot record long-context chunks (training.chunk_len); "
+            "use reduce-overhead"
+        )
+    if recipe.training.compile == "step-graph" and recipe.model.quantization is not None:
+        raise RecipeError(
+            f"{where}: training.compile: step-graph is not available with a quantized base (model.quantization); "
+            "use true"
         )
     if recipe.model.path is None and recipe.model.config is not None and recipe.model.model_type is None:
         raise RecipeError(f"{where}: model.model_type must name the architecture of the model built from model.config")

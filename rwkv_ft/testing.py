@@ -285,3 +285,26 @@ def assert_grad_close(g: torch.Tensor, rg: torch.Tensor, dtype: torch.dtype, rel
     the tensor's scale in fp32 (norm-wise the error is ~4e-7)."""
     sc = rg.detach().double().pow(2).mean().sqrt().clamp_min(1e-300).item()
     assert_close(g.detach().double() / sc, rg.detach().double() / sc, dtype, rel=rel, name=name)
+
+
+class RerunRecorder:
+    """A stand-in for `rwkv_ft.step_graph.CudaGraphRecorder` on a CPU: its replay runs the recorded
+    function again (on the recorded input tensors) and overwrites the recorded output tensors in
+    place, which is what a CUDA graph's replay does to them. Counts recordings and replays."""
+
+    recorded = 0  # over every instance: the Trainer makes its own
+    replays = 0
+
+    def __call__(self, fn: Callable):
+        RerunRecorder.recorded += 1
+        outputs = fn()
+
+        def replay():
+            RerunRecorder.replays += 1
+            loss, grads = fn()
+            outputs[0].detach().copy_(loss.detach())
+            for old, new in zip(outputs[1], grads):
+                if old is not None:
+                    old.copy_(new)
+
+        return replay, outputs

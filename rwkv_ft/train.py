@@ -498,11 +498,25 @@ class StoppedOnEveryRank(FloatingPointError):
 def compile_options(setting: bool | str) -> dict[str, Any]:
     """torch.compile options of `training.compile`: true -> inductor's defaults; "reduce-overhead" ->
     CUDA graphs too (each block's forward and backward replayed as one graph: on an H200 the 1.6B
-    LoRA step went from 31.7k to 60.2k tokens/s, benchmarks/NOTES.md)."""
-    return {"mode": setting} if isinstance(setting, str) else {}
+    LoRA step went from 31.7k to 60.2k tokens/s, benchmarks/NOTES.md); "step-graph" -> inductor's
+    defaults, the whole micro-step then recorded as one CUDA graph by the Trainer (rwkv_ft.step_graph)."""
+    return {"mode": setting} if setting == "reduce-overhead" else {}
 
 
-# Under CUDA graphs (`training.compile: reduce-overhead`) each batch width is a graph recorded, and
+def check_step_graph_setup(processes: int, device: Any) -> None:
+    """training.compile: step-graph records one process's micro-step on a CUDA device."""
+    import torch
+
+    if processes > 1:
+        # DDP's gradient hooks, FSDP2's and ZeRO's collectives run inside the backward: not recorded here.
+        raise RecipeError(
+            f"training.compile: step-graph runs on one process, not {processes}; use reduce-overhead or true"
+        )
+    if torch.device(device).type != "cuda":
+        raise RecipeError(f"training.compile: step-graph needs a CUDA GPU (the device is {device}); use true")
+
+
+# Under CUDA graphs (`training.compile: reduce-overhead` or `step-graph`) each batch width is a graph recorded, and
 # memory held, of its own; torch records one only once its width recurs, and warns past 8. Batches are
 # right-padded (ignored labels) to a multiple of this: at most max_length / 128 widths.
 GRAPHED_WIDTH_STEP = 128
@@ -512,7 +526,7 @@ def data_collator(recipe: Recipe, tokenizer):
     """The collator of a run: right padding, and under CUDA graphs widths in steps of `GRAPHED_WIDTH_STEP`."""
     from rwkv_ft.data import SFTDataCollator
 
-    step = GRAPHED_WIDTH_STEP if recipe.training.compile == "reduce-overhead" else None
+    step = GRAPHED_WIDTH_STEP if recipe.training.compile in ("reduce-overhead", "step-graph") else None
     return SFTDataCollator.from_tokenizer(tokenizer, pad_to_multiple_of=step)
 
 
@@ -554,6 +568,7 @@ def _make_trainer_class():
         session_start: float = 0.0
 
         cudagraph_steps: bool = False  # training.compile: reduce-overhead
+        step_graph: bool = False  # training.compile: step-graph (see _graphed_training_step)
         equal_chunk_counts: bool = False  # sharded model and training.chunk_len: see _pad_to_longest
 
         def __init__(self, *args, **kwargs):
@@ -567,11 +582,46 @@ def _make_trainer_class():
             if self.equal_chunk_counts:
                 inputs = self._pad_to_longest(inputs)
             with collector_paused():
-                loss = super().training_step(model, inputs, num_items_in_batch)
+                if self.step_graph:
+                    loss = self._graphed_training_step(model, inputs, num_items_in_batch)
+                else:
+                    loss = super().training_step(model, inputs, num_items_in_batch)
             # After the backward (whose collectives every rank runs alike, NaN or not), so that the
             # host never waits between forward and backward; before the optimizer step.
             self._stop_if_not_finite(loss)
             return loss
+
+        _step_graphs: Any = None
+
+        def _graphed_training_step(self, model, inputs, num_items_in_batch):
+            """`Trainer.training_step` on one process, its forward and backward replayed from one CUDA
+            graph per batch shape (`rwkv_ft.step_graph`): the loss scaled as the Trainer scales it,
+            the gradients left in `.grad` as its backward leaves them."""
+            from rwkv_ft.step_graph import StepGraphs
+
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = dict(self._prepare_inputs(inputs))
+            scaled_by_model = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            device = self.args.device
+            if scaled_by_model:  # tensors: a value that changes from batch to batch is a graph input
+                inputs["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=device)
+            else:
+                inputs["loss_scale"] = torch.tensor(1.0 / self.current_gradient_accumulation_steps, device=device)
+            if self._step_graphs is None:
+
+                def loss_fn(batch):
+                    batch = dict(batch)
+                    scale = batch.pop("loss_scale", None)
+                    items = batch.pop("num_items_in_batch", None)
+                    with self.compute_loss_context_manager():
+                        loss = self.compute_loss(model, batch, num_items_in_batch=items)
+                    return loss if scale is None else loss * scale
+
+                vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+                self._step_graphs = StepGraphs(loss_fn, self.trained_parameters(), vocab_size=vocab)
+            return self._step_graphs(inputs)
 
         # -- per-step host work ---------------------------------------------------------------
         # Each step the Trainer walks the whole model four times for bookkeeping that training does
@@ -1006,6 +1056,9 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         callbacks=[*_callbacks(output_dir), *(callbacks or [])],
     )
     trainer.cudagraph_steps = recipe.training.compile == "reduce-overhead"
+    trainer.step_graph = recipe.training.compile == "step-graph"
+    if trainer.step_graph:
+        check_step_graph_setup(trainer.accelerator.num_processes, trainer.args.device)
     how = trainer.how_sharded
     trainer.equal_chunk_counts = how != "none" and recipe.training.chunk_len is not None
     zero3 = zero_stage(trainer.accelerator) == 3

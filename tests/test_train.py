@@ -414,6 +414,46 @@ def test_compiled_run_with_selective_recompute_matches_eager(tmp_path):
     assert_close(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), rel=1e-4, name="losses")
 
 
+def test_step_graph_run_trains_as_the_eager_run(tmp_path, monkeypatch):
+    """training.compile=step-graph through the real Trainer loop, with gradient accumulation and the
+    collator's right padding: the same losses, step by step, as the eager run, most micro-steps
+    replayed. The CUDA graph is stood in for by `RerunRecorder` (CPU); the blocks compile with
+    aot_eager (the recording, not inductor, is under test here)."""
+    from rwkv_ft import step_graph, train
+    from rwkv_ft.testing import RerunRecorder
+
+    monkeypatch.setattr(step_graph, "CudaGraphRecorder", RerunRecorder)
+    monkeypatch.setattr(train, "check_step_graph_setup", lambda processes, device: None)
+    monkeypatch.setattr(train, "compile_options", lambda setting: {"backend": "aot_eager"})
+    RerunRecorder.recorded = RerunRecorder.replays = 0
+    args = ["training.max_steps=4", "training.grad_accum=2", "data.eval_fraction=null", "data.max_length=32"]
+    eager = run(tiny_recipe(tmp_path / "eager", *args))
+    torch._dynamo.reset()
+    graphed = run(tiny_recipe(tmp_path / "graphed", *args, "training.compile=step-graph"))
+    torch._dynamo.reset()
+    assert RerunRecorder.recorded >= 1 and RerunRecorder.replays >= 2, "micro-steps were recorded and replayed"
+
+    def losses(directory):
+        history = json.loads((complete_checkpoints(directory)[-1] / "trainer_state.json").read_text())["log_history"]
+        return torch.tensor([entry["loss"] for entry in history if "loss" in entry])
+
+    assert graphed["steps"] == eager["steps"] == 4
+    assert_close(losses(tmp_path / "graphed"), losses(tmp_path / "eager"), rel=1e-5, name="losses")
+
+
+def test_step_graph_refuses_what_it_cannot_record():
+    from rwkv_ft.train import check_step_graph_setup
+
+    with pytest.raises(RecipeError, match="one process, not 2"):
+        check_step_graph_setup(2, "cuda")
+    with pytest.raises(RecipeError, match="needs a CUDA GPU"):
+        check_step_graph_setup(1, "cpu")
+    with pytest.raises(RecipeError, match="training.chunk_len"):
+        load_recipe(None, ["training.compile=step-graph", "training.chunk_len=64"])
+    with pytest.raises(RecipeError, match="quantized base"):
+        load_recipe(None, ["training.compile=step-graph", "model.quantization=nf4"])
+
+
 def test_trainer_bookkeeping_runs_over_the_trained_parameters(tmp_path):
     """The Trainer's per-step FLOP count, training-mode switch, gradient zeroing and clipping give
     what the stock Trainer gives, without walking the frozen base each step; eval() still reaches

@@ -361,6 +361,8 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
     """A clear error for ids outside the embedding (instead of an IndexError or a CUDA assert)."""
     if input_ids.numel() == 0 or input_ids.is_meta or torch.compiler.is_compiling():
         return
+    if input_ids.is_cuda and torch.cuda.is_current_stream_capturing():  # recorded once, replayed: the
+        return  # replaying code checks each batch (rwkv_ft.step_graph)
     low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync for both
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
