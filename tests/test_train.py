@@ -323,9 +323,10 @@ def test_speed_switches_reach_the_model(tmp_path):
         type(fast.base_model.model).compile_blocks = lambda self, **kw: calls.append(kw)
         attached("training.compile=reduce-overhead")
         attached("training.compile=true")
+        attached("training.compile=step-graph")  # blocks without graphs of their own: the step is one
     finally:
         type(fast.base_model.model).compile_blocks = real_compile
-    assert calls == [{"mode": "reduce-overhead"}, {}]
+    assert calls == [{"mode": "reduce-overhead"}, {}, {}]
     with pytest.raises(RecipeError, match="training.compile"):
         tiny_recipe(tmp_path, "training.compile=fast")
 
@@ -337,7 +338,7 @@ def test_speed_switches_reach_the_model(tmp_path):
 
 
 def test_under_cuda_graphs_batch_widths_come_in_few_sizes(tmp_path):
-    """training.compile: reduce-overhead records a CUDA graph per batch width: the run's collator
+    """training.compile: reduce-overhead (and step-graph) records a CUDA graph per batch width: the run's collator
     rounds widths up to multiples of 128 (padding with ignored labels, which leaves the loss as it
     was); other settings keep each batch's own width."""
     from types import SimpleNamespace
@@ -349,8 +350,10 @@ def test_under_cuda_graphs_batch_widths_come_in_few_sizes(tmp_path):
     ids = random_ids(2, 131, seed=4)
     features = [{"input_ids": ids[0].tolist(), "labels": ids[0].tolist()}, {"input_ids": ids[1, :7].tolist()}]
     graphed = data_collator(tiny_recipe(tmp_path, "training.compile=reduce-overhead"), tokenizer)(features)
+    step_graphed = data_collator(tiny_recipe(tmp_path, "training.compile=step-graph"), tokenizer)(features)
     plain = data_collator(tiny_recipe(tmp_path, "training.compile=true"), tokenizer)(features)
     assert plain["input_ids"].shape == (2, 131) and graphed["input_ids"].shape == (2, 2 * GRAPHED_WIDTH_STEP)
+    assert step_graphed["input_ids"].shape == graphed["input_ids"].shape
     assert (graphed["labels"][:, 131:] == -100).all() and (graphed["attention_mask"][:, 131:] == 0).all()
     model = tiny_rwkv4().train()
     losses = [
