@@ -21,6 +21,7 @@ assigned where a parameter has none, added where it has one (gradient accumulati
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,6 +31,7 @@ from rwkv_ft.kernels.cross_entropy import IGNORE_INDEX
 from rwkv_ft.models.modeling_utils import check_token_ids
 
 LossFn = Callable[[dict[str, Any]], torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 class StepGraphs:
@@ -70,7 +72,9 @@ class StepGraphs:
         self.recorder = recorder or CudaGraphRecorder()
         self.graphs: dict[tuple, _RecordedStep] = {}
         self.seen: dict[tuple, int] = {}
+        self.owned: set[int] = set()  # ids of the gradient tensors the graphs write
         self.eager_reason: str | None = None  # why the last step ran eagerly, or None
+        self.reasons_logged: set[str] = set()
 
     def __call__(self, inputs: dict[str, Any]) -> torch.Tensor:
         inputs = dict(inputs)
@@ -88,7 +92,10 @@ class StepGraphs:
                 elif self.seen[key] > self.warmup:
                     self.eager_reason = f"more than {self.max_graphs} input signatures (max_graphs)"
             if recorded is not None:
-                return recorded.run(inputs, self._owned_grads())
+                return recorded.run(inputs, self.owned)
+        if self.eager_reason is not None and self.eager_reason not in self.reasons_logged:
+            self.reasons_logged.add(self.eager_reason)
+            logger.warning("step-graph: a micro-step runs without its CUDA graph: %s", self.eager_reason)
         return self._eager(inputs, side_stream=self.eager_reason is None)
 
     # -- eager runs --------------------------------------------------------------------------------
@@ -113,12 +120,9 @@ class StepGraphs:
             return loss, torch.autograd.grad(loss, self.parameters, allow_unused=True)
 
         replay, (loss, grads) = self.recorder(micro_step)
+        # A parameter's `.grad` that is one of these must be copied out before the next replay overwrites it.
+        self.owned.update(id(g) for g in grads if g is not None)
         return _RecordedStep(replay, static, loss, grads, self.parameters)
-
-    def _owned_grads(self) -> set[int]:
-        """ids of the gradient tensors the graphs write: a parameter's `.grad` that is one of them
-        must be copied out before the next replay overwrites it."""
-        return {id(g) for recorded in self.graphs.values() for g in recorded.grads if g is not None}
 
 
 Recorder = Callable[[Callable[[], Any]], tuple[Callable[[], None], Any]]
@@ -137,7 +141,8 @@ class CudaGraphRecorder:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: another thread's CUDA calls (a DataLoader's pin-memory thread) do not break the capture.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             outputs = fn()
         # The eager warm-ups' cached blocks would stay reserved beside the graph's own pool.
         torch.cuda.empty_cache()

@@ -139,7 +139,7 @@ def test_right_padding_before_ignored_labels_is_replayed_exactly():
         ("packed", "packed rows"),
     ],
 )
-def test_batches_a_graph_cannot_stand_for_run_eagerly(case, reason):
+def test_batches_a_graph_cannot_stand_for_run_eagerly(case, reason, caplog):
     model = lora_model("rwkv4")
     recorder = RerunRecorder()
     RerunRecorder.recorded = 0
@@ -156,9 +156,14 @@ def test_batches_a_graph_cannot_stand_for_run_eagerly(case, reason):
         batch["position_ids"] = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]] * 2)
         del batch["attention_mask"]
     (expected_loss,), expected = eager_grads(model, [batch])
-    loss = steps(batch)
+    with caplog.at_level("WARNING", logger="rwkv_ft.step_graph"):
+        loss = steps(batch)
+        model.zero_grad(set_to_none=True)
+        loss = steps(batch)
     assert reason in steps.eager_reason
-    assert recorder.recorded == 0
+    assert [r.getMessage() for r in caplog.records if reason in r.getMessage()] != [], "the user is told why"
+    assert len(caplog.records) == 1, "once per reason, not at every step"
+    assert RerunRecorder.recorded == 0
     assert_close(loss, expected_loss, name="loss")
     for i, (p, g) in enumerate(zip(trained(model), expected)):
         assert_close(p.grad, g, name=f"gradient {i}")
