@@ -503,14 +503,19 @@ def compile_options(setting: bool | str) -> dict[str, Any]:
     return {"mode": setting} if setting == "reduce-overhead" else {}
 
 
-def check_step_graph_setup(processes: int, device: Any) -> None:
-    """training.compile: step-graph records one process's micro-step on a CUDA device."""
+def check_step_graph_setup(processes: int, device: Any, gpus: int = 1) -> None:
+    """training.compile: step-graph records one process's micro-step on one CUDA device."""
     import torch
 
     if processes > 1:
         # DDP's gradient hooks, FSDP2's and ZeRO's collectives run inside the backward: not recorded here.
         raise RecipeError(
             f"training.compile: step-graph runs on one process, not {processes}; use reduce-overhead or true"
+        )
+    if gpus > 1:
+        raise RecipeError(
+            f"training.compile: step-graph runs on one GPU, and this process sees {gpus} (the Trainer would "
+            "split each batch over them); set CUDA_VISIBLE_DEVICES to one, or launch with accelerate and use true"
         )
     if torch.device(device).type != "cuda":
         raise RecipeError(f"training.compile: step-graph needs a CUDA GPU (the device is {device}); use true")
@@ -603,11 +608,17 @@ def _make_trainer_class():
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
                 self.optimizer.train()
             inputs = dict(self._prepare_inputs(inputs))
-            scaled_by_model = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            # As Trainer.training_step scales the loss (transformers 5.x), with the values as tensors: a
+            # value that changes from batch to batch is a graph input, not a recorded constant.
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:
+                scaled = (
+                    self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                ) or self.compute_loss_func is not None
             device = self.args.device
-            if scaled_by_model:  # tensors: a value that changes from batch to batch is a graph input
+            if num_items_in_batch is not None:
                 inputs["num_items_in_batch"] = torch.as_tensor(num_items_in_batch, device=device)
-            else:
+            if not scaled:
                 inputs["loss_scale"] = torch.tensor(1.0 / self.current_gradient_accumulation_steps, device=device)
             if self._step_graphs is None:
 
@@ -1058,7 +1069,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     trainer.cudagraph_steps = recipe.training.compile == "reduce-overhead"
     trainer.step_graph = recipe.training.compile == "step-graph"
     if trainer.step_graph:
-        check_step_graph_setup(trainer.accelerator.num_processes, trainer.args.device)
+        check_step_graph_setup(trainer.accelerator.num_processes, trainer.args.device, trainer.args.n_gpu)
     how = trainer.how_sharded
     trainer.equal_chunk_counts = how != "none" and recipe.training.chunk_len is not None
     zero3 = zero_stage(trainer.accelerator) == 3

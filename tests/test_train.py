@@ -426,7 +426,7 @@ def test_step_graph_run_trains_as_the_eager_run(tmp_path, monkeypatch):
     from rwkv_ft.testing import RerunRecorder
 
     monkeypatch.setattr(step_graph, "CudaGraphRecorder", RerunRecorder)
-    monkeypatch.setattr(train, "check_step_graph_setup", lambda processes, device: None)
+    monkeypatch.setattr(train, "check_step_graph_setup", lambda processes, device, gpus: None)
     monkeypatch.setattr(train, "compile_options", lambda setting: {"backend": "aot_eager"})
     RerunRecorder.recorded = RerunRecorder.replays = 0
     args = ["training.max_steps=4", "training.grad_accum=2", "data.eval_fraction=null", "data.max_length=32"]
@@ -451,6 +451,8 @@ def test_step_graph_refuses_what_it_cannot_record():
         check_step_graph_setup(2, "cuda")
     with pytest.raises(RecipeError, match="needs a CUDA GPU"):
         check_step_graph_setup(1, "cpu")
+    with pytest.raises(RecipeError, match="this process sees 2"):
+        check_step_graph_setup(1, "cuda", gpus=2)
     with pytest.raises(RecipeError, match="training.chunk_len"):
         load_recipe(None, ["training.compile=step-graph", "training.chunk_len=64"])
     with pytest.raises(RecipeError, match="quantized base"):
