@@ -1026,6 +1026,10 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
         logger.warning("--resume: no good checkpoint in %s; training starts from step 0", output_dir)
 
     # Cheap checks first: paths, vocabulary, tokenizer, data file. Nothing slow runs before these.
+    if recipe.training.compile == "step-graph":  # as the Trainer will see it: WORLD_SIZE from the launcher
+        cuda = torch.cuda.is_available()
+        gpus = torch.cuda.device_count() if cuda and "WORLD_SIZE" not in os.environ else 1
+        check_step_graph_setup(int(os.environ.get("WORLD_SIZE", "1")), "cuda" if cuda else "cpu", gpus)
     vocab_size, model_source = model_vocab_size(recipe)
     tokenizer = load_tokenizer_for(recipe, model_source, vocab_size)
     check_data_source(recipe.data.path)
@@ -1068,7 +1072,7 @@ def _run_locked(recipe: Recipe, output_dir: Path, *, resume: bool, callbacks) ->
     )
     trainer.cudagraph_steps = recipe.training.compile == "reduce-overhead"
     trainer.step_graph = recipe.training.compile == "step-graph"
-    if trainer.step_graph:
+    if trainer.step_graph:  # again as the Trainer set itself up (checked from the environment before)
         check_step_graph_setup(trainer.accelerator.num_processes, trainer.args.device, trainer.args.n_gpu)
     how = trainer.how_sharded
     trainer.equal_chunk_counts = how != "none" and recipe.training.chunk_len is not None

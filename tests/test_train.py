@@ -444,8 +444,13 @@ def test_step_graph_run_trains_as_the_eager_run(tmp_path, monkeypatch):
     assert_close(losses(tmp_path / "graphed"), losses(tmp_path / "eager"), rel=1e-5, name="losses")
 
 
-def test_step_graph_refuses_what_it_cannot_record():
+def test_step_graph_refuses_what_it_cannot_record(tmp_path):
     from rwkv_ft.train import check_step_graph_setup
+
+    if not torch.cuda.is_available():  # refused before any data is read or model built: nothing left behind
+        with pytest.raises(RecipeError, match="step-graph needs a CUDA GPU"):
+            run(tiny_recipe(tmp_path / "run", "training.compile=step-graph"))
+        assert not (tmp_path / "run").exists()
 
     with pytest.raises(RecipeError, match="one process, not 2"):
         check_step_graph_setup(2, "cuda")
