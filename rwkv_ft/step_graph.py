@@ -3,10 +3,12 @@ recorded as one CUDA graph and replayed (`training.compile: step-graph`).
 
 Why: with CUDA graphs per block (`reduce-overhead`) every block call still runs Python on the host:
 dynamo's guards (~80 per LoRA-adapted Linear) and the graph tree's bookkeeping, ~0.5 ms a call on an
-H100's host. Under whole-block checkpointing at batch 1 (RWKV-4 7.6B) that is about what the GPU
-spends on a block's forward, so the GPU waits (benchmarks/NOTES.md, "Twentieth session"). One graph
-per micro-step costs the host one input copy and one replay; the blocks inside are compiled without
-graphs of their own (inductor's fused kernels), and the optimizer step stays outside.
+H100's host, about what the GPU spends on a block's forward at RWKV-4 7.6B, batch 1, with whole-block
+checkpointing. One graph per micro-step costs the host one input copy and one replay, however deep
+the model; the blocks inside compile without graphs of their own (inductor's fused kernels), and the
+optimizer step stays outside. On an H100's fast host the per-block graphs had kept up: the step
+gained 0.6% at 7.6B and 1.3% at 1.6B (benchmarks/NOTES.md, "Twentieth session"); a slower host gains
+more.
 
 What is recorded is exact for what it records: one graph per input signature (tensor shapes and
 dtypes), captured on the `warmup + 1`-th batch of that signature, replayed for every later one, the
