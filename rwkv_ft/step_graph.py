@@ -7,8 +7,8 @@ H100's host, about what the GPU spends on a block's forward at RWKV-4 7.6B, batc
 checkpointing. One graph per micro-step costs the host one input copy and one replay, however deep
 the model; the blocks inside compile without graphs of their own (inductor's fused kernels), and the
 optimizer step stays outside. On an H100's fast host the per-block graphs had kept up: the step
-gained 0.6% at 7.6B and 1.3% at 1.6B (benchmarks/NOTES.md, "Twentieth session"); a slower host gains
-more.
+gained 0.6% at 7.6B and 1.3% at 1.6B (benchmarks/NOTES.md, "Twentieth session"). Where the host is
+slow enough that the per-block calls bound the step, the gain would be larger (not measured).
 
 What is recorded is exact for what it records: one graph per input signature (tensor shapes and
 dtypes), captured on the `warmup + 1`-th batch of that signature, replayed for every later one, the
