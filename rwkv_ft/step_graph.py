@@ -84,7 +84,7 @@ class StepGraphs:
             check_token_ids(inputs["input_ids"], self.vocab_size)
         self.eager_reason = graphable(inputs)
         if self.eager_reason is None:
-            inputs = without_right_padding_mask(inputs)
+            inputs.pop("attention_mask", None)  # none, or right padding before ignored labels: not needed
             key = signature(inputs)
             recorded = self.graphs.get(key)
             if recorded is None:
@@ -105,7 +105,7 @@ class StepGraphs:
     def _eager(self, inputs: dict[str, Any], side_stream: bool) -> torch.Tensor:
         """One eager micro-step; a warm-up runs on a side stream, as capture requires of the work it
         initialises (cuBLAS workspaces, the autograd engine's streams)."""
-        context = _side_stream() if side_stream and _on_cuda(self.parameters) else contextlib.nullcontext()
+        context = _side_stream() if side_stream and self.parameters[0].is_cuda else contextlib.nullcontext()
         with context:
             loss = self.loss_fn(inputs)
             grads = torch.autograd.grad(loss, self.parameters, allow_unused=True)
@@ -201,23 +201,12 @@ def graphable(inputs: dict[str, Any]) -> str | None:
     return None
 
 
-def without_right_padding_mask(inputs: dict[str, Any]) -> dict[str, Any]:
-    """The batch without its attention mask (only called on right padding with ignored labels)."""
-    inputs = dict(inputs)
-    inputs.pop("attention_mask", None)
-    return inputs
-
-
 def signature(inputs: dict[str, Any]) -> tuple:
     """What a graph is recorded for: every tensor's shape, dtype and device, every other value."""
     return tuple(
         (k, tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else (k, v)
         for k, v in sorted(inputs.items())
     )
-
-
-def _on_cuda(parameters: list[torch.Tensor]) -> bool:
-    return parameters[0].is_cuda
 
 
 @contextlib.contextmanager
