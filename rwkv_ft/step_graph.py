@@ -170,13 +170,15 @@ class _RecordedStep:
 
 def accumulate(parameters: list[torch.nn.Parameter], grads) -> None:
     """`.grad` as `backward()` leaves it: the new gradient where there was none (the tensor itself,
-    no copy), the sum where there was one."""
+    no copy, when it has the parameter's strides; else a copy in the parameter's layout, as autograd
+    makes: the optimizer's and the clipping's reductions then run in the same order as after
+    `backward()`), the sum where there was one."""
     existing, added = [], []
     for p, g in zip(parameters, grads):
         if g is None:
             continue
         if p.grad is None:
-            p.grad = g
+            p.grad = g if g.stride() == p.stride() else torch.empty_like(p).copy_(g)
         else:
             existing.append(p.grad)
             added.append(g)

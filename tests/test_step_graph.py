@@ -94,6 +94,32 @@ def test_gradient_accumulation_sums_replays_without_aliasing():
         assert_close(p.grad, g, name=f"accumulated gradient {i}")
 
 
+def test_a_gradient_in_another_layout_lands_in_the_parameters_layout():
+    """A gradient that comes out transposed (an op that writes it so) is left in `.grad` in the
+    parameter's own layout, as `backward()` leaves it."""
+
+    class TransposedGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g.t().contiguous().t()  # the same values, column-major
+
+    w = torch.nn.Parameter(torch.randn(3, 5, generator=torch.Generator().manual_seed(4)))
+    target = torch.randn(3, 5, generator=torch.Generator().manual_seed(5))
+    steps = StepGraphs(
+        lambda inputs: (TransposedGradient.apply(w) * inputs["x"]).square().sum(),
+        [w],
+        recorder=RerunRecorder(),
+        warmup=0,
+    )
+    for accumulated in (1, 2):
+        steps({"x": target})
+        assert w.grad.stride() == w.stride() and torch.allclose(w.grad, accumulated * 2 * w.detach() * target**2)
+
+
 def test_a_new_shape_is_a_new_graph_and_max_graphs_bounds_them():
     model = lora_model("rwkv4")
     recorder = RerunRecorder()
