@@ -199,7 +199,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bare_model(shape: str, variant: str, device: str, compile_kwargs: dict):
+def bare_model(shape: str, variant: str, device: str, compile_kwargs: dict, selective_blocks: int = 0):
+    """selective_blocks: under whole-block checkpointing, that many last blocks recompute selectively."""
     fast, compiled, recompute, chunked_head = VARIANTS[variant]
     model = build(shape, device)
     if not chunked_head:
@@ -207,7 +208,7 @@ def bare_model(shape: str, variant: str, device: str, compile_kwargs: dict):
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0))
     if fast:
         enable_fast_lora(model)
-    model.set_activation_recompute(recompute)
+    model.set_activation_recompute(recompute, selective_blocks=selective_blocks if recompute == "full" else 0)
     if compiled:
         model.compile_blocks(**compile_kwargs)
     return model.train()
@@ -282,10 +283,11 @@ def step_graph_check(model, step) -> dict:
 
 
 def run_case(
-    shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=None, chunk=None, profile=False, step_graph=False
-):
+    shape, variant, device, ctx, steps, warmup, compile_kwargs, batch=None, chunk=None, profile=False, step_graph=False,
+    selective_blocks=0,
+):  # fmt: skip
     batch = batch or SHAPES[shape][4]
-    model = bare_model(shape, variant, device, compile_kwargs)
+    model = bare_model(shape, variant, device, compile_kwargs, selective_blocks)
     set_chunk_len(model, chunk)
     lora_b = next(p for n, p in model.named_parameters() if "lora_B" in n)
     before = lora_b.detach().clone()
@@ -581,6 +583,12 @@ def main() -> None:
     ap.add_argument("--step-graph", action="store_true", help="the bare loop's forward and backward replayed "
                     "from one CUDA graph per step (rwkv_ft.step_graph; training.compile: step-graph), checked "
                     "against an eager micro-step first; blocks compiled without graphs of their own")  # fmt: skip
+    ap.add_argument(
+        "--selective-blocks",
+        type=int,
+        default=0,
+        help="with whole-block checkpointing (compile_ckpt), this many last blocks recompute selectively instead",
+    )
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument(
         "--composed-lora",
@@ -640,6 +648,7 @@ def main() -> None:
         "compile_mode": args.compile_mode,
         "composed_lora": args.composed_lora,
         "step_graph": args.step_graph,
+        "selective_blocks": args.selective_blocks,
         "cases": [],
     }
     work = Path(tempfile.mkdtemp(prefix="bench_step_"))
@@ -672,7 +681,7 @@ def main() -> None:
                     args.warmup if not T else args.long_warmup,
                     batch=1 if T else None, chunk=chunk_len,
                     profile=(variant in profiled and not T) or bool(T and args.profile_long),
-                    step_graph=args.step_graph and not T,
+                    step_graph=args.step_graph and not T, selective_blocks=args.selective_blocks,
                 )  # fmt: skip
                 try:
                     r = case(compile_kwargs)

@@ -243,7 +243,7 @@ def causal_lms(model) -> list:
 def attach_adapter(model, recipe: Recipe):
     """Wrap `model` as the recipe says; everything not trained is frozen. The adapter's initial
     values are drawn from a generator seeded by training.seed alone, whatever ran before."""
-    from rwkv_ft.models.modeling_utils import enable_activation_checkpointing
+    from rwkv_ft.models.modeling_utils import enable_activation_checkpointing, recompute_last_blocks_selectively
 
     spec, quantized = recipe.adapter, recipe.model.quantization is not None
     checkpointing = recipe.training.gradient_checkpointing
@@ -260,6 +260,11 @@ def attach_adapter(model, recipe: Recipe):
             model.enable_input_require_grads()
     if checkpointing == "selective":
         enable_activation_checkpointing(model, "selective")
+    if recipe.training.selective_blocks:
+        try:
+            recompute_last_blocks_selectively(model, recipe.training.selective_blocks)
+        except ValueError as exc:
+            raise RecipeError(f"recipe: training.{exc}") from None
     if recipe.training.compile:  # the blocks are compiled lazily, at their first call
         model.compile_blocks(**compile_options(recipe.training.compile))
     if spec.type == "none":

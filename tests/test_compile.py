@@ -134,7 +134,9 @@ def test_wkv4_compiles_as_one_opaque_node(dtype, small_chunks):
 # Compiled models against eager
 
 
-def lora_model(version: str, dtype=torch.float32, *, recompute="none", backend="torch", dropout=0.0, fast=True):
+def lora_model(
+    version: str, dtype=torch.float32, *, recompute="none", backend="torch", dropout=0.0, fast=True, selective_blocks=0
+):
     model = MODEL_FACTORIES[version]()
     model.config.wkv_backend = backend
     for m in model.modules():
@@ -145,7 +147,7 @@ def lora_model(version: str, dtype=torch.float32, *, recompute="none", backend="
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False))
     if fast:
         enable_fast_lora(model)
-    model.set_activation_recompute(recompute)
+    model.set_activation_recompute(recompute, selective_blocks=selective_blocks)
     return model.train()
 
 
@@ -304,6 +306,24 @@ def test_compiled_packed_rows_rwkv4(backend, recompute, small_chunks):
     compiled = lora_model("rwkv4", backend=backend, recompute=recompute)
     compiled.compile_blocks(backend=PARTITIONED)
     assert_same_step(step(compiled), eager, torch.float32)
+
+
+@pytest.mark.parametrize("version", sorted(MODEL_FACTORIES))
+def test_whole_block_checkpointing_with_the_last_blocks_selective(version):
+    """recompute "full" with selective_blocks=1: the first block checkpoints whole, the last keeps
+    its large matmuls' outputs; eager and compiled (each block compiled for its own flags) give the
+    step of a model that recomputes nothing."""
+    ids = random_ids(2, 6, seed=2)  # as test_compiled_matches_eager (see assert_same_step on RWKV-7's rounding)
+    model = lora_model(version, recompute="full", selective_blocks=1)
+    first, last = rwkv_blocks(model)
+    assert first.gradient_checkpointing and not first.selective_recompute and last.selective_recompute
+    plain = loss_and_grads(lora_model(version), ids)
+    assert_same_step(loss_and_grads(model, ids), plain, torch.float32)
+    compare(version, torch.float32, {"backend": PARTITIONED}, ids, recompute="full", selective_blocks=1)
+    with pytest.raises(ValueError, match="between 0 and the model's 2 blocks, got 3"):
+        model.set_activation_recompute("full", selective_blocks=3)
+    with pytest.raises(ValueError, match="applies to the 'full' recompute mode"):
+        model.set_activation_recompute("selective", selective_blocks=1)
 
 
 def test_selective_recompute_and_full_checkpointing_match_eager_without_compile():

@@ -71,6 +71,16 @@ def test_unknown_keys_and_bad_values_are_named(tmp_path):
         load_recipe(None, ["model.quantization=int3"])
 
 
+def test_selective_blocks_refusals_name_the_key(tmp_path):
+    with pytest.raises(RecipeError, match="selective_blocks needs training.gradient_checkpointing: true"):
+        load_recipe(None, ["training.selective_blocks=2"])
+    with pytest.raises(RecipeError, match="selective_blocks must be >= 0"):
+        load_recipe(None, ["training.gradient_checkpointing=true", "training.selective_blocks=-1"])
+    recipe = tiny_recipe(tmp_path, "training.gradient_checkpointing=true", "training.selective_blocks=3")
+    with pytest.raises(RecipeError, match="training.selective_blocks must be between 0 and the model's 2 blocks"):
+        run(recipe)
+
+
 def test_overrides_parse_yaml_values():
     recipe = load_recipe(None, ["training.lr=3e-4", "data.pack=true", "adapter.target_modules=[key, value]"])
     assert recipe.training.lr == pytest.approx(3e-4) and recipe.data.pack is True
