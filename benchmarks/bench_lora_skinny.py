@@ -36,7 +36,7 @@ class SkinnyConfig:
 
 @triton.jit
 def _skinny_kernel(
-    x_ptr, z_ptr, c_ptr, P, K, R, s_xp, s_xk, s_zk, s_zr, s_cp, s_cr,
+    x_ptr, z_ptr, c_ptr, P, K, R, s_xp, s_xk, s_zk, s_zr, s_cp,
     BP: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BP + tl.arange(0, BP)  # (BP,)
@@ -54,7 +54,7 @@ def _skinny_kernel(
         acc = tl.dot(x, z, acc)
         x_at += BK * s_xk
         z_at += BK * s_zk
-    c_at = c_ptr + rows.to(tl.int64)[:, None] * s_cp + cols.to(tl.int64)[None, :] * s_cr
+    c_at = c_ptr + rows.to(tl.int64)[:, None] * s_cp + cols[None, :]
     tl.store(c_at, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -72,24 +72,14 @@ def default_config(x: torch.Tensor, R: int) -> SkinnyConfig:
     return SkinnyConfig(bp=16, bk=256 if _padded_rank(R) <= 32 else 128)
 
 
-def skinny_matmul_triton(
-    x: torch.Tensor, z: torch.Tensor, config: SkinnyConfig | None = None, *, transposed: bool = False
-) -> torch.Tensor:
-    """x (P, K) @ z (K, R) -> (P, R) contiguous in x's dtype, fp32 accumulation; any strides.
-    transposed: return the product's transpose (R, P), contiguous (written so, no copy)."""
+def skinny_matmul_triton(x: torch.Tensor, z: torch.Tensor, config: SkinnyConfig | None = None) -> torch.Tensor:
+    """x (P, K) @ z (K, R) -> (P, R) contiguous in x's dtype, fp32 accumulation; any strides."""
     P, K = x.shape
     R = z.shape[1]
     cfg = config or default_config(x, R)
-    shape = (R, P) if transposed else (P, R)
-    c = torch.empty(shape, dtype=x.dtype, device=x.device)
-    if P == 0:
-        return c
-    if K == 0:
-        return c.zero_()
-    s_cp, s_cr = (c.stride(1), c.stride(0)) if transposed else c.stride()
-    grid = (triton.cdiv(P, cfg.bp),)
-    _skinny_kernel[grid](
-        x, z, c, P, K, R, x.stride(0), x.stride(1), z.stride(0), z.stride(1), s_cp, s_cr,
+    c = torch.empty((P, R), dtype=x.dtype, device=x.device)
+    _skinny_kernel[(triton.cdiv(P, cfg.bp),)](
+        x, z, c, P, K, R, x.stride(0), x.stride(1), z.stride(0), z.stride(1), c.stride(0),
         BP=cfg.bp, BK=cfg.bk, BR=_padded_rank(R), num_warps=cfg.warps, num_stages=cfg.stages,
         enable_fp_fusion=True,
     )  # fmt: skip
