@@ -35,28 +35,35 @@ SHAPES = {"1.6b": (24, 2048), "7.6b": (32, 4096), "tiny": (2, 64)}
 
 
 class Throughput(TrainerCallback):
-    """Tokens (non-padding) and wall time of the steps after the first `skip`."""
+    """Tokens (non-padding) and wall time from the start of step `skip` to the end of the last step
+    (not the final save after it)."""
 
     def __init__(self, skip: int):
-        self.skip, self.tokens, self.started, self.steps = skip, 0, None, 0
+        self.skip, self.steps = skip, 0
+        self.started = self.ended = None
+        self.tokens_at_start = self.tokens_at_end = 0
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == self.skip:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.started = time.perf_counter()
-            self.tokens = state.num_input_tokens_seen
+            sync()
+            self.started, self.tokens_at_start = time.perf_counter(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.started is not None:
+        if self.started is not None and state.global_step == state.max_steps:
+            sync()
+            self.ended, self.tokens_at_end = time.perf_counter(), state.num_input_tokens_seen
             self.steps = state.global_step - self.skip
 
-    def result(self, state_tokens: int) -> dict[str, float]:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - self.started
-        tokens = state_tokens - self.tokens
+    def result(self) -> dict[str, float]:
+        if self.ended is None:
+            raise SystemExit(f"bench_recipe: the run ended before step {self.skip + 1}; lower --skip")
+        elapsed, tokens = self.ended - self.started, self.tokens_at_end - self.tokens_at_start
         return {"timed_steps": self.steps, "tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def long_rows(path: Path, rows: int, answers_per_row: int, seed: int = 0) -> Path:
@@ -79,6 +86,8 @@ def build_base(shape: str, directory: Path) -> Path:
         model = rwkv_ft.Rwkv4ForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32)
     model.save_pretrained(directory)
     del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the training run's reserved memory is measured without this model's blocks
     return directory
 
 
@@ -132,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": summary["steps"],
         "train_loss": summary["train_loss"],
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
         "base_build_seconds": base_seconds,
-        **meter.result(summary["tokens_seen"]),
+        **meter.result(),
     }
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "bench_recipe.json").write_text(json.dumps(result, indent=2))

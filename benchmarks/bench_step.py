@@ -106,6 +106,13 @@ RECIPE_VARIANTS = {
         ["adapter.dropout=0.0", "training.compile=reduce-overhead", "training.gradient_checkpointing=selective"],
         "compile_selective",
     ),
+    # whole-block checkpointing with CUDA graphs of each block (the 7.6B setting; --selective-blocks k turns
+    # the last k blocks selective, as training.selective_blocks does); compare with the bare loop's
+    # compile_ckpt under --compile-mode reduce-overhead
+    "recipe_ckpt_graphs": (
+        ["adapter.dropout=0.0", "training.compile=reduce-overhead", "training.gradient_checkpointing=true"],
+        "compile_ckpt",
+    ),
     # long context on a 4-bit base (issue 12: RWKV-7 7.2B NF4 LoRA at 65,536 tokens in 24 GiB): whole-block
     # recompute inside each chunk, eager blocks; the sample length is the job's T
     "recipe_nf4_long": (
@@ -373,8 +380,20 @@ class StepTimer:
         self.profiler = self.profile = None
 
 
-def run_recipe_case(shape, variant, device, ctx, steps, warmup, work: Path, profile: bool = False) -> dict:
-    """rwkv_ft.train.run on a random bf16 model of `shape` saved to disk, rows filled to `ctx`."""
+def recipe_variant(variant: str, selective_blocks: int = 0) -> tuple[list[str], str | None]:
+    """A recipe variant's overrides, with `training.selective_blocks` where it checkpoints whole blocks,
+    and the bare-loop variant it is compared with."""
+    overrides, compared_with = RECIPE_VARIANTS[variant]
+    if selective_blocks and "training.gradient_checkpointing=true" in overrides:
+        overrides = [*overrides, f"training.selective_blocks={selective_blocks}"]
+    return overrides, compared_with
+
+
+def run_recipe_case(
+    shape, variant, device, ctx, steps, warmup, work: Path, profile: bool = False, selective_blocks: int = 0
+) -> dict:
+    """rwkv_ft.train.run on a random bf16 model of `shape` saved to disk, rows filled to `ctx`;
+    `selective_blocks` applies to the variants with whole-block checkpointing."""
     from bench_recipe import long_rows
 
     from rwkv_ft.recipe import load_recipe
@@ -385,11 +404,13 @@ def run_recipe_case(shape, variant, device, ctx, steps, warmup, work: Path, prof
     if not base.exists():
         build(shape, device).save_pretrained(base)
         gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the run's reserved memory is measured without the built model's blocks
     recipe_file = Path(__file__).resolve().parents[1] / "recipes" / f"{version}_alpaca_lora.yaml"
     total = warmup + steps + int(profile)
     # rows whose prompt does not fit in ctx are skipped by the data pipeline: room for that
     data = long_rows(work / f"rows-{ctx}.jsonl", rows=4 * total * batch, answers_per_row=max(ctx // 16, 3))
-    overrides, compared_with = RECIPE_VARIANTS[variant]
+    overrides, compared_with = recipe_variant(variant, selective_blocks)
     recipe = load_recipe(
         recipe_file,
         [
@@ -587,7 +608,8 @@ def main() -> None:
         "--selective-blocks",
         type=int,
         default=0,
-        help="with whole-block checkpointing (compile_ckpt), this many last blocks recompute selectively instead",
+        help="with whole-block checkpointing (compile_ckpt, recipe_ckpt_graphs), this many last blocks recompute "
+        "selectively instead",
     )
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument(
@@ -673,7 +695,7 @@ def main() -> None:
                 r = run_recipe_case(
                     shape, variant, device, ctx, args.steps if not T else args.long_steps,
                     args.warmup if not T else args.long_warmup, work,
-                    variant in profiled,
+                    variant in profiled, args.selective_blocks,
                 )  # fmt: skip
             else:
                 case = functools.partial(

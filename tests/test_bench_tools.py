@@ -58,3 +58,36 @@ def test_step_trace_names_the_kernels_around_each_copy(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "memcpy128: 2 calls, 0.02 ms" in out
     assert "1 x after gemm_term | before gemm_badd" in out and "1 x after gemm_term | before -" in out
+
+
+def test_selective_blocks_reach_only_the_recipe_variants_that_checkpoint_whole_blocks():
+    from bench_step import recipe_variant
+
+    from rwkv_ft.recipe import load_recipe
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "rwkv4_alpaca_lora.yaml"
+    overrides, compared_with = recipe_variant("recipe_ckpt_graphs", selective_blocks=5)
+    loaded = load_recipe(recipe, overrides).training
+    assert (loaded.gradient_checkpointing, loaded.selective_blocks, loaded.compile) == (True, 5, "reduce-overhead")
+    assert compared_with == "compile_ckpt"
+    selective, _ = recipe_variant("recipe_graphs", selective_blocks=5)  # already selective everywhere
+    assert load_recipe(recipe, selective).training.selective_blocks == 0
+    assert recipe_variant("recipe_ckpt_graphs")[0] == overrides[:-1]
+
+
+def test_recipe_throughput_stops_at_the_last_step_not_after_the_save(monkeypatch):
+    """bench_recipe's meter times steps skip+1..max_steps; what runs after the last step (the final
+    save) is not in it."""
+    from types import SimpleNamespace
+
+    import bench_recipe
+
+    clock = iter([10.0, 14.0, 99.0])  # start of step 3, end of step 6, a read after the save
+    monkeypatch.setattr(bench_recipe.time, "perf_counter", lambda: next(clock))
+    meter = bench_recipe.Throughput(skip=2)
+    for step in range(6):  # global_step before a step's begin is the count of finished steps
+        state = SimpleNamespace(global_step=step, max_steps=6, num_input_tokens_seen=100 * step)
+        meter.on_step_begin(None, state, None)
+        state.global_step, state.num_input_tokens_seen = step + 1, 100 * (step + 1)
+        meter.on_step_end(None, state, None)
+    assert meter.result() == {"timed_steps": 4, "tokens": 400, "seconds": 4.0, "tokens_per_s": 100.0}
