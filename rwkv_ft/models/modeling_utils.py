@@ -344,6 +344,18 @@ class RwkvBlock(nn.Module):
     selective_recompute: bool = False
     cudagraphs: bool = False  # compiled with a mode that replays CUDA graphs (`compile_blocks`)
 
+    def __init__(self, config, layer_id: int):
+        """The pre-norm layout every version has: `ln1` before the time mix, `ln2` before the channel
+        mix, and on block 0 `ln0` over the embeddings (the checkpoints' names). The version adds
+        `att` and `ffn`."""
+        super().__init__()
+        C, eps = config.hidden_size, config.layer_norm_epsilon
+        self.layer_id = layer_id
+        if layer_id == 0:
+            self.ln0 = nn.LayerNorm(C, eps=eps)  # applied to the embeddings
+        self.ln1 = nn.LayerNorm(C, eps=eps)
+        self.ln2 = nn.LayerNorm(C, eps=eps)
+
     def forward(
         self,
         hidden: torch.Tensor,

@@ -130,13 +130,7 @@ class Rwkv4ChannelMix(nn.Module):
 
 class Rwkv4Block(RwkvBlock):
     def __init__(self, config: Rwkv4Config, layer_id: int):
-        super().__init__()
-        C, eps = config.hidden_size, config.layer_norm_epsilon
-        self.layer_id = layer_id
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C, eps=eps)  # applied to the embeddings
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
+        super().__init__(config, layer_id)
         self.att = Rwkv4TimeMix(config, layer_id)
         self.ffn = Rwkv4ChannelMix(config, layer_id)
 

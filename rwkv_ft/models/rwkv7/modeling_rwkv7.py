@@ -173,14 +173,8 @@ class Rwkv7ChannelMix(nn.Module):
 
 class Rwkv7Block(RwkvBlock):
     def __init__(self, config: Rwkv7Config, layer_id: int):
-        super().__init__()
-        C, eps = config.hidden_size, config.layer_norm_epsilon
+        super().__init__(config, layer_id)
         self.config = config
-        self.layer_id = layer_id
-        if layer_id == 0:
-            self.ln0 = nn.LayerNorm(C, eps=eps)  # applied to the embeddings
-        self.ln1 = nn.LayerNorm(C, eps=eps)
-        self.ln2 = nn.LayerNorm(C, eps=eps)
         self.att = Rwkv7TimeMix(config, layer_id)
         self.ffn = Rwkv7ChannelMix(config, layer_id)
 
