@@ -27,6 +27,8 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
     from rwkv_ft.models.offload import ChunkOffload
 
 # model_kwargs key holding our _GenerationState (not a cache name any transformers release knows).
@@ -344,7 +346,7 @@ class RwkvBlock(nn.Module):
     selective_recompute: bool = False
     cudagraphs: bool = False  # compiled with a mode that replays CUDA graphs (`compile_blocks`)
 
-    def __init__(self, config, layer_id: int):
+    def __init__(self, config: PretrainedConfig, layer_id: int):
         """The pre-norm layout every version has: `ln1` before the time mix, `ln2` before the channel
         mix, and on block 0 `ln0` over the embeddings (the checkpoints' names). The version adds
         `att` and `ffn`."""
