@@ -32,6 +32,7 @@ Prints a markdown table last and writes DIR/bench_step.json (DIR: --out, default
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
@@ -112,6 +113,12 @@ RECIPE_VARIANTS = {
     "recipe_ckpt_graphs": (
         ["adapter.dropout=0.0", "training.compile=reduce-overhead", "training.gradient_checkpointing=true"],
         "compile_ckpt",
+    ),
+    # the same with the gradient clipping the Trainer did before the twenty-fourth session (accelerate's
+    # clip_grad_norm_ over the trained parameters: a Python-level call per tensor); see ACCELERATE_CLIP
+    "recipe_ckpt_graphs_accelerate_clip": (
+        ["adapter.dropout=0.0", "training.compile=reduce-overhead", "training.gradient_checkpointing=true"],
+        "recipe_ckpt_graphs",
     ),
     # long context on a 4-bit base (issue 12: RWKV-7 7.2B NF4 LoRA at 65,536 tokens in 24 GiB): whole-block
     # recompute inside each chunk, eager blocks; the sample length is the job's T
@@ -380,6 +387,31 @@ class StepTimer:
         self.profiler = self.profile = None
 
 
+ACCELERATE_CLIP = {"recipe_ckpt_graphs_accelerate_clip"}
+
+
+@contextlib.contextmanager
+def trainer_clipping_with_accelerate(enabled: bool):
+    """While on, rwkv_ft.train's Trainer clips as accelerate does (the baseline of its own clip)."""
+    import rwkv_ft.train as train_module
+
+    make = train_module._make_trainer_class
+    if enabled:
+
+        def make_with_accelerate_clip():
+            class AccelerateClip(make()):
+                def _clip_grad_norm(self, model):
+                    return self.accelerator.clip_grad_norm_(self.trained_parameters(), self.args.max_grad_norm)
+
+            return AccelerateClip
+
+        train_module._make_trainer_class = make_with_accelerate_clip
+    try:
+        yield
+    finally:
+        train_module._make_trainer_class = make
+
+
 def recipe_variant(variant: str, selective_blocks: int = 0) -> tuple[list[str], str | None]:
     """A recipe variant's overrides, with `training.selective_blocks` where it checkpoints whole blocks,
     and the bare-loop variant it is compared with."""
@@ -424,7 +456,8 @@ def run_recipe_case(
         ],
     )  # fmt: skip
     timer = StepTimer(warmup, steps, device, profile)
-    summary = run(recipe, callbacks=[timer.callback])
+    with trainer_clipping_with_accelerate(variant in ACCELERATE_CLIP):
+        summary = run(recipe, callbacks=[timer.callback])
     median = timer.seconds / steps
     result = {
         "shape": shape,

@@ -375,6 +375,29 @@ def sharding(accelerator) -> str:
     return "none"
 
 
+def clip_grad_norm(grads: list, max_norm: float):
+    """Scale `grads` in place so that their joint L2 norm is at most `max_norm`; returns the norm
+    before scaling. What torch.nn.utils.clip_grad_norm_ computes (a test checks it bit for bit), for
+    one process's (or DDP's) plain tensors, without its Python-level call per tensor: with LoRA on
+    a 7.6B model (448 matrices) those calls cost the Trainer's step ~1-2 ms of host time while the
+    GPU waits (benchmarks/NOTES.md, twenty-fourth session)."""
+    import torch
+    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+    if not grads:
+        return torch.tensor(0.0)
+    groups = [ts for ([ts], _) in _group_tensors_by_device_and_dtype([grads]).values()]  # type: ignore[misc]
+    first, norms = grads[0].device, []
+    for ts in groups:
+        group_norms = torch._foreach_norm(ts)
+        norms.extend(group_norms if ts[0].device == first else [n.to(first) for n in group_norms])
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for ts in groups:
+        torch._foreach_mul_(ts, scale.to(ts[0].device))
+    return total
+
+
 def is_adapter_model(model) -> bool:
     """Whether `model` trains an adapter (LoRA through peft and/or a learned initial state)."""
     from rwkv_ft.adapters import find_initial_state
@@ -667,7 +690,9 @@ def _make_trainer_class():
         def _clip_grad_norm(self, model):  # transformers >= 5.3 (earlier releases clip inline, over every parameter)
             if self.how_sharded != "none":  # FSDP2 and DeepSpeed clip their own way
                 return super()._clip_grad_norm(model)
-            return self.accelerator.clip_grad_norm_(self.trained_parameters(), self.args.max_grad_norm)
+            self.accelerator.unscale_gradients()  # fp16's loss scale, as accelerate's clip does first
+            grads = [p.grad for p in self.trained_parameters() if p.grad is not None]
+            return clip_grad_norm(grads, self.args.max_grad_norm)
 
         def _walk_trained_parameters_only(self, model) -> None:
             """From the first step to the end of `train()`: `model.train()` returns at once when the

@@ -1,5 +1,6 @@
 """The readings of the benchmark scripts that benchmarks/NOTES.md quotes, on synthetic input."""
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -73,6 +74,24 @@ def test_selective_blocks_reach_only_the_recipe_variants_that_checkpoint_whole_b
     selective, _ = recipe_variant("recipe_graphs", selective_blocks=5)  # already selective everywhere
     assert load_recipe(recipe, selective).training.selective_blocks == 0
     assert recipe_variant("recipe_ckpt_graphs")[0] == overrides[:-1]
+
+
+def test_the_accelerate_clip_baseline_is_patched_in_for_its_variant_only():
+    """recipe_ckpt_graphs_accelerate_clip runs the Trainer with accelerate's clip (the baseline of
+    rwkv_ft's own); the patch is undone after the run, and other variants never see it."""
+    import bench_step
+
+    import rwkv_ft.train as train_module
+
+    stock = train_module._make_trainer_class
+    with bench_step.trainer_clipping_with_accelerate(False):
+        assert train_module._make_trainer_class is stock
+    with bench_step.trainer_clipping_with_accelerate(True):
+        patched = train_module._make_trainer_class()
+        assert patched._clip_grad_norm is not stock()._clip_grad_norm
+        assert "accelerator.clip_grad_norm_" in inspect.getsource(patched._clip_grad_norm)
+    assert train_module._make_trainer_class is stock
+    assert bench_step.ACCELERATE_CLIP <= set(bench_step.RECIPE_VARIANTS)
 
 
 def test_recipe_throughput_stops_at_the_last_step_not_after_the_save(monkeypatch):

@@ -182,6 +182,24 @@ def test_meta_tensors_give_shapes():
     assert loss.shape == (6,) and loss.dtype == torch.float32 and grad.shape == (6, 40) and grad.is_meta
 
 
+def test_auto_takes_the_kernel_on_cuda_and_meta_only(monkeypatch):
+    """ "auto" on CPU tensors runs the reference, even under the interpreter (which would take ~1 s a
+    call at a 65,536-word vocabulary in every CPU training test)."""
+    import rwkv_ft.kernels.cross_entropy.cross_entropy as dispatch
+
+    kernel_calls = []
+    op = dispatch.cross_entropy_rows_op
+    monkeypatch.setattr(dispatch, "cross_entropy_rows_op", lambda *a: kernel_calls.append(a[0].device.type) or op(*a))
+    logits, targets = make_rows(4, 50, torch.float32)
+    cross_entropy_rows(logits.cpu(), targets.cpu(), with_grad=True)
+    assert kernel_calls == []
+    cross_entropy_rows(torch.empty(4, 50, device="meta"), torch.empty(4, dtype=torch.long, device="meta"))
+    assert kernel_calls == ["meta"]
+    if torch.cuda.is_available():
+        cross_entropy_rows(logits.cuda(), targets.cuda())
+        assert kernel_calls == ["meta", "cuda"]
+
+
 def test_compiles_as_one_opaque_node():
     """Inside a fullgraph-compiled function the op is one node and gives the eager call's bits."""
     logits, targets = make_rows(9, 130, torch.bfloat16)

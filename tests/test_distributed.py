@@ -261,10 +261,25 @@ def test_fsdp2_shards_gather_into_a_normal_adapter(tmp_path):
         assert (merged.out / "model.safetensors").exists()
 
 
+ZERO_RUN = ["training.max_steps=4", "training.save_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def one_process_zero_reference(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The one-process run both ZeRO stages are compared with (its summary and adapter). Stage 3's
+    runs take long-context chunks, whose loss and gradients equal the whole sequence's
+    (test_long_context.py), so one unchunked run serves both."""
+    out = tmp_path_factory.mktemp("zero_reference")
+    summary = one_process(out, *ZERO_RUN)
+    return summary, adapter(out / "adapter")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_matches_one_process_and_a_killed_run_resumes_exactly(tmp_path, stage):
+def test_deepspeed_zero_matches_one_process_and_a_killed_run_resumes_exactly(
+    tmp_path, stage, one_process_zero_reference
+):
     """ZeRO-2 (the shipped config) and ZeRO-3 (every parameter partitioned; long-context chunks of 4
     tokens, whose count differs between the ranks' batches: unpadded, the ranks' parameter fetches
     mismatch and the run aborts) on 2 CPU processes: the adapter of one process with the same global
@@ -273,16 +288,16 @@ def test_deepspeed_zero_matches_one_process_and_a_killed_run_resumes_exactly(tmp
     from rwkv_ft.merge import merge_adapter
     from rwkv_ft.train import complete_checkpoints
 
-    args = ["training.max_steps=4", "training.save_steps=2"]
+    args = list(ZERO_RUN)
     config = CONFIGS / "deepspeed_zero2.yaml"
     if stage == 3:
         config = zero3_partitioning_everything(tmp_path)
         args.append("training.chunk_len=4")
-    single = one_process(tmp_path / "one", *args)
+    single, one = one_process_zero_reference
     straight = launch(config, tmp_path / "two", *args)
     assert straight.returncode == 0, straight.stderr[-12000:]
     assert (tmp_path / "two" / "checkpoint-2" / "global_step2").is_dir(), "DeepSpeed's engine checkpoint"
-    one, two = adapter(tmp_path / "one" / "adapter"), adapter(tmp_path / "two" / "adapter")
+    two = adapter(tmp_path / "two" / "adapter")
     assert one.keys() == two.keys()
     for key in one:
         assert_close(two[key], one[key], rel=1e-4, name=key)

@@ -499,9 +499,12 @@ def test_trainer_bookkeeping_runs_over_the_trained_parameters(tmp_path):
     trainer._walk_trained_parameters_only(model)
     model(ids, labels=ids).loss.backward()
     if hasattr(Trainer, "_clip_grad_norm"):  # transformers releases that clip in a method
-        norms = [float(torch.linalg.vector_norm(p.grad)) for p in trained]
-        expected = sum(n * n for n in norms) ** 0.5
-        assert float(trainer._clip_grad_norm(model)) == pytest.approx(expected, rel=1e-5)
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in trained]
+        for copy, p in zip(copies, trained):
+            copy.grad = p.grad.clone()
+        expected = torch.nn.utils.clip_grad_norm_(copies, trainer.args.max_grad_norm)
+        assert torch.equal(trainer._clip_grad_norm(model), expected) and float(expected) > trainer.args.max_grad_norm
+        assert all(torch.equal(p.grad, copy.grad) for p, copy in zip(trained, copies))  # clipped alike
     model.zero_grad()
     assert all(p.grad is None for p in model.parameters())
 
@@ -520,6 +523,25 @@ def test_trainer_bookkeeping_runs_over_the_trained_parameters(tmp_path):
     assert "train" not in vars(model) and "zero_grad" not in vars(model)
     model.train()  # the model's own method again: a walk
     assert lora.training
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9], ids=["clipped", "unclipped"])
+@pytest.mark.parametrize("dtypes", [[torch.float32] * 5, [torch.float32, torch.bfloat16, torch.float32]])
+def test_gradient_clipping_is_torchs_bit_for_bit(max_norm, dtypes):
+    """clip_grad_norm (no call per tensor) gives torch.nn.utils.clip_grad_norm_'s norm and scaled
+    gradients exactly, with gradients of several dtypes; no gradients at all give 0."""
+    from rwkv_ft.train import clip_grad_norm
+
+    g = torch.Generator().manual_seed(len(dtypes))
+    ours = [(torch.randn(3 + i, 5, generator=g) * 0.4).to(d) for i, d in enumerate(dtypes)]
+    theirs = [torch.nn.Parameter(x.clone()) for x in ours]
+    for p, x in zip(theirs, ours):
+        p.grad = x.clone()
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert torch.equal(clip_grad_norm(ours, max_norm), expected)
+    assert all(torch.equal(x, p.grad) for x, p in zip(ours, theirs))
+    assert (float(expected) > max_norm) == (max_norm == 0.5)  # both cases are exercised
+    assert float(clip_grad_norm([], 1.0)) == 0.0
 
 
 class ModesAtEachStep(TrainerCallback):
