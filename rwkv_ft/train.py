@@ -30,9 +30,12 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rwkv_ft.recipe import Recipe, RecipeError, load_recipe
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("rwkv_ft.train")
 
@@ -375,7 +378,7 @@ def sharding(accelerator) -> str:
     return "none"
 
 
-def clip_grad_norm(grads: list, max_norm: float):
+def clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Scale `grads` in place so that their joint L2 norm is at most `max_norm`; returns the norm
     before scaling. What torch.nn.utils.clip_grad_norm_ computes (a test checks it bit for bit), for
     one process's (or DDP's) plain tensors, without its Python-level call per tensor: with LoRA on
