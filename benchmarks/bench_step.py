@@ -94,6 +94,7 @@ VARIANTS = {
     "compile_ckpt": (True, True, "full", True),
     "plain_head": (True, True, "none", False),
 }
+CKPT_GRAPHS = ["adapter.dropout=0.0", "training.compile=reduce-overhead", "training.gradient_checkpointing=true"]
 RECIPE_VARIANTS = {
     # name: (recipe overrides, the bare-loop variant it is compared with)
     "recipe": (
@@ -110,16 +111,10 @@ RECIPE_VARIANTS = {
     # whole-block checkpointing with CUDA graphs of each block (the 7.6B setting; --selective-blocks k turns
     # the last k blocks selective, as training.selective_blocks does); compare with the bare loop's
     # compile_ckpt under --compile-mode reduce-overhead
-    "recipe_ckpt_graphs": (
-        ["adapter.dropout=0.0", "training.compile=reduce-overhead", "training.gradient_checkpointing=true"],
-        "compile_ckpt",
-    ),
+    "recipe_ckpt_graphs": (CKPT_GRAPHS, "compile_ckpt"),
     # the same with the gradient clipping the Trainer did before the twenty-fourth session (accelerate's
     # clip_grad_norm_ over the trained parameters: a Python-level call per tensor); see ACCELERATE_CLIP
-    "recipe_ckpt_graphs_accelerate_clip": (
-        ["adapter.dropout=0.0", "training.compile=reduce-overhead", "training.gradient_checkpointing=true"],
-        "recipe_ckpt_graphs",
-    ),
+    "recipe_ckpt_graphs_accelerate_clip": (CKPT_GRAPHS, "recipe_ckpt_graphs"),
     # long context on a 4-bit base (issue 12: RWKV-7 7.2B NF4 LoRA at 65,536 tokens in 24 GiB): whole-block
     # recompute inside each chunk, eager blocks; the sample length is the job's T
     "recipe_nf4_long": (

@@ -316,8 +316,13 @@ def patch_the_triton_language_once_per_module_and_launch() -> None:
     call of a @triton.jit helper inside a kernel: inspect.getmembers over four modules, ~0.3 ms a
     call, a third of our kernels' interpreted time. The launch has already patched it; repeating it
     changes nothing (the members are patched already). So inside a launch each module's helpers
-    patch it once. Left alone where the interpreter is not shaped as expected."""
+    patch it once. Nothing without TRITON_INTERPRET=1, or where the interpreter is not shaped as
+    expected."""
+    import os
     import threading
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
 
     try:
         from triton.runtime import interpreter

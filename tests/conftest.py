@@ -21,7 +21,6 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: order within a file kept
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    from rwkv_ft.testing import patch_the_triton_language_once_per_module_and_launch
+from rwkv_ft.testing import patch_the_triton_language_once_per_module_and_launch  # noqa: E402
 
-    patch_the_triton_language_once_per_module_and_launch()
+patch_the_triton_language_once_per_module_and_launch()  # test speed: see its docstring

@@ -178,9 +178,8 @@ def fsdp2(out_dir: Path) -> int:
 
 
 if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from rwkv_ft.testing import patch_the_triton_language_once_per_module_and_launch
+    from rwkv_ft.testing import patch_the_triton_language_once_per_module_and_launch
 
-        patch_the_triton_language_once_per_module_and_launch()
+    patch_the_triton_language_once_per_module_and_launch()  # test speed: see its docstring
     mode, *rest = sys.argv[1:]
     sys.exit(train(rest) if mode == "train" else fsdp2(Path(rest[0])))
