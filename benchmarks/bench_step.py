@@ -203,6 +203,15 @@ def gib(x: int) -> float:
     return x / 2**30
 
 
+def fresh_dir(stem: Path) -> Path:
+    """stem, or stem-2, stem-3, ... if taken: a case named twice in --cases gets a run of its own."""
+    path, n = stem, 1
+    while path.exists():
+        n += 1
+        path = stem.with_name(f"{stem.name}-{n}")
+    return path
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -443,7 +452,7 @@ def run_recipe_case(
         [
             f"model.path={base}", "model.dtype=bf16", "tokenizer=world", f"data.path={data}",
             f"data.max_length={ctx}", "data.eval_fraction=null", "data.pack=false",
-            f"training.output_dir={work / f'out-{shape}-{variant}'}", f"training.max_steps={total}",
+            f"training.output_dir={fresh_dir(work / f'out-{shape}-{variant}')}", f"training.max_steps={total}",
             f"training.batch_size={batch}", "training.grad_accum=1", "training.lr=1e-4",
             "training.schedule=constant", "training.warmup_ratio=0", "training.save_steps=100000",
             f"training.logging_steps={total}", "merge.enabled=false", "generate.prompt=null",

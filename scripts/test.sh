@@ -12,5 +12,11 @@ venv=${VENV:-.venv}
     | tr -s ' ' | paste -sd ',' | sed 's/^/testing with: /'
 workers=${PYTEST_WORKERS:-2}
 parallel=()
-if [ "$workers" != 0 ]; then parallel=(-n "$workers" --dist loadfile); fi
+if [ "$workers" != 0 ]; then
+    parallel=(-n "$workers" --dist loadfile)
+    # One core's share of threads per worker: torch's default (a thread per core in each worker)
+    # oversubscribes the cores, and the tests' own subprocesses then wait on each other.
+    cores=$(nproc 2>/dev/null || echo 2)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( cores / workers > 1 ? cores / workers : 1 ))}
+fi
 exec "$venv/bin/python" -m pytest "${parallel[@]}" "$@"
