@@ -10,7 +10,8 @@ published shapes. benchmarks/bench_multi_gpu.sh runs the whole set; the steps:
 SHAPE: rwkv7-1.5b (L24 D2048), rwkv4-1.6b (L24 D2048), rwkv7-13.3b (L61 D4096), tiny (CPU check).
 `train` writes WORK/NAME/bench.json (main process: tokens/s over all GPUs after --skip warm-up
 steps, versions, settings) and WORK/NAME/rank<R>.json (each GPU's peak memory); `--kill-at STEP`
-kills rank 1 at the start of that step (a crashed run, for kill-and-resume). `compare` prints and
+kills the last rank at the start of that step (a crashed run, for kill-and-resume; on one GPU the
+only one). `compare` prints and
 writes WORK/compare-<A>-<B>.json: the adapters' largest relative difference, the loss curves'
 largest difference, and the tokens/s ratio B/A. Results are also copied under $OUT when it is set.
 """
@@ -62,14 +63,15 @@ def prepare(shape: str, work: Path, rows: int) -> None:
 
 
 class KillAt:
-    """Kills rank 1 (SIGKILL) when training step `step` begins: a crashed run."""
+    """Kills the last rank (SIGKILL) when training step `step` begins: a crashed run."""
 
     def __init__(self, step: int):
         from transformers import TrainerCallback
 
         class Callback(TrainerCallback):
             def on_step_begin(self, args, state, control, **kwargs):
-                if state.global_step + 1 == step and int(os.environ.get("RANK", "0")) == 1:
+                last = int(os.environ.get("WORLD_SIZE", "1")) - 1
+                if state.global_step + 1 == step and int(os.environ.get("RANK", "0")) == last:
                     os.kill(os.getpid(), signal.SIGKILL)
 
         self.callback = Callback()
@@ -128,7 +130,7 @@ def train(args: argparse.Namespace) -> int:
             "steps": summary["steps"],
             "resumed_from_step": summary["resumed_from_step"],
             "train_loss": summary["train_loss"],
-            **(meter.result(summary["tokens_seen"]) if meter.started is not None else {}),
+            **(meter.result() if meter.started is not None else {}),
         }
         (out / "bench.json").write_text(json.dumps(result, indent=2))
         print(json.dumps(result, indent=2))

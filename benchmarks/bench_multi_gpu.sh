@@ -7,7 +7,9 @@
 # Random weights (benchmarks/bench_multi_gpu.py prepare builds each base once, bf16, in $WORK), Alpaca
 # rows lengthened to fill the context. Writes $OUT/<run>/bench.json (tokens/s over both GPUs, versions),
 # $OUT/<run>/rank<R>.json (each GPU's peak memory) and $OUT/compare-*.json (adapter difference, loss
-# curves, speed-up); prints a summary last. Knobs: OUT, WORK, STEPS_DDP (30), STEPS_BIG (12).
+# curves, speed-up); prints a summary last. Knobs: OUT, WORK, STEPS_DDP (30), STEPS_BIG (12),
+# SHAPE_BIG (rwkv7-13.3b: the shape of fsdp2/zero3), NPROC (the configs' count; NPROC=1 runs the sharded
+# parts on one GPU, which checks their code paths on CUDA where no 2-GPU machine is lent).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 part=${1:-all}
@@ -15,12 +17,13 @@ export OUT=${OUT:-benchmarks/results/multi_gpu_$(date +%F)}
 WORK=${WORK:-/tmp/rwkv_ft_multi_gpu}
 STEPS_DDP=${STEPS_DDP:-30}
 STEPS_BIG=${STEPS_BIG:-12}
+SHAPE_BIG=${SHAPE_BIG:-rwkv7-13.3b}
 mkdir -p "$OUT" "$WORK"
 bench() { python benchmarks/bench_multi_gpu.py "$@"; }
 launch() {  # launch CONFIG SHAPE NAME RECIPE [args]: one training run (a killed one returns non-zero)
     local config=$1 shape=$2 name=$3 recipe=$4
     shift 4
-    BENCH_CONFIG=$config accelerate launch --config_file "recipes/accelerate/$config" \
+    BENCH_CONFIG=$config accelerate launch --config_file "recipes/accelerate/$config" ${NPROC:+--num_processes "$NPROC"} \
         benchmarks/bench_multi_gpu.py train "$shape" "$WORK" "$name" "$recipe" "$@"
 }
 
@@ -40,7 +43,7 @@ ddp() {
 sharded() {  # sharded CONFIG TAG [overrides]: 13.3B shape, LoRA, ctx 4096, batch 1 per GPU; straight, killed, resumed
     local config=$1 tag=$2
     shift 2
-    local shape=rwkv7-13.3b recipe=recipes/rwkv7_alpaca_lora.yaml
+    local shape=$SHAPE_BIG recipe=recipes/rwkv7_alpaca_lora.yaml
     bench prepare "$shape" "$WORK"
     local common=(--steps "$STEPS_BIG" --skip 3 --save-steps 4 data.max_length=4096 training.batch_size=1 "$@")
     rm -rf "$WORK/$tag" "$WORK/$tag-killed"
@@ -52,9 +55,9 @@ sharded() {  # sharded CONFIG TAG [overrides]: 13.3B shape, LoRA, ctx 4096, batc
 
 case "$part" in
     ddp) ddp ;;
-    fsdp2) sharded fsdp.yaml fsdp2-13b ;;
-    zero3) sharded deepspeed_zero3.yaml zero3-13b training.compile=false ;;  # ZeRO-3 refuses compiled blocks
-    all) ddp; sharded fsdp.yaml fsdp2-13b; sharded deepspeed_zero3.yaml zero3-13b training.compile=false ;;
+    fsdp2) sharded fsdp.yaml "fsdp2-$SHAPE_BIG" ;;
+    zero3) sharded deepspeed_zero3.yaml "zero3-$SHAPE_BIG" training.compile=false ;;  # ZeRO-3 refuses compiled blocks
+    all) ddp; sharded fsdp.yaml "fsdp2-$SHAPE_BIG"; sharded deepspeed_zero3.yaml "zero3-$SHAPE_BIG" training.compile=false ;;
     *) echo "usage: $0 ddp|fsdp2|zero3|all" >&2; exit 2 ;;
 esac
 echo "== results in $OUT"
