@@ -110,3 +110,29 @@ def test_recipe_throughput_stops_at_the_last_step_not_after_the_save(monkeypatch
         state.global_step, state.num_input_tokens_seen = step + 1, 100 * (step + 1)
         meter.on_step_end(None, state, None)
     assert meter.result() == {"timed_steps": 4, "tokens": 400, "seconds": 4.0, "tokens_per_s": 100.0}
+
+
+def test_multi_gpu_bench_trains_resumes_and_compares_in_one_process(tmp_path, monkeypatch):
+    """benchmarks/bench_multi_gpu.py end to end on the tiny shape (one CPU process, fp32, eager):
+    `train` writes its tokens/s and memory, a run resumed from its step-2 checkpoint ends on the
+    straight run's adapter, and `compare` reads both. The GPU machine is the first to run this
+    script otherwise, where a bug costs device time."""
+    import json
+
+    import bench_multi_gpu
+
+    monkeypatch.delenv("OUT", raising=False)
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "rwkv7_alpaca_lora.yaml")
+    tiny = ["data.max_length=32", "training.precision=fp32", "training.compile=false", "training.batch_size=2"]
+    tiny += ["training.schedule=constant", "training.warmup_ratio=0"]  # the 2-step run's learning rates are the 4-step run's
+    assert bench_multi_gpu.main(["prepare", "tiny", str(tmp_path), "--rows", "16"]) == 0
+    for name, extra in (("straight", []), ("resumed", ["--steps", "2"]), ("resumed", ["--resume"])):
+        args = ["train", "tiny", str(tmp_path), name, recipe, "--steps", "4", "--skip", "1", "--save-steps", "2"]
+        assert bench_multi_gpu.main([*args, *extra, *tiny]) == 0
+    bench = json.loads((tmp_path / "straight" / "bench.json").read_text())
+    assert bench["steps"] == 4 and bench["timed_steps"] == 3 and bench["tokens_per_s"] > 0
+    assert json.loads((tmp_path / "resumed" / "bench.json").read_text())["resumed_from_step"] == 2
+    assert (tmp_path / "straight" / "rank0.json").exists()
+    assert bench_multi_gpu.main(["compare", str(tmp_path / "straight"), str(tmp_path / "resumed")]) == 0
+    result = json.loads((tmp_path / "compare-straight-resumed.json").read_text())
+    assert result["adapter_max_relative_difference"] < 1e-6 and result["loss_steps_compared"] == 4
