@@ -11,9 +11,9 @@ SHAPE: rwkv7-1.5b (L24 D2048), rwkv4-1.6b (L24 D2048), rwkv7-13.3b (L61 D4096), 
 `train` writes WORK/NAME/bench.json (main process: tokens/s over all GPUs after --skip warm-up
 steps, versions, settings) and WORK/NAME/rank<R>.json (each GPU's peak memory); `--kill-at STEP`
 kills the last rank at the start of that step (a crashed run, for kill-and-resume; on one GPU the
-only one). `compare` prints and
-writes WORK/compare-<A>-<B>.json: the adapters' largest relative difference, the loss curves'
-largest difference, and the tokens/s ratio B/A. Results are also copied under $OUT when it is set.
+only one). `compare` prints and writes WORK/compare-<A>-<B>.json: the adapters' largest relative
+difference, the loss curves' largest difference, and the tokens/s ratio B/A. Results are also
+copied under $OUT when it is set.
 """
 
 from __future__ import annotations

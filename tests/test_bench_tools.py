@@ -124,7 +124,8 @@ def test_multi_gpu_bench_trains_resumes_and_compares_in_one_process(tmp_path, mo
     monkeypatch.delenv("OUT", raising=False)
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "rwkv7_alpaca_lora.yaml")
     tiny = ["data.max_length=32", "training.precision=fp32", "training.compile=false", "training.batch_size=2"]
-    tiny += ["training.schedule=constant", "training.warmup_ratio=0"]  # the 2-step run's learning rates are the 4-step run's
+    # A constant rate: the 2-step run's learning rates are then the 4-step run's.
+    tiny += ["training.schedule=constant", "training.warmup_ratio=0"]
     assert bench_multi_gpu.main(["prepare", "tiny", str(tmp_path), "--rows", "16"]) == 0
     for name, extra in (("straight", []), ("resumed", ["--steps", "2"]), ("resumed", ["--resume"])):
         args = ["train", "tiny", str(tmp_path), name, recipe, "--steps", "4", "--skip", "1", "--save-steps", "2"]
