@@ -40,7 +40,7 @@ ddp() {
     done
 }
 
-sharded() {  # sharded CONFIG TAG [overrides]: 13.3B shape, LoRA, ctx 4096, batch 1 per GPU; straight, killed, resumed
+sharded() {  # sharded CONFIG TAG [overrides]: SHAPE_BIG, LoRA, ctx 4096, batch 1 per GPU; straight, killed, resumed
     local config=$1 tag=$2
     shift 2
     local shape=$SHAPE_BIG recipe=recipes/rwkv7_alpaca_lora.yaml

@@ -37,10 +37,6 @@ TINY = [
 ]
 
 
-RWKV7_QUICKSTART = ROOT / "recipes" / "quickstart_rwkv7.yaml"
-RWKV7_TINY = "model.config={vocab_size: 65536, hidden_size: 64, num_hidden_layers: 2, head_size: 32}"
-
-
 def tiny_recipe(tmp_path: Path, *extra: str, recipe: Path = ROOT / "recipes" / "quickstart.yaml"):
     return load_recipe(recipe, [*TINY, f"training.output_dir={tmp_path}", *extra])
 
@@ -450,11 +446,17 @@ def test_step_graph_run_trains_as_the_eager_run(tmp_path, monkeypatch):
     RerunRecorder.recorded = RerunRecorder.replays = 0
     # RWKV-7: its PyTorch WKV steps 16 tokens at a time, where RWKV-4's reference unrolls every token
     # into the traced graph (3 minutes of tracing on CI's CPU at 32 tokens).
-    args = [RWKV7_TINY, "training.max_steps=4", "training.grad_accum=2", "data.eval_fraction=null"]
-    args.append("data.max_length=32")
-    eager = run(tiny_recipe(tmp_path / "eager", *args, recipe=RWKV7_QUICKSTART))
+    rwkv7 = ROOT / "recipes" / "quickstart_rwkv7.yaml"
+    args = [
+        "model.config={vocab_size: 65536, hidden_size: 64, num_hidden_layers: 2, head_size: 32}",
+        "training.max_steps=4",
+        "training.grad_accum=2",
+        "data.eval_fraction=null",
+        "data.max_length=32",
+    ]
+    eager = run(tiny_recipe(tmp_path / "eager", *args, recipe=rwkv7))
     torch._dynamo.reset()
-    graphed = run(tiny_recipe(tmp_path / "graphed", *args, "training.compile=step-graph", recipe=RWKV7_QUICKSTART))
+    graphed = run(tiny_recipe(tmp_path / "graphed", *args, "training.compile=step-graph", recipe=rwkv7))
     torch._dynamo.reset()
     assert RerunRecorder.recorded >= 1 and RerunRecorder.replays >= 2, "micro-steps were recorded and replayed"
 
