@@ -4,6 +4,8 @@
 #   bash benchmarks/bench_multi_gpu.sh fsdp2    # RWKV-7 13.3B shape LoRA, ctx 4096, FSDP2, + kill-and-resume
 #   bash benchmarks/bench_multi_gpu.sh zero3    # the same under DeepSpeed ZeRO-3 (needs: pip install deepspeed)
 #   bash benchmarks/bench_multi_gpu.sh all      # the three in turn
+#   NPROC=1 bash benchmarks/bench_multi_gpu.sh resume  # one GPU, tiny shape: does a killed and resumed run end
+#                                               # where a straight one does? (FSDP2 compiled and eager, no FSDP compiled)
 # Random weights (benchmarks/bench_multi_gpu.py prepare builds each base once, bf16, in $WORK), Alpaca
 # rows lengthened to fill the context. Writes $OUT/<run>/bench.json (tokens/s over both GPUs, versions),
 # $OUT/<run>/rank<R>.json (each GPU's peak memory) and $OUT/compare-*.json (adapter difference, loss
@@ -53,12 +55,27 @@ sharded() {  # sharded CONFIG TAG [overrides]: SHAPE_BIG, LoRA, ctx 4096, batch 
     bench compare "$WORK/$tag" "$WORK/$tag-killed"  # kill-and-resume: the same loss curve and adapter
 }
 
+resume() {  # tiny shape, ctx 1024, 12 steps: straight, killed at 7, resumed from 4, compared; three setups
+    local shape=tiny recipe=recipes/rwkv7_alpaca_lora.yaml setup config tag extra
+    bench prepare "$shape" "$WORK"
+    for setup in fsdp.yaml:fsdp-compiled: fsdp.yaml:fsdp-eager:training.compile=false single_gpu.yaml:single-compiled:; do
+        IFS=: read -r config tag extra <<< "$setup"
+        local common=(--steps 12 --skip 3 --save-steps 4 data.max_length=1024 training.batch_size=1 ${extra:+"$extra"})
+        rm -rf "$WORK/$tag" "$WORK/$tag-killed"
+        launch "$config" "$shape" "$tag" "$recipe" "${common[@]}"
+        launch "$config" "$shape" "$tag-killed" "$recipe" "${common[@]}" --kill-at 7 || echo "killed at step 7, as meant"
+        launch "$config" "$shape" "$tag-killed" "$recipe" "${common[@]}" --resume
+        bench compare "$WORK/$tag" "$WORK/$tag-killed"
+    done
+}
+
 case "$part" in
     ddp) ddp ;;
     fsdp2) sharded fsdp.yaml "fsdp2-$SHAPE_BIG" ;;
     zero3) sharded deepspeed_zero3.yaml "zero3-$SHAPE_BIG" training.compile=false ;;  # ZeRO-3 refuses compiled blocks
+    resume) resume ;;
     all) ddp; sharded fsdp.yaml "fsdp2-$SHAPE_BIG"; sharded deepspeed_zero3.yaml "zero3-$SHAPE_BIG" training.compile=false ;;
-    *) echo "usage: $0 ddp|fsdp2|zero3|all" >&2; exit 2 ;;
+    *) echo "usage: $0 ddp|fsdp2|zero3|resume|all" >&2; exit 2 ;;
 esac
 echo "== results in $OUT"
 for f in "$OUT"/*/bench.json; do

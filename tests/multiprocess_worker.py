@@ -1,7 +1,8 @@
 """What each process of the multi-process tests runs (tests/test_distributed.py launches it).
 
 `train RECIPE [overrides] [--resume]`: rwkv_ft.train's command line, with a fault injected on one
-rank when RWKV_FT_TEST_FAULT says so:
+rank when RWKV_FT_TEST_FAULT says so, and accelerate's FSDP enabled on the CPU when
+RWKV_FT_TEST_FSDP_ON_CPU is set (see `enable_fsdp_on_cpu`):
     "error:RANK:STEP"       a ValueError in the forward of training step STEP on rank RANK
     "kill:RANK:STEP"        rank RANK killed (SIGKILL) at the start of training step STEP
     "nan:RANK:STEP:CHUNK"   a NaN loss in chunk CHUNK of step STEP on rank RANK (training.chunk_len)
@@ -60,7 +61,27 @@ def inject_fault(spec: str) -> None:
     RwkvForCausalLMBase._head_loss_sum = poisoned_head_loss_sum
 
 
+def enable_fsdp_on_cpu() -> None:
+    """accelerate turns an FSDP config into FSDP only on accelerators: with `use_cpu` it runs plain
+    multi-CPU data parallel. Switched back to FSDP (gloo), the Trainer takes accelerate's FSDP2 path
+    on the CPU: its sharding, its sharded checkpoint saving and loading, as on GPUs."""
+    from accelerate import state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    init = state.AcceleratorState.__init__
+
+    def fsdp_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = kwargs.get("fsdp_plugin") or FullyShardedDataParallelPlugin()  # from the env
+
+    state.AcceleratorState.__init__ = fsdp_init
+
+
 def train(argv: list[str]) -> int:
+    if os.environ.get("RWKV_FT_TEST_FSDP_ON_CPU"):
+        enable_fsdp_on_cpu()
     if os.environ.get("RWKV_FT_TEST_FAULT"):
         inject_fault(os.environ["RWKV_FT_TEST_FAULT"])
     from rwkv_ft.train import main

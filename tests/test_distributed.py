@@ -261,59 +261,84 @@ def test_fsdp2_shards_gather_into_a_normal_adapter(tmp_path):
         assert (merged.out / "model.safetensors").exists()
 
 
-ZERO_RUN = ["training.max_steps=4", "training.save_steps=2"]
+SHARDED_RUN = ["training.max_steps=4", "training.save_steps=2"]
 
 
 @pytest.fixture(scope="module")
-def one_process_zero_reference(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The one-process run both ZeRO stages are compared with (its summary and adapter). Stage 3's
-    runs take long-context chunks, whose loss and gradients equal the whole sequence's
-    (test_long_context.py), so one unchunked run serves both."""
-    out = tmp_path_factory.mktemp("zero_reference")
-    summary = one_process(out, *ZERO_RUN)
+def one_process_reference(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The one-process run the sharded runs (ZeRO-2, ZeRO-3, FSDP2) are compared with (its summary
+    and adapter). ZeRO-3's runs take long-context chunks, whose loss and gradients equal the whole
+    sequence's (test_long_context.py), so one unchunked run serves all."""
+    out = tmp_path_factory.mktemp("one_process_reference")
+    summary = one_process(out, *SHARDED_RUN)
     return summary, adapter(out / "adapter")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_matches_one_process_and_a_killed_run_resumes_exactly(
-    tmp_path, stage, one_process_zero_reference
-):
-    """ZeRO-2 (the shipped config) and ZeRO-3 (every parameter partitioned; long-context chunks of 8
-    tokens, whose count differs between the ranks' batches: unpadded, the ranks' parameter fetches
-    mismatch and the run aborts, checked at 8 and at 4 tokens) on 2 CPU processes: the adapter of one
-    process with the same global batch; a checkpoint `rwkv-ft merge` reads; a run killed after its
-    checkpoint resumes to exactly the adapter of the run that was not killed."""
+def check_two_processes(config: Path, tmp_path: Path, reference, *args: str, env: dict | None = None, resume: bool):
+    """2 CPU processes under `config`: the adapter and eval loss of one process with the same global
+    batch; a checkpoint `rwkv-ft merge` reads; with `resume`, a run killed after its checkpoint
+    resumes to exactly the adapter of the run that was not killed."""
     from rwkv_ft.merge import merge_adapter
     from rwkv_ft.train import complete_checkpoints
 
-    args = list(ZERO_RUN)
-    config = CONFIGS / "deepspeed_zero2.yaml"
-    if stage == 3:
-        config = zero3_partitioning_everything(tmp_path)
-        args.append("training.chunk_len=8")  # 4 tokens checks the same, in 1.6x the time
-    single, one = one_process_zero_reference
-    straight = launch(config, tmp_path / "two", *args)
+    single, one = reference
+    straight = launch(config, tmp_path / "two", *SHARDED_RUN, *args, env=env)
     assert straight.returncode == 0, straight.stderr[-12000:]
-    assert (tmp_path / "two" / "checkpoint-2" / "global_step2").is_dir(), "DeepSpeed's engine checkpoint"
     two = adapter(tmp_path / "two" / "adapter")
     assert one.keys() == two.keys()
     for key in one:
         assert_close(two[key], one[key], rel=1e-4, name=key)
     summary = json.loads((tmp_path / "two" / "training_summary.json").read_text())
     assert summary["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-4)
-
-    killed = launch(config, tmp_path / "killed", *args, fault="kill:1:3")
+    merged = merge_adapter(tmp_path / "two" / "base", tmp_path / "two" / "checkpoint-2", tmp_path / "merged")
+    assert (merged.out / "model.safetensors").exists()
+    if not resume:
+        return
+    killed = launch(config, tmp_path / "killed", *SHARDED_RUN, *args, fault="kill:1:3", env=env)
     assert killed.returncode != 0
     assert [p.name for p in complete_checkpoints(tmp_path / "killed")] == ["checkpoint-2"]
-    resumed = launch(config, tmp_path / "killed", *args, "--resume")
+    resumed = launch(config, tmp_path / "killed", *SHARDED_RUN, *args, "--resume", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = adapter(tmp_path / "killed" / "adapter")
     for key in two:
         assert torch.equal(final[key], two[key]), key
-    merged = merge_adapter(tmp_path / "two" / "base", tmp_path / "two" / "checkpoint-2", tmp_path / "merged")
-    assert (merged.out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason=NO_DEEPSPEED)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_one_process(tmp_path, stage, one_process_reference):
+    """ZeRO-2 (the shipped config) and ZeRO-3 (every parameter partitioned; long-context chunks of 8
+    tokens, whose count differs between the ranks' batches: unpadded, the ranks' parameter fetches
+    mismatch and the run aborts, checked at 8 and at 4 tokens) on 2 CPU processes: the adapter of one
+    process with the same global batch, and a checkpoint `rwkv-ft merge` reads. ZeRO-3's run killed
+    after its checkpoint resumes exactly (ZeRO-2's resume is the same code: the Trainer loads
+    DeepSpeed's engine checkpoint, of a stage that partitions less)."""
+    args = []
+    config = CONFIGS / "deepspeed_zero2.yaml"
+    if stage == 3:
+        config = zero3_partitioning_everything(tmp_path)
+        args.append("training.chunk_len=8")  # 4 tokens checks the same, in 1.6x the time
+    check_two_processes(config, tmp_path, one_process_reference, *args, resume=stage == 3)
+    assert (tmp_path / "two" / "checkpoint-2" / "global_step2").is_dir(), "DeepSpeed's engine checkpoint"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not accelerate_has_fsdp2(), reason="FSDP2 needs accelerate >= 1.6 (CI's lower bound is older)")
+def test_fsdp2_through_accelerate_matches_one_process(tmp_path, one_process_reference):
+    """recipes/accelerate/fsdp.yaml through accelerate and the Trainer (FSDP2 over gloo: the worker
+    undoes accelerate's CPU fallback): the adapter of one process with the same global batch; the
+    checkpoint holds accelerate's sharded model and optimizer state, and a run killed after it
+    resumes exactly (optimizer state through torch.distributed.checkpoint, the adapter into the
+    shards)."""
+    config = yaml.safe_load((CONFIGS / "fsdp.yaml").read_text())
+    config["use_cpu"] = True
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(config))
+    check_two_processes(
+        tmp_path / "fsdp.yaml", tmp_path, one_process_reference, env={"RWKV_FT_TEST_FSDP_ON_CPU": "1"}, resume=True
+    )
+    checkpoint = tmp_path / "two" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir(), "FSDP2's shards"
 
 
 def zero3_partitioning_everything(tmp_path: Path) -> Path:
