@@ -38,6 +38,11 @@ def accelerate_has_fsdp2() -> bool:
     return hasattr(fsdp_utils, "fsdp2_prepare_auto_wrap_policy")
 
 
+NEEDS_FSDP2 = pytest.mark.skipif(
+    not accelerate_has_fsdp2(), reason="FSDP2 needs accelerate >= 1.6 (CI's lower bound is older)"
+)
+
+
 TINY = [
     "model.config={vocab_size: 65536, hidden_size: 32, num_hidden_layers: 2}",
     "data.max_length=64",
@@ -120,7 +125,7 @@ def test_the_set_covers_ddp_fsdp2_and_zero_2_and_3():
     assert stages == {2, 3}
 
 
-@pytest.mark.skipif(not accelerate_has_fsdp2(), reason="FSDP2 needs accelerate >= 1.6 (CI's lower bound is older)")
+@NEEDS_FSDP2
 @pytest.mark.parametrize("version", ["rwkv4", "rwkv7"])
 def test_fsdp2_config_shards_whole_blocks_of_every_version(version):
     """accelerate's FSDP2 wrap policy from fsdp.yaml makes each RWKV block (of either version, under
@@ -324,7 +329,7 @@ def test_deepspeed_zero_matches_one_process(tmp_path, stage, one_process_referen
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not accelerate_has_fsdp2(), reason="FSDP2 needs accelerate >= 1.6 (CI's lower bound is older)")
+@NEEDS_FSDP2
 def test_fsdp2_through_accelerate_matches_one_process(tmp_path, one_process_reference):
     """recipes/accelerate/fsdp.yaml through accelerate and the Trainer (FSDP2 over gloo: the worker
     undoes accelerate's CPU fallback): the adapter of one process with the same global batch; the
